@@ -1,0 +1,290 @@
+//! `cmoe`: inference and tools for LLaVA / LLaVA-CMoE models in HF layout.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::tensor::backend::Backend;
+use clap::{Parser, Subcommand};
+use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
+use llava_cmoe::llava::Sampling;
+use llava_cmoe::pipeline::{self, LlavaPipeline};
+use llava_cmoe::tensor_io::{self, HostTensor};
+
+#[derive(Parser)]
+#[command(
+    name = "cmoe",
+    version,
+    about = "LLaVA-CMoE on Burn: inference and tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer a prompt about an image.
+    Generate(GenerateArgs),
+    /// Preprocess an image into `pixel_values` [1, 3, H, W] f32 (safetensors).
+    Preprocess {
+        /// HF model directory (its preprocessor_config.json is used).
+        #[arg(long)]
+        model: PathBuf,
+        /// Input image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the model on token ids and save `logits` [1, seq, vocab] f32 (safetensors).
+    Forward {
+        /// HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated ids, image tokens already expanded.
+        #[arg(long)]
+        input_ids: String,
+        /// safetensors file holding `pixel_values`.
+        #[arg(long)]
+        pixel_values: Option<PathBuf>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Print the resolved config and parameter counts of a model directory.
+    Inspect {
+        /// HF model directory (only config.json is required).
+        #[arg(long)]
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// HF model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Input image (preprocessed with the model's processor).
+    #[arg(
+        long,
+        conflicts_with = "pixel_values",
+        required_unless_present = "pixel_values"
+    )]
+    image: Option<PathBuf>,
+    /// Preprocessed `pixel_values` safetensors file instead of an image.
+    #[arg(long)]
+    pixel_values: Option<PathBuf>,
+    /// Full prompt text, `<image>` included; bos is added as the tokenizer does.
+    #[arg(long)]
+    prompt: String,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (otherwise temperature + top-p sampling).
+    #[arg(long)]
+    greedy: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f32,
+    /// Nucleus mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object: prompt_ids, generated_ids, text.
+    #[arg(long)]
+    json: bool,
+    /// Backend to run on.
+    #[arg(long, default_value = "flex")]
+    backend: BackendKind,
+}
+
+fn main() {
+    if let Err(err) = run(Cli::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => {
+            let backend = args.backend;
+            run_on(backend, GenerateTask(args))?
+        }
+        Command::Preprocess { model, image, out } => preprocess(&model, &image, &out),
+        Command::Forward {
+            model,
+            input_ids,
+            pixel_values,
+            out,
+            backend,
+        } => run_on(
+            backend,
+            ForwardTask {
+                model,
+                input_ids,
+                pixel_values,
+                out,
+            },
+        )?,
+        Command::Inspect { model, json } => inspect(&model, json),
+    }
+}
+
+fn read_pixels(path: &Path) -> anyhow::Result<HostTensor> {
+    tensor_io::read_tensor(path, "pixel_values")
+}
+
+struct GenerateTask(GenerateArgs);
+
+impl BackendTask for GenerateTask {
+    type Output = anyhow::Result<()>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let args = self.0;
+        let pipe = LlavaPipeline::<B>::load(&args.model, &device)?;
+        let pixels = match (&args.image, &args.pixel_values) {
+            (Some(image), _) => pipe.preprocess(image)?,
+            (None, Some(file)) => {
+                let pixels = read_pixels(file)?;
+                pipe.check_pixels(&pixels, &file.display().to_string())?;
+                pixels
+            }
+            (None, None) => anyhow::bail!("give --image or --pixel-values"),
+        };
+        let sampling = if args.greedy {
+            Sampling::Greedy
+        } else {
+            Sampling::TopP {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                seed: args.seed,
+            }
+        };
+        let out = pipe.generate(&args.prompt, Some(&pixels), args.max_new_tokens, sampling)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            println!("{}", out.text);
+        }
+        Ok(())
+    }
+}
+
+struct ForwardTask {
+    model: PathBuf,
+    input_ids: String,
+    pixel_values: Option<PathBuf>,
+    out: PathBuf,
+}
+
+impl BackendTask for ForwardTask {
+    type Output = anyhow::Result<()>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
+        let ids = self
+            .input_ids
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--input-ids: {s:?} is not a token id"))
+            })
+            .collect::<anyhow::Result<Vec<u32>>>()?;
+        let pipe = LlavaPipeline::<B>::load(&self.model, &device)?;
+        let pixels = self.pixel_values.as_deref().map(read_pixels).transpose()?;
+        if let (Some(p), Some(file)) = (&pixels, &self.pixel_values) {
+            pipe.check_pixels(p, &file.display().to_string())?;
+        }
+        let logits = pipe.logits(&ids, pixels.as_ref())?;
+        tensor_io::write_tensors(&self.out, &[("logits", &logits)])
+    }
+}
+
+fn preprocess(model: &Path, image: &Path, out: &Path) -> anyhow::Result<()> {
+    let config = llava_cmoe::llava::LlavaConfig::from_file(&model.join("config.json"))?;
+    let processor = llava_cmoe::data::ImageProcessorConfig::from_model_dir(
+        model,
+        config.vision_config.image_size as u32,
+    )?;
+    let pv = processor.preprocess_file(image)?;
+    let pixels = HostTensor {
+        data: pv.data,
+        shape: vec![1, 3, pv.height, pv.width],
+    };
+    tensor_io::write_tensors(out, &[("pixel_values", &pixels)])
+}
+
+fn inspect(model: &Path, json: bool) -> anyhow::Result<()> {
+    let report = pipeline::inspect(model)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let c = &report.config;
+    let t = &c.text_config;
+    let v = &c.vision_config;
+    let p = &report.parameters;
+    println!("model: {}", model.display());
+    println!(
+        "language model: hidden {} / {} layers / {} heads ({} kv, head_dim {}) / MLP {} / vocab {} / rope theta {} / rms eps {:e}",
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_kv_heads(),
+        t.head_dim(),
+        t.intermediate_size,
+        t.vocab_size,
+        t.rope_theta(),
+        t.rms_norm_eps
+    );
+    println!(
+        "vision tower: hidden {} / {} layers / {} heads / MLP {} / image {} / patch {} / {:?}",
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.intermediate_size,
+        v.image_size,
+        v.patch_size,
+        v.hidden_act
+    );
+    println!(
+        "llava: feature layer {:?} ({:?} strategy) -> {} image tokens per <image> (id {}); projector {:?}; tied embeddings {}",
+        c.vision_feature_layer,
+        c.vision_feature_select_strategy,
+        report.image_tokens_per_image,
+        c.image_token_index,
+        c.projector_hidden_act,
+        c.tied_embeddings()
+    );
+    let fmt = |n: usize| format!("{n} ({:.2}M)", n as f64 / 1e6);
+    println!("parameters: vision tower {}", fmt(p.vision_tower));
+    println!("            projector    {}", fmt(p.projector));
+    println!("            decoder      {}", fmt(p.decoder));
+    println!("            lm_head      {}", fmt(p.lm_head));
+    println!(
+        "            total        {} ({:.3}B)",
+        p.total,
+        p.total as f64 / 1e9
+    );
+    match &report.checkpoint {
+        Some(ck) => println!(
+            "checkpoint: {} file(s), {} tensors, {} elements, dtypes {:?}",
+            ck.files.len(),
+            ck.tensors,
+            ck.elements,
+            ck.dtypes
+        ),
+        None => println!("checkpoint: none (config only)"),
+    }
+    Ok(())
+}

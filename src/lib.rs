@@ -1,0 +1,15 @@
+//! LLaVA-CMoE on Burn.
+//!
+//! This facade re-exports the workspace crates and holds what needs a concrete backend:
+//! the backend choice ([`backend`]), tensor file helpers ([`tensor_io`]) and the pipelines the
+//! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]).
+//!
+//! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
+//! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
+
+pub mod backend;
+pub mod pipeline;
+pub mod tensor_io;
+
+pub use cmoe_data as data;
+pub use cmoe_llava as llava;

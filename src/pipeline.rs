@@ -1,0 +1,200 @@
+//! A model directory put to use: config, weights, tokenizer and image processor loaded together
+//! and checked against each other; prompt -> ids -> logits / generated text.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use cmoe_data::{ImageProcessorConfig, LlavaTokenizer, PixelValues};
+use cmoe_llava::config::ParameterCounts;
+use cmoe_llava::import::Checkpoint;
+use cmoe_llava::{GenerationConfig, Llava, LlavaConfig, LlavaInput, Sampling};
+use serde::Serialize;
+
+use crate::tensor_io::HostTensor;
+
+/// Everything loaded from a HF LLaVA directory.
+pub struct LlavaPipeline<B: Backend> {
+    /// The model directory.
+    pub dir: PathBuf,
+    /// Its resolved config.
+    pub config: LlavaConfig,
+    /// The model with imported weights.
+    pub model: Llava<B>,
+    /// Its tokenizer, checked against the config.
+    pub tokenizer: LlavaTokenizer,
+    /// Its image processor (`preprocessor_config.json`, or CLIP's defaults).
+    pub processor: ImageProcessorConfig,
+    device: B::Device,
+}
+
+/// What `generate` returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// The ids fed to the model, image tokens expanded.
+    pub prompt_ids: Vec<u32>,
+    /// The new ids (up to and including end-of-sequence).
+    pub generated_ids: Vec<u32>,
+    /// The new ids decoded, special tokens skipped.
+    pub text: String,
+}
+
+impl<B: Backend> LlavaPipeline<B> {
+    /// Loads config, weights (as f32), tokenizer and image processor from `dir`.
+    pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
+        let (config, model) = cmoe_llava::load_llava::<B>(dir, DType::F32, device)?;
+        let tokenizer = LlavaTokenizer::from_model_dir(
+            dir,
+            config.image_token_index,
+            config.text_config.vocab_size,
+        )?;
+        let processor =
+            ImageProcessorConfig::from_model_dir(dir, config.vision_config.image_size as u32)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+            processor,
+            device: device.clone(),
+        })
+    }
+
+    /// Preprocesses an image file with the model's processor and checks its size.
+    pub fn preprocess(&self, image: &Path) -> anyhow::Result<HostTensor> {
+        let PixelValues {
+            data,
+            height,
+            width,
+        } = self.processor.preprocess_file(image)?;
+        let pixels = HostTensor {
+            data,
+            shape: vec![1, 3, height, width],
+        };
+        self.check_pixels(&pixels, &image.display().to_string())?;
+        Ok(pixels)
+    }
+
+    /// Checks that pixel values fit the vision tower.
+    pub fn check_pixels(&self, pixels: &HostTensor, source: &str) -> anyhow::Result<()> {
+        let s = self.config.vision_config.image_size;
+        anyhow::ensure!(
+            pixels.shape.len() == 4
+                && pixels.shape[1] == 3
+                && pixels.shape[2] == s
+                && pixels.shape[3] == s,
+            "{source}: pixel values have shape {:?}, the model takes [n, 3, {s}, {s}]",
+            pixels.shape
+        );
+        Ok(())
+    }
+
+    /// The prompt's ids with `<image>` expanded.
+    pub fn prompt_ids(&self, prompt: &str) -> anyhow::Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode_prompt(prompt, self.config.image_tokens_per_image())?)
+    }
+
+    fn input(&self, ids: &[u32], pixels: Option<&HostTensor>) -> LlavaInput<B> {
+        let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let len = ids.len();
+        LlavaInput {
+            input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, len]), &self.device),
+            pixel_values: pixels.map(|p| {
+                Tensor::from_data(
+                    TensorData::new(p.data.clone(), p.shape.clone()),
+                    &self.device,
+                )
+            }),
+            attention_mask: None,
+        }
+    }
+
+    /// Logits `[1, seq, vocab]` for ids whose image tokens are already expanded.
+    pub fn logits(&self, ids: &[u32], pixels: Option<&HostTensor>) -> anyhow::Result<HostTensor> {
+        anyhow::ensure!(!ids.is_empty(), "no input ids");
+        let logits = self.model.forward(self.input(ids, pixels))?;
+        let shape = logits.dims().to_vec();
+        Ok(HostTensor {
+            data: logits.into_data().iter::<f32>().collect(),
+            shape,
+        })
+    }
+
+    /// Generates an answer to `prompt` (which contains `<image>` where the image goes).
+    pub fn generate(
+        &self,
+        prompt: &str,
+        pixels: Option<&HostTensor>,
+        max_new_tokens: usize,
+        sampling: Sampling,
+    ) -> anyhow::Result<Generation> {
+        let prompt_ids = self.prompt_ids(prompt)?;
+        let config = GenerationConfig {
+            max_new_tokens,
+            eos_token_ids: self.config.text_config.eos_token_id.clone(),
+            pad_token_id: self.config.pad_token_id.unwrap_or(0),
+            sampling,
+        };
+        let generated_ids =
+            cmoe_llava::generate(&self.model, self.input(&prompt_ids, pixels), &config)?
+                .pop()
+                .context("no output row")?;
+        let text = self.tokenizer.decode(&generated_ids)?;
+        Ok(Generation {
+            prompt_ids,
+            generated_ids,
+            text,
+        })
+    }
+}
+
+/// What `cmoe inspect` reports.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    /// The resolved config, every default filled in.
+    pub config: LlavaConfig,
+    /// Parameter counts from the config.
+    pub parameters: ParameterCounts,
+    /// Image tokens per `<image>`.
+    pub image_tokens_per_image: usize,
+    /// The checkpoint found beside the config, if any.
+    pub checkpoint: Option<CheckpointSummary>,
+}
+
+/// A checkpoint's files and dtypes.
+#[derive(Debug, Serialize)]
+pub struct CheckpointSummary {
+    /// Weight files.
+    pub files: Vec<String>,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Stored elements.
+    pub elements: usize,
+    /// Tensors per stored dtype.
+    pub dtypes: std::collections::BTreeMap<String, usize>,
+}
+
+/// Reads `dir/config.json` (and the checkpoint's metadata when weights are present).
+pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
+    let config = LlavaConfig::from_file(&dir.join("config.json"))?;
+    let has_weights = cmoe_llava::import::weight_files(dir).is_ok();
+    let checkpoint = if has_weights {
+        let c = Checkpoint::open(dir)?;
+        Some(CheckpointSummary {
+            files: c.files.iter().map(|f| f.display().to_string()).collect(),
+            tensors: c.tensors.len(),
+            elements: c.num_elements(),
+            dtypes: c.dtypes(),
+        })
+    } else {
+        None
+    };
+    Ok(Inspection {
+        parameters: config.parameter_counts(),
+        image_tokens_per_image: config.image_tokens_per_image(),
+        config,
+        checkpoint,
+    })
+}
