@@ -17,6 +17,9 @@ Writes, under tests/fixtures/ (paths relative to the repository root):
   clip-336-pixels.safetensors
                          CLIPImageProcessor output at LLaVA-1.5's real 336 px settings.
   grace_hopper.jpg       the input photo (public domain; shipped with matplotlib).
+  photo-crop.png + png-pixels.safetensors
+                         a lossless crop of it and the processors' output at 64 (down), 150 (up)
+                         and 96 with pad-to-square: resampling parity without JPEG decoding.
 
 Requires: torch, transformers (>= 5), safetensors, pillow, matplotlib (for the photo).
 Run:  python scripts/make_parity_fixtures.py
@@ -325,6 +328,20 @@ def main() -> None:
     pv_pad = pad_336(images=image, return_tensors="pt")["pixel_values"].float().contiguous()
     save_file({"pixel_values": pv, "pixel_values_pad": pv_pad}, OUT / "clip-336-pixels.safetensors")
     print("clip-336:", tuple(pv.shape), "pad:", tuple(pv_pad.shape))
+
+    # A lossless PNG isolates resampling from JPEG decoding (decoders differ by a few levels):
+    # a 160 x 120 crop of the photo, processed down (64), up (150) and padded (96).
+    png = image.crop((100, 100, 260, 220))
+    png.save(OUT / "photo-crop.png")
+    png = Image.open(OUT / "photo-crop.png").convert("RGB")
+    def clip(edge, pad=False):
+        cls = LlavaImageProcessorPil if pad else CLIPImageProcessorPil
+        extra = {"do_pad": True} if pad else {}
+        proc = cls(size={"shortest_edge": edge}, crop_size={"height": edge, "width": edge},
+                   image_mean=CLIP_MEAN, image_std=CLIP_STD, **extra)
+        return proc(images=png, return_tensors="pt")["pixel_values"].float().contiguous()
+    save_file({"down_64": clip(64), "up_150": clip(150), "pad_96": clip(96, pad=True)},
+              OUT / "png-pixels.safetensors")
 
 
 if __name__ == "__main__":

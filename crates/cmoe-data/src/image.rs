@@ -6,7 +6,7 @@
 //! widened by the downscale factor, 22-bit fixed-point coefficients, a horizontal then a vertical
 //! pass rounded to 8 bits in between), because that is what the reference processors call:
 //! pixel values then match transformers' to float precision rather than to a few grey levels.
-//! Decoding uses the `image` crate.
+//! Decoding uses the `image` crate, and libjpeg-turbo for JPEGs (see [`decode_rgb`]).
 
 use std::path::Path;
 
@@ -164,13 +164,7 @@ impl ImageProcessorConfig {
 
     /// Decodes and preprocesses an image file.
     pub fn preprocess_file(&self, path: &Path) -> Result<PixelValues, DataError> {
-        let image = image::open(path)
-            .map_err(|e| DataError::Image {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?
-            .to_rgb8();
-        Ok(self.preprocess(&image))
+        Ok(self.preprocess(&decode_rgb(path)?))
     }
 
     /// Preprocesses a decoded RGB image.
@@ -221,6 +215,48 @@ impl ImageProcessorConfig {
             width: w,
         }
     }
+}
+
+/// Decodes an image file to RGB.
+///
+/// The `image` crate reads and validates every format. JPEGs are then decoded again with
+/// libjpeg-turbo (through `mozjpeg`), the decoder Pillow uses: JPEG decoders legitimately differ
+/// by a few grey levels (IDCT and chroma upsampling), and matching Pillow's keeps the pixel values
+/// equal to the reference processors'. Should libjpeg refuse a file `image` accepted (CMYK, say),
+/// `image`'s decoding is kept.
+pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
+    let fail = |message: String| DataError::Image {
+        path: path.display().to_string(),
+        message,
+    };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| DataError::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| DataError::io(path, e))?;
+    let format = reader.format();
+    let decoded = reader.decode().map_err(|e| fail(e.to_string()))?.to_rgb8();
+    if format == Some(image::ImageFormat::Jpeg)
+        && let Some(exact) = decode_jpeg_like_pillow(path)
+        && exact.dimensions() == decoded.dimensions()
+    {
+        return Ok(exact);
+    }
+    Ok(decoded)
+}
+
+fn decode_jpeg_like_pillow(path: &Path) -> Option<RgbImage> {
+    // libjpeg reports fatal errors by unwinding; the file was already validated, so this is a
+    // fallback path only.
+    std::panic::catch_unwind(|| -> std::io::Result<RgbImage> {
+        let mut started = mozjpeg::Decompress::new_path(path)?.rgb()?;
+        let (w, h) = (started.width() as u32, started.height() as u32);
+        let pixels: Vec<[u8; 3]> = started.read_scanlines()?;
+        started.finish()?;
+        RgbImage::from_raw(w, h, pixels.into_iter().flatten().collect())
+            .ok_or_else(|| std::io::Error::other("short scanlines"))
+    })
+    .ok()?
+    .ok()
 }
 
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side
