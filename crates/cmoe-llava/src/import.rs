@@ -266,6 +266,11 @@ pub fn load_weights<B: Backend>(
     }
     let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
     let file_key = |name: &String| original.get(name).cloned().unwrap_or_else(|| name.clone());
+    if !result.errors.is_empty() {
+        problems.push(
+            "  (shapes below are in Burn's layout: linear weights are [in, out])".to_string(),
+        );
+    }
     for error in &result.errors {
         problems.push(format!("  {error}"));
     }
