@@ -8,6 +8,7 @@
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
 
 pub mod backend;
+pub mod bench;
 pub mod pipeline;
 pub mod tensor_io;
 

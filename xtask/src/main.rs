@@ -1,1 +1,212 @@
-fn main() {}
+//! `cargo xtask`: project tasks. xtask itself holds no model code: it builds the `cmoe` binary
+//! with the backend feature a task asks for and drives it (plus the PyTorch reference scripts).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "LLaVA-CMoE project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Forward, forward+backward and generation throughput of Burn vs PyTorch on the same shapes.
+    Bench {
+        /// Burn backend: flex, ndarray, wgpu or cuda (the binary is built with that feature).
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Which shapes: mini (the project's reference shapes) and/or mid.
+        #[arg(long, value_delimiter = ',', default_value = "mini,mid")]
+        cases: Vec<String>,
+        /// Timed repetitions per measurement.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Python with torch + transformers for the reference; skipped when it lacks them.
+        #[arg(long, env = "CMOE_PYTHON", default_value = "python3")]
+        python: String,
+        /// Where the JSON and Markdown results go.
+        #[arg(long, default_value = "runs/bench")]
+        out: PathBuf,
+    },
+}
+
+/// A benchmark shape: config, batch, text tokens, new tokens.
+struct Case {
+    name: &'static str,
+    config: &'static str,
+    batch: usize,
+    text_tokens: usize,
+    new_tokens: usize,
+}
+
+const CASES: [Case; 2] = [
+    // The project's "mini" LLaVA: batch 8 x (1 + 64 image + 40 text) = 105 tokens.
+    Case {
+        name: "mini",
+        config: "configs/bench/llava-mini.json",
+        batch: 8,
+        text_tokens: 40,
+        new_tokens: 16,
+    },
+    // Mid-size: batch 4 x (1 + 64 image + 63 text) = 128 tokens.
+    Case {
+        name: "mid",
+        config: "configs/bench/llava-mid.json",
+        batch: 4,
+        text_tokens: 63,
+        new_tokens: 16,
+    },
+];
+
+fn main() -> anyhow::Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().command {
+        Task::Bench {
+            backend,
+            cases,
+            repeats,
+            python,
+            out,
+        } => bench(&backend, &cases, repeats, &python, &out),
+    }
+}
+
+/// Builds `cmoe` in release with `backend`'s feature and returns its path.
+fn build_cmoe(backend: &str) -> anyhow::Result<PathBuf> {
+    if !["flex", "ndarray", "wgpu", "cuda"].contains(&backend) {
+        bail!("unknown backend {backend:?} (flex, ndarray, wgpu or cuda)");
+    }
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "llava-cmoe",
+            "--bin",
+            "cmoe",
+            "--features",
+            backend,
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("building cmoe with --features {backend} failed");
+    }
+    Ok(PathBuf::from("target/release/cmoe"))
+}
+
+fn run_json(mut command: Command) -> anyhow::Result<serde_json::Value> {
+    let printed = format!("{command:?}");
+    let out = command
+        .output()
+        .with_context(|| format!("cannot run {printed}"))?;
+    if !out.status.success() {
+        bail!(
+            "{printed} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8(out.stdout)?;
+    let line = text.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("{printed} printed {line:?}"))
+}
+
+fn has_torch(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn bench(
+    backend: &str,
+    names: &[String],
+    repeats: usize,
+    python: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let cmoe = build_cmoe(backend)?;
+    let torch = has_torch(python);
+    if !torch {
+        eprintln!(
+            "note: {python} lacks torch/transformers; the PyTorch reference is skipped (set --python or CMOE_PYTHON)"
+        );
+    }
+    std::fs::create_dir_all(out)?;
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for name in names {
+        let case = CASES
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("unknown case {name:?} (mini, mid)"))?;
+        let shape = [
+            "--config".to_string(),
+            case.config.into(),
+            "--name".into(),
+            case.name.into(),
+            "--batch".into(),
+            case.batch.to_string(),
+            "--text-tokens".into(),
+            case.text_tokens.to_string(),
+            "--new-tokens".into(),
+            case.new_tokens.to_string(),
+            "--repeats".into(),
+            repeats.to_string(),
+            "--json".into(),
+        ];
+        eprintln!("bench {name} on {backend} ...");
+        let mut command = Command::new(&cmoe);
+        command
+            .arg("bench")
+            .args(&shape)
+            .args(["--backend", backend]);
+        let burn = run_json(command)?;
+        let torch = if torch {
+            eprintln!("bench {name} on pytorch ...");
+            let mut command = Command::new(python);
+            command.arg("scripts/bench_torch.py").args(&shape);
+            Some(run_json(command)?)
+        } else {
+            None
+        };
+        for (metric, label) in [
+            ("forward_tok_s", "forward"),
+            ("train_tok_s", "forward+backward"),
+            ("generate_tok_s", "generation (new tokens)"),
+        ] {
+            let ours = burn[metric].as_f64().unwrap_or(f64::NAN);
+            let theirs = torch.as_ref().and_then(|t| t[metric].as_f64());
+            rows.push(format!(
+                "| {name} | {} | {} x {} | {label} | {ours:.0} | {} | {} |",
+                burn["parameters"],
+                burn["batch"],
+                burn["seq"],
+                theirs.map_or("-".into(), |t| format!("{t:.0}")),
+                theirs.map_or("-".into(), |t| format!("{:.2}", ours / t)),
+            ));
+        }
+        results.push(serde_json::json!({ "case": name, "burn": burn, "pytorch": torch }));
+    }
+    let table = format!(
+        "| case | params | batch x seq | measure | Burn {backend} tok/s | PyTorch tok/s | Burn / PyTorch |\n|---|---|---|---|---|---|---|\n{}\n",
+        rows.join("\n")
+    );
+    println!("{table}");
+    std::fs::write(
+        out.join(format!("bench-{backend}.json")),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(out.join(format!("bench-{backend}.md")), &table)?;
+    eprintln!("wrote {}/bench-{backend}.{{json,md}}", out.display());
+    Ok(())
+}

@@ -195,3 +195,39 @@ pub(crate) fn int_tensor<B: Backend, const D: usize>(
 ) -> Tensor<B, D, Int> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+
+    use crate::LlavaConfig;
+
+    type B = burn_flex::Flex;
+
+    #[test]
+    fn parameter_counts_match_the_built_module() {
+        for json in [
+            // GQA, biases everywhere, two concatenated feature layers, tied head.
+            r#"{"text_config": {"hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 50,
+                "attention_bias": true, "mlp_bias": true, "tie_word_embeddings": true},
+               "vision_config": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 3,
+                "num_attention_heads": 2, "image_size": 16, "patch_size": 4},
+               "vision_feature_layer": [-2, 1], "image_token_index": 49}"#,
+            // Plain LLaVA-1.5 layout, projector without bias.
+            r#"{"text_config": {"hidden_size": 24, "intermediate_size": 30, "num_hidden_layers": 1,
+                "num_attention_heads": 3, "vocab_size": 40},
+               "vision_config": {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+               "multimodal_projector_bias": false, "image_token_index": 39}"#,
+        ] {
+            let config = LlavaConfig::from_json_str(json, "test").unwrap();
+            let model = config.init::<B>(&Default::default());
+            assert_eq!(
+                model.num_params(),
+                config.parameter_counts().total,
+                "{json}"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
+use llava_cmoe::bench::{BenchCase, BenchTask};
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
 use llava_cmoe::tensor_io::{self, HostTensor};
@@ -51,6 +52,33 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Measure forward, forward + backward and generation throughput on random weights.
+    Bench {
+        /// HF-style config of the model to build (e.g. configs/bench/llava-mini.json).
+        #[arg(long)]
+        config: PathBuf,
+        /// Name shown in the report (defaults to the config's file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Batch size.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Text tokens per row (bos and image tokens come on top).
+        #[arg(long, default_value_t = 40)]
+        text_tokens: usize,
+        /// New tokens per row for the generation benchmark.
+        #[arg(long, default_value_t = 16)]
+        new_tokens: usize,
+        /// Timed repetitions after one warm-up.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
@@ -137,6 +165,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Bench {
+            config,
+            name,
+            batch,
+            text_tokens,
+            new_tokens,
+            repeats,
+            json,
+            backend,
+        } => {
+            let name = name.unwrap_or_else(|| {
+                config
+                    .file_stem()
+                    .map_or("bench".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let case = BenchCase {
+                name,
+                config: config.display().to_string(),
+                batch,
+                text_tokens,
+                new_tokens,
+            };
+            let r = run_on(
+                backend,
+                BenchTask {
+                    case,
+                    repeats: repeats.max(1),
+                },
+            )??;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} on {}: {} params, batch {} x seq {}: forward {:.0} tok/s, forward+backward {:.0} tok/s, generation {:.1} new tok/s",
+                    r.name,
+                    r.backend,
+                    r.parameters,
+                    r.batch,
+                    r.seq,
+                    r.forward_tok_s,
+                    r.train_tok_s,
+                    r.generate_tok_s
+                );
+            }
+            Ok(())
+        }
     }
 }
 
