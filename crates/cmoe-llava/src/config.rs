@@ -382,9 +382,14 @@ impl LlavaConfig {
     fn validate(&self) -> Result<(), String> {
         let t = &self.text_config;
         let v = &self.vision_config;
-        if t.num_attention_heads == 0 || t.hidden_size == 0 || t.vocab_size == 0 {
+        if t.num_attention_heads == 0
+            || t.hidden_size == 0
+            || t.vocab_size == 0
+            || t.num_hidden_layers == 0
+        {
             return Err(
-                "text_config: hidden_size, num_attention_heads and vocab_size must be > 0".into(),
+                "text_config: hidden_size, num_hidden_layers, num_attention_heads and vocab_size must be > 0"
+                    .into(),
             );
         }
         if t.head_dim.is_none() && t.hidden_size % t.num_attention_heads != 0 {

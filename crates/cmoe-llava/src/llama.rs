@@ -109,20 +109,35 @@ pub struct LlamaDecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> LlamaDecoderLayer<B> {
-    /// One block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+    /// One block: `x + attn(norm(x))`, then `x + mlp(norm(x))`; `mlp` replaces the block's
+    /// MLP when given (with the block's index).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &RopeTables<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut LayerCache<B>>,
+        mlp: Option<(usize, &dyn MlpOverride<B>)>,
     ) -> Tensor<B, 3> {
         let h = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
         let x = x + h;
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let out = match mlp {
+            Some((index, mlp)) => mlp.forward(index, &self.mlp, normed),
+            None => self.mlp.forward(normed),
+        };
+        x + out
     }
+}
+
+/// Replaces the decoder's MLP computation, layer by layer: the hook through which
+/// Mixture-of-LoRA-Experts adapters wrap the frozen FFN without copying the decoder.
+pub trait MlpOverride<B: Backend> {
+    /// The MLP output of decoder layer `layer` for `x` `[batch, seq, hidden]` (already
+    /// normalised); `base` is that layer's own (frozen) MLP.
+    fn forward(&self, layer: usize, base: &LlamaMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3>;
 }
 
 /// `LlamaModel`: embeddings, blocks and the final norm.
@@ -214,7 +229,18 @@ impl<B: Backend> LlamaForCausalLm<B> {
         &self,
         embeds: Tensor<B, 3>,
         attention_mask: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.forward_hidden_with(embeds, attention_mask, cache, None)
+    }
+
+    /// [`Self::forward_hidden`] with every block's MLP computed by `mlp`.
+    pub fn forward_hidden_with(
+        &self,
+        embeds: Tensor<B, 3>,
+        attention_mask: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
+        mlp: Option<&dyn MlpOverride<B>>,
     ) -> Tensor<B, 3> {
         let [_, seq, _] = embeds.dims();
         let head_dim = self.model.layers[0].self_attn.head_dim;
@@ -225,7 +251,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
         let mut x = embeds;
         for (i, layer) in self.model.layers.iter().enumerate() {
             let entry = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &rope, mask.clone(), entry);
+            x = layer.forward(x, &rope, mask.clone(), entry, mlp.map(|m| (i, m)));
         }
         self.model.norm.forward(x)
     }

@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use crate::cache::KvCache;
 use crate::config::{FeatureSelectStrategy, LlavaConfig};
 use crate::error::LlavaError;
-use crate::llama::LlamaForCausalLm;
+use crate::llama::{LlamaForCausalLm, MlpOverride};
 use crate::projector::MultiModalProjector;
 use crate::vision::ClipVisionTower;
 
@@ -153,6 +153,16 @@ impl<B: Backend> Llava<B> {
         input: LlavaInput<B>,
         cache: Option<&mut KvCache<B>>,
     ) -> Result<Tensor<B, 3>, LlavaError> {
+        self.forward_hidden_with(input, cache, None)
+    }
+
+    /// [`Self::forward_hidden`] with the decoder's MLPs computed by `mlp` (e.g. MoE adapters).
+    pub fn forward_hidden_with(
+        &self,
+        input: LlavaInput<B>,
+        cache: Option<&mut KvCache<B>>,
+        mlp: Option<&dyn MlpOverride<B>>,
+    ) -> Result<Tensor<B, 3>, LlavaError> {
         let [batch, seq] = input.input_ids.dims();
         let device = input.input_ids.device();
         let keys = cache.as_ref().map_or(0, |c| c.len()) + seq;
@@ -167,7 +177,9 @@ impl<B: Backend> Llava<B> {
             )));
         }
         let embeds = self.input_embeddings(input.input_ids, input.pixel_values)?;
-        Ok(self.language_model.forward_hidden(embeds, mask, cache))
+        Ok(self
+            .language_model
+            .forward_hidden_with(embeds, mask, cache, mlp))
     }
 
     /// Logits `[batch, seq, vocab]` for a batch without cache.

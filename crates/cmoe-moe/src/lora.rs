@@ -1,0 +1,54 @@
+//! One LoRA expert: the low-rank pair `A: d_in -> r`, `B: r -> d_out` of paper Eq. 1.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+/// A LoRA pair; its contribution to a projection is `scale * x A B`.
+#[derive(Module, Debug)]
+pub struct LoraExpert<B: Backend> {
+    /// Down-projection `[d_in, r]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// Up-projection `[r, d_out]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> LoraExpert<B> {
+    /// A fresh expert as PEFT initialises one: `A` uniform in `±1/sqrt(d_in)`, `B` zero (so a new
+    /// expert starts as the identity on the base projection).
+    pub fn new(d_in: usize, d_out: usize, rank: usize, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Self {
+            lora_a: Param::from_tensor(Tensor::random(
+                [d_in, rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            lora_b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
+        }
+    }
+
+    /// `x A B` for rows `x` `[n, d_in]` (the caller applies the scale and routing weight).
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.lora_a.val()).matmul(self.lora_b.val())
+    }
+
+    /// A trainable copy with new parameter ids (PGKE initialises new experts this way).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            lora_a: Param::from_tensor(self.lora_a.val().detach()),
+            lora_b: Param::from_tensor(self.lora_b.val().detach()),
+        }
+    }
+
+    /// The element-wise mean of `experts` (PGKE's probe initialisation).
+    pub fn mean(experts: &[&LoraExpert<B>]) -> Self {
+        assert!(!experts.is_empty(), "the mean of no experts");
+        let n = experts.len() as f64;
+        let a = Tensor::stack::<3>(experts.iter().map(|e| e.lora_a.val().detach()).collect(), 0);
+        let b = Tensor::stack::<3>(experts.iter().map(|e| e.lora_b.val().detach()).collect(), 0);
+        Self {
+            lora_a: Param::from_tensor(a.sum_dim(0).squeeze_dim(0) / n),
+            lora_b: Param::from_tensor(b.sum_dim(0).squeeze_dim(0) / n),
+        }
+    }
+}

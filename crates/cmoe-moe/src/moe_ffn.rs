@@ -1,0 +1,297 @@
+//! The MoE-LoRA FFN layer (paper Eq. 1) around a frozen LLaMA MLP.
+//!
+//! For a token `x` and the selected task's router `G`: `g = G x`, the top-k logits are
+//! softmax-normalised into weights `w'`, and each targeted projection `W0` (gate, up, down by
+//! default) becomes `W0 x + sum_i w'_i * scale * B_i A_i x`, the three projections sharing one
+//! routing decision per token. Dispatch is sparse: the tokens routed to each expert are gathered,
+//! run through that expert only, and scatter-added back, so the cost grows with `k`, not with
+//! the number of experts.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend};
+use cmoe_llava::llama::LlamaMlp;
+use serde::{Deserialize, Serialize};
+
+use crate::lora::LoraExpert;
+use crate::router::{RouterBank, TaskRouter};
+
+/// Which projections of the FFN carry experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FfnTargets {
+    /// `gate_proj`.
+    pub gate: bool,
+    /// `up_proj`.
+    pub up: bool,
+    /// `down_proj`.
+    pub down: bool,
+}
+
+impl Default for FfnTargets {
+    fn default() -> Self {
+        Self {
+            gate: true,
+            up: true,
+            down: true,
+        }
+    }
+}
+
+/// One expert of an FFN layer: a LoRA pair on each targeted projection.
+#[derive(Module, Debug)]
+pub struct FfnExpert<B: Backend> {
+    /// On `gate_proj` (`hidden -> intermediate`).
+    pub gate: Option<LoraExpert<B>>,
+    /// On `up_proj` (`hidden -> intermediate`).
+    pub up: Option<LoraExpert<B>>,
+    /// On `down_proj` (`intermediate -> hidden`).
+    pub down: Option<LoraExpert<B>>,
+}
+
+impl<B: Backend> FfnExpert<B> {
+    /// A fresh expert for an FFN of widths `hidden` / `intermediate`.
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        rank: usize,
+        targets: FfnTargets,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            gate: targets
+                .gate
+                .then(|| LoraExpert::new(hidden, intermediate, rank, device)),
+            up: targets
+                .up
+                .then(|| LoraExpert::new(hidden, intermediate, rank, device)),
+            down: targets
+                .down
+                .then(|| LoraExpert::new(intermediate, hidden, rank, device)),
+        }
+    }
+
+    /// A trainable copy (new parameter ids).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            gate: self.gate.as_ref().map(LoraExpert::duplicate),
+            up: self.up.as_ref().map(LoraExpert::duplicate),
+            down: self.down.as_ref().map(LoraExpert::duplicate),
+        }
+    }
+
+    /// The element-wise mean of `experts`.
+    pub fn mean(experts: &[&FfnExpert<B>]) -> Self {
+        let part = |f: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>| {
+            let parts: Option<Vec<&LoraExpert<B>>> = experts.iter().map(|e| f(e)).collect();
+            parts.map(|p| LoraExpert::mean(&p))
+        };
+        Self {
+            gate: part(|e| e.gate.as_ref()),
+            up: part(|e| e.up.as_ref()),
+            down: part(|e| e.down.as_ref()),
+        }
+    }
+}
+
+/// The experts and per-task routers of one decoder layer's FFN.
+#[derive(Module, Debug)]
+pub struct MoeLoraFfn<B: Backend> {
+    /// Every expert this layer has, oldest first; new tasks append.
+    pub experts: Vec<FfnExpert<B>>,
+    /// One router per task.
+    pub routers: RouterBank<B>,
+    /// LoRA dropout on each expert's input.
+    pub dropout: Dropout,
+    /// `alpha / r`.
+    pub scale: f64,
+    /// Experts per token.
+    pub top_k: usize,
+}
+
+/// What one MoE layer's routing did on a batch.
+#[derive(Debug, Clone)]
+pub struct LayerRouting<B: Backend> {
+    /// Switch-Transformer load-balancing loss `N_e * sum_i f_i P_i` (differentiable through `P`).
+    pub aux_loss: Tensor<B, 1>,
+    /// Per expert of the router: how many tokens selected it among their top-k.
+    pub selections: Vec<u64>,
+    /// Tokens routed.
+    pub tokens: u64,
+}
+
+/// The routing decision for a batch of tokens.
+struct Routes<B: Backend> {
+    /// Softmax weights of the top-k experts, flattened `[n * k]` (token-major).
+    weights: Tensor<B, 1>,
+    /// Per expert: the tokens routed to it and their slots in `weights`.
+    groups: Vec<(Vec<i64>, Vec<i64>)>,
+}
+
+impl<B: Backend> MoeLoraFfn<B> {
+    /// A layer with `n_experts` fresh experts and task 0's router.
+    pub fn new(
+        hidden: usize,
+        intermediate: usize,
+        n_experts: usize,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        top_k: usize,
+        targets: FfnTargets,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            experts: (0..n_experts)
+                .map(|_| FfnExpert::new(hidden, intermediate, rank, targets, device))
+                .collect(),
+            routers: RouterBank {
+                routers: vec![TaskRouter::new(hidden, n_experts, device)],
+            },
+            dropout: DropoutConfig::new(dropout).init(),
+            scale: alpha / rank as f64,
+            top_k,
+        }
+    }
+
+    fn route(&self, router: &TaskRouter<B>, x: Tensor<B, 2>) -> (Routes<B>, LayerRouting<B>) {
+        let [n, _] = x.dims();
+        let n_experts = router.num_experts();
+        let k = self.top_k.min(n_experts);
+        let logits = router.logits(x);
+        let (top_logits, top_index) = top_k(logits.clone(), k);
+        let weights = activation::softmax(top_logits, 1).reshape([n * k]);
+        let index: Vec<i64> = top_index.into_data().iter::<i64>().collect();
+        let mut groups = vec![(Vec::new(), Vec::new()); n_experts];
+        let mut top1 = vec![0u64; n_experts];
+        let mut selections = vec![0u64; n_experts];
+        for (slot, &e) in index.iter().enumerate() {
+            let e = e as usize;
+            groups[e].0.push((slot / k) as i64);
+            groups[e].1.push(slot as i64);
+            selections[e] += 1;
+            if slot % k == 0 {
+                top1[e] += 1;
+            }
+        }
+        // aux = N_e * sum_i f_i * P_i, f from top-1 counts (constant), P the mean router probability.
+        let mean_prob = activation::softmax(logits, 1)
+            .mean_dim(0)
+            .reshape([n_experts]);
+        let f: Vec<f32> = top1.iter().map(|&c| c as f32 / n as f32).collect();
+        let f = Tensor::<B, 1>::from_data(TensorData::new(f, [n_experts]), &mean_prob.device());
+        let aux_loss = (f * mean_prob).sum() * n_experts as f64;
+        (
+            Routes { weights, groups },
+            LayerRouting {
+                aux_loss,
+                selections,
+                tokens: n as u64,
+            },
+        )
+    }
+
+    /// Adds the routed LoRA contributions of one projection to `base` `[n, out]`.
+    fn add_experts(
+        &self,
+        base: Tensor<B, 2>,
+        input: &Tensor<B, 2>,
+        routes: &Routes<B>,
+        part: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>,
+    ) -> Tensor<B, 2> {
+        let device = base.device();
+        let mut out = base;
+        for (expert, (tokens, slots)) in self.experts.iter().zip(&routes.groups) {
+            let Some(lora) = part(expert) else { continue };
+            if tokens.is_empty() {
+                continue;
+            }
+            let rows = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(tokens.clone(), [tokens.len()]),
+                &device,
+            );
+            let slots = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(slots.clone(), [slots.len()]),
+                &device,
+            );
+            let x = self.dropout.forward(input.clone().select(0, rows.clone()));
+            let w = routes
+                .weights
+                .clone()
+                .select(0, slots)
+                .unsqueeze_dim::<2>(1)
+                * self.scale;
+            out = out.select_assign(0, rows, lora.delta(x) * w, IndexingUpdateOp::Add);
+        }
+        out
+    }
+
+    /// The FFN output for `x` `[batch, seq, hidden]` with task `task`'s router, and what the
+    /// routing did.
+    pub fn forward(
+        &self,
+        base: &LlamaMlp<B>,
+        x: Tensor<B, 3>,
+        task: usize,
+    ) -> (Tensor<B, 3>, LayerRouting<B>) {
+        let [b, s, d] = x.dims();
+        let flat = x.reshape([b * s, d]);
+        let (routes, routing) = self.route(self.routers.get(task), flat.clone());
+        let gate = self.add_experts(base.gate_proj.forward(flat.clone()), &flat, &routes, |e| {
+            e.gate.as_ref()
+        });
+        let up = self.add_experts(base.up_proj.forward(flat.clone()), &flat, &routes, |e| {
+            e.up.as_ref()
+        });
+        let hidden = base.activation.forward(gate) * up;
+        let down = self.add_experts(
+            base.down_proj.forward(hidden.clone()),
+            &hidden,
+            &routes,
+            |e| e.down.as_ref(),
+        );
+        (down.reshape([b, s, d]), routing)
+    }
+
+    /// The same function computed densely (every expert on every token, weighted by the full
+    /// top-k softmax): the reference the sparse dispatch is tested against.
+    pub fn forward_dense(&self, base: &LlamaMlp<B>, x: Tensor<B, 3>, task: usize) -> Tensor<B, 3> {
+        let [b, s, d] = x.dims();
+        let flat = x.reshape([b * s, d]);
+        let router = self.routers.get(task);
+        let n_experts = router.num_experts();
+        let k = self.top_k.min(n_experts);
+        let logits = router.logits(flat.clone());
+        let kth = top_k(logits.clone(), k).0.slice([0..b * s, k - 1..k]); // k-th largest logit
+        let outside = logits.clone().lower(kth.expand([b * s, n_experts]));
+        let weights = activation::softmax(logits.mask_fill(outside, f32::NEG_INFINITY), 1);
+        let dense = |base: Tensor<B, 2>,
+                     input: &Tensor<B, 2>,
+                     part: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>| {
+            let mut out = base;
+            for (e, expert) in self.experts.iter().take(n_experts).enumerate() {
+                if let Some(lora) = part(expert) {
+                    let w = weights.clone().slice([0..b * s, e..e + 1]) * self.scale;
+                    out = out + lora.delta(input.clone()) * w;
+                }
+            }
+            out
+        };
+        let gate = dense(base.gate_proj.forward(flat.clone()), &flat, |e| {
+            e.gate.as_ref()
+        });
+        let up = dense(base.up_proj.forward(flat.clone()), &flat, |e| e.up.as_ref());
+        let hidden = base.activation.forward(gate) * up;
+        let down = dense(base.down_proj.forward(hidden.clone()), &hidden, |e| {
+            e.down.as_ref()
+        });
+        down.reshape([b, s, d])
+    }
+}
+
+/// The `k` largest entries of each row and their columns, largest first (`k` may equal the row
+/// length, which Burn's `topk` does not allow).
+fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let [n, _] = x.dims();
+    let (values, index) = x.sort_descending_with_indices(1);
+    (values.slice([0..n, 0..k]), index.slice([0..n, 0..k]))
+}

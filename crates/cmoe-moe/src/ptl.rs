@@ -1,0 +1,295 @@
+//! The Probabilistic Task Locator: one small VAE per task on the frozen base model's feature of
+//! an input (last decoder layer, last prompt token), a primitive bank of per-task score
+//! statistics, and task-agnostic routing by the arg-max z-score.
+//!
+//! Scores are log-likelihoods: `log p_rec(F) = logsumexp_r log N(F; mu_rec(z_r), sigma_rec(z_r)^2)
+//! - log N_rep` over `N_rep` reparameterised draws `z_r = mu(F) + sigma(F) * eps_r` (raw
+//! densities under/overflow at d = 4096). Scoring uses a fixed set of `eps` so that a decision
+//! is reproducible. All tasks' VAEs are stacked and scored in one batched computation.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Distribution, Tensor, activation, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+/// Softplus floor keeping standard deviations away from zero.
+const MIN_SIGMA: f64 = 1e-4;
+
+/// A task's VAE: `mu = FFN_mu(F)`, `sigma = softplus(FFN_sigma(F))`, a decoder giving
+/// `(mu_rec, sigma_rec)`. Each FFN is one hidden GELU layer shared by its two heads.
+#[derive(Module, Debug)]
+pub struct TaskVae<B: Backend> {
+    /// `d -> hidden`.
+    pub encoder: Linear<B>,
+    /// `hidden -> latent`: the posterior mean.
+    pub enc_mu: Linear<B>,
+    /// `hidden -> latent`: the posterior std before softplus.
+    pub enc_sigma: Linear<B>,
+    /// `latent -> hidden`.
+    pub decoder: Linear<B>,
+    /// `hidden -> d`: the reconstruction mean.
+    pub dec_mu: Linear<B>,
+    /// `hidden -> d`: the reconstruction std before softplus.
+    pub dec_sigma: Linear<B>,
+}
+
+/// The two VAE loss terms, averaged over the batch.
+#[derive(Debug, Clone)]
+pub struct VaeLoss<B: Backend> {
+    /// `-log p_rec(F) / d` (per feature dimension).
+    pub rec: Tensor<B, 1>,
+    /// `KL(N(mu, sigma^2) || N(0, 1))`.
+    pub kl: Tensor<B, 1>,
+}
+
+impl<B: Backend> TaskVae<B> {
+    /// A randomly initialised VAE for features of width `d`.
+    pub fn new(d: usize, hidden: usize, latent: usize, device: &B::Device) -> Self {
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        Self {
+            encoder: linear(d, hidden),
+            enc_mu: linear(hidden, latent),
+            enc_sigma: linear(hidden, latent),
+            decoder: linear(latent, hidden),
+            dec_mu: linear(hidden, d),
+            dec_sigma: linear(hidden, d),
+        }
+    }
+
+    /// Posterior `(mu, sigma)` `[n, latent]` of features `[n, d]`.
+    pub fn encode(&self, features: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let h = activation::gelu(self.encoder.forward(features));
+        let sigma = activation::softplus(self.enc_sigma.forward(h.clone()), 1.0) + MIN_SIGMA;
+        (self.enc_mu.forward(h), sigma)
+    }
+
+    /// `log p_rec(F)` `[n]` with the draws `eps` `[n_rep, latent]`.
+    pub fn log_likelihood(&self, features: Tensor<B, 2>, eps: Tensor<B, 2>) -> Tensor<B, 1> {
+        let (mu, sigma) = self.encode(features.clone());
+        self.log_likelihood_given(features, mu, sigma, eps)
+    }
+
+    fn log_likelihood_given(
+        &self,
+        features: Tensor<B, 2>,
+        mu: Tensor<B, 2>,
+        sigma: Tensor<B, 2>,
+        eps: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        let [n, d] = features.dims();
+        let [reps, latent] = eps.dims();
+        let z = mu.unsqueeze_dim::<3>(0) + sigma.unsqueeze_dim::<3>(0) * eps.unsqueeze_dim::<3>(1); // [r, n, z]
+        let h = activation::gelu(self.decoder.forward(z.reshape([reps * n, latent])));
+        let rec_mu = self.dec_mu.forward(h.clone()).reshape([reps, n, d]);
+        let rec_sigma = (activation::softplus(self.dec_sigma.forward(h), 1.0) + MIN_SIGMA)
+            .reshape([reps, n, d]);
+        gaussian_log_likelihood(features.unsqueeze_dim::<3>(0), rec_mu, rec_sigma)
+    }
+
+    /// Reconstruction and KL terms on a batch, with fresh draws.
+    pub fn loss(&self, features: Tensor<B, 2>, n_rep: usize) -> VaeLoss<B> {
+        let [_, d] = features.dims();
+        let (mu, sigma) = self.encode(features.clone());
+        let latent = mu.dims()[1];
+        let eps = Tensor::random(
+            [n_rep, latent],
+            Distribution::Normal(0.0, 1.0),
+            &mu.device(),
+        );
+        let log_p = self.log_likelihood_given(features, mu.clone(), sigma.clone(), eps);
+        let kl = (mu.powi_scalar(2) + sigma.clone().powi_scalar(2) - 1.0 - sigma.log() * 2.0)
+            .sum_dim(1)
+            * 0.5;
+        VaeLoss {
+            rec: log_p.mean().neg() / d as f64,
+            kl: kl.mean(),
+        }
+    }
+}
+
+/// `logsumexp_r sum_d log N(x; mu, sigma^2) - log r` for `x` `[1|r, n, d]`, `mu`/`sigma`
+/// `[r, n, d]`: the log of the average density over the `r` draws, `[n]`.
+fn gaussian_log_likelihood<B: Backend>(
+    x: Tensor<B, 3>,
+    mu: Tensor<B, 3>,
+    sigma: Tensor<B, 3>,
+) -> Tensor<B, 1> {
+    const LOG_2PI: f64 = 1.837_877_066_409_345_3;
+    let z = (x - mu) / sigma.clone();
+    let per_dim = z.powi_scalar(2) * -0.5 - sigma.log() - 0.5 * LOG_2PI;
+    let per_draw = per_dim.sum_dim(2).squeeze_dim::<2>(2); // [r, n]
+    log_mean_exp(per_draw)
+}
+
+/// `log(mean_r exp(x[r, n]))`, stable.
+fn log_mean_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [reps, _] = x.dims();
+    let max = x.clone().max_dim(0).detach(); // [1, n]
+    let sum = (x - max.clone()).exp().sum_dim(0);
+    (sum.log() + max - (reps as f64).ln()).squeeze_dim::<1>(0)
+}
+
+/// A bank entry: the statistics of a task's scores on its last training instances.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BankEntry {
+    /// Mean `log p_rec` of the task's own instances.
+    pub mean: f64,
+    /// Their std (floored, so that a z-score is always defined).
+    pub std: f64,
+    /// How many instances they came from.
+    pub count: usize,
+}
+
+impl BankEntry {
+    /// Statistics of `scores` (population std, floored at 1e-6).
+    pub fn from_scores(scores: &[f64]) -> Self {
+        let n = scores.len().max(1) as f64;
+        let mean = scores.iter().sum::<f64>() / n;
+        let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            mean,
+            std: var.sqrt().max(1e-6),
+            count: scores.len(),
+        }
+    }
+}
+
+/// The primitive bank: one entry per task, in task order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrimitiveBank {
+    /// `entries[t]` belongs to task `t`.
+    pub entries: Vec<BankEntry>,
+}
+
+/// Every task's VAE stacked along a leading task axis, for one batched scoring pass.
+#[derive(Module, Debug)]
+pub struct StackedVaes<B: Backend> {
+    weights: Vec<Param<Tensor<B, 3>>>,
+    biases: Vec<Param<Tensor<B, 3>>>,
+    eps: Param<Tensor<B, 2>>,
+}
+
+/// What the locator decided for a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Location {
+    /// Per input, the chosen task.
+    pub tasks: Vec<usize>,
+    /// Per input, every task's z-score `(log p_rec - mean) / std` (row-major `[n, T]`).
+    pub z_scores: Vec<Vec<f64>>,
+    /// Per input, every task's raw `log p_rec`.
+    pub log_likelihoods: Vec<Vec<f64>>,
+}
+
+impl<B: Backend> StackedVaes<B> {
+    /// Stacks `vaes` (all of the same shape) with the scoring draws `eps` `[n_rep, latent]`.
+    pub fn new(vaes: &[&TaskVae<B>], eps: Tensor<B, 2>) -> Self {
+        let layers = |v: &TaskVae<B>| -> [Linear<B>; 6] {
+            [
+                v.encoder.clone(),
+                v.enc_mu.clone(),
+                v.enc_sigma.clone(),
+                v.decoder.clone(),
+                v.dec_mu.clone(),
+                v.dec_sigma.clone(),
+            ]
+        };
+        let per_task: Vec<[Linear<B>; 6]> = vaes.iter().map(|v| layers(v)).collect();
+        let stack = |i: usize| {
+            let w = Tensor::stack::<3>(
+                per_task
+                    .iter()
+                    .map(|l| l[i].weight.val().detach())
+                    .collect(),
+                0,
+            );
+            let b = Tensor::stack::<3>(
+                per_task
+                    .iter()
+                    .map(|l| {
+                        l[i].bias
+                            .as_ref()
+                            .expect("VAE linears have biases")
+                            .val()
+                            .detach()
+                            .unsqueeze_dim::<2>(0)
+                    })
+                    .collect(),
+                0,
+            );
+            (Param::from_tensor(w), Param::from_tensor(b))
+        };
+        let (weights, biases) = (0..6).map(stack).unzip();
+        Self {
+            weights,
+            biases,
+            eps: Param::from_tensor(eps),
+        }
+    }
+
+    fn linear(&self, i: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        x.matmul(self.weights[i].val()) + self.biases[i].val()
+    }
+
+    /// `log p_rec` of `features` `[n, d]` under every task's VAE: `[T, n]`.
+    pub fn log_likelihoods(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, d] = features.dims();
+        let tasks = self.weights[0].dims()[0];
+        let eps = self.eps.val();
+        let [reps, latent] = eps.dims();
+        let x = features.unsqueeze_dim::<3>(0).expand([tasks, n, d]);
+        let h = activation::gelu(self.linear(0, x.clone()));
+        let mu = self.linear(1, h.clone()); // [T, n, z]
+        let sigma = activation::softplus(self.linear(2, h), 1.0) + MIN_SIGMA;
+        let z = mu.unsqueeze_dim::<4>(1)
+            + sigma.unsqueeze_dim::<4>(1) * eps.reshape([1, reps, 1, latent]); // [T, r, n, z]
+        let h = activation::gelu(self.linear(3, z.reshape([tasks, reps * n, latent])));
+        let rec_mu = self.linear(4, h.clone()).reshape([tasks * reps, n, d]);
+        let rec_sigma = (activation::softplus(self.linear(5, h), 1.0) + MIN_SIGMA).reshape([
+            tasks * reps,
+            n,
+            d,
+        ]);
+        let x = x
+            .unsqueeze_dim::<4>(1)
+            .expand([tasks, reps, n, d])
+            .reshape([tasks * reps, n, d]);
+        // Per task: log-mean-exp over its draws.
+        let z = (x - rec_mu) / rec_sigma.clone();
+        const LOG_2PI: f64 = 1.837_877_066_409_345_3;
+        let per_draw = (z.powi_scalar(2) * -0.5 - rec_sigma.log() - 0.5 * LOG_2PI)
+            .sum_dim(2)
+            .reshape([tasks, reps, n]);
+        let max = per_draw.clone().max_dim(1);
+        let sum = (per_draw - max.clone()).exp().sum_dim(1);
+        (sum.log() + max - (reps as f64).ln()).reshape([tasks, n])
+    }
+
+    /// Task-agnostic routing: the arg-max z-score against `bank`, with every score returned.
+    pub fn locate(&self, features: Tensor<B, 2>, bank: &PrimitiveBank) -> Location {
+        let scores = self.log_likelihoods(features);
+        let [tasks, n] = scores.dims();
+        assert_eq!(tasks, bank.entries.len(), "one bank entry per stacked VAE");
+        let flat: Vec<f64> = scores.into_data().iter::<f64>().collect();
+        let mut location = Location {
+            tasks: Vec::new(),
+            z_scores: Vec::new(),
+            log_likelihoods: Vec::new(),
+        };
+        for i in 0..n {
+            let ll: Vec<f64> = (0..tasks).map(|t| flat[t * n + i]).collect();
+            let z: Vec<f64> = ll
+                .iter()
+                .zip(&bank.entries)
+                .map(|(l, e)| (l - e.mean) / e.std)
+                .collect();
+            let best = z
+                .iter()
+                .enumerate()
+                .fold(0, |b, (t, &v)| if v > z[b] { t } else { b });
+            location.tasks.push(best);
+            location.z_scores.push(z);
+            location.log_likelihoods.push(ll);
+        }
+        location
+    }
+}

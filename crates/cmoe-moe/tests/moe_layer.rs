@@ -1,0 +1,133 @@
+//! The MoE-LoRA FFN layer: sparse dispatch against the dense definition, the single-expert
+//! case against plain LoRA, and routers that never change when a layer grows.
+
+use burn::module::Param;
+use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
+use cmoe_llava::config::TextConfig;
+use cmoe_llava::llama::LlamaMlp;
+use cmoe_moe::moe_ffn::{FfnExpert, FfnTargets, MoeLoraFfn};
+
+type B = burn_flex::Flex;
+
+fn base_mlp(device: &burn_flex::FlexDevice) -> LlamaMlp<B> {
+    let config: TextConfig = serde_json::from_str(
+        r#"{"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}"#,
+    )
+    .unwrap();
+    config.init::<B>(false, device).model.layers.remove(0).mlp
+}
+
+/// Gives experts `from..` a non-zero `B` (fresh experts start at zero and would make tests vacuous).
+fn randomize(layer: &mut MoeLoraFfn<B>, from: usize, device: &burn_flex::FlexDevice) {
+    for expert in &mut layer.experts[from..] {
+        for lora in [&mut expert.gate, &mut expert.up, &mut expert.down]
+            .into_iter()
+            .flatten()
+        {
+            let shape = lora.lora_b.dims();
+            lora.lora_b = Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.5),
+                device,
+            ));
+        }
+    }
+}
+
+fn layer(n_experts: usize, top_k: usize, device: &burn_flex::FlexDevice) -> MoeLoraFfn<B> {
+    let mut layer = MoeLoraFfn::new(
+        32,
+        48,
+        n_experts,
+        8,
+        16.0,
+        0.0,
+        top_k,
+        FfnTargets::default(),
+        device,
+    );
+    randomize(&mut layer, 0, device);
+    layer
+}
+
+#[test]
+fn sparse_dispatch_equals_the_dense_definition() {
+    let device = Default::default();
+    let base = base_mlp(&device);
+    for (n_experts, k) in [(8, 2), (5, 1), (4, 4), (16, 3)] {
+        let layer = layer(n_experts, k, &device);
+        let x = Tensor::<B, 3>::random([3, 7, 32], Distribution::Normal(0.0, 1.0), &device);
+        let (sparse, routing) = layer.forward(&base, x.clone(), 0);
+        let dense = layer.forward_dense(&base, x, 0);
+        sparse
+            .into_data()
+            .assert_approx_eq::<f32>(&dense.into_data(), Tolerance::absolute(1e-5));
+        assert_eq!(routing.tokens, 21);
+        assert_eq!(routing.selections.iter().sum::<u64>(), 21 * k as u64);
+    }
+}
+
+#[test]
+fn one_expert_with_top_k_all_is_plain_lora() {
+    let device = Default::default();
+    let base = base_mlp(&device);
+    let layer = layer(1, 1, &device);
+    let x = Tensor::<B, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+    let (out, _) = layer.forward(&base, x.clone(), 0);
+
+    let e: &FfnExpert<B> = &layer.experts[0];
+    let flat = x.reshape([10, 32]);
+    let lora = |part: &cmoe_moe::lora::LoraExpert<B>, x: Tensor<B, 2>| {
+        x.matmul(part.lora_a.val()).matmul(part.lora_b.val()) * layer.scale
+    };
+    let gate = base.gate_proj.forward(flat.clone()) + lora(e.gate.as_ref().unwrap(), flat.clone());
+    let up = base.up_proj.forward(flat.clone()) + lora(e.up.as_ref().unwrap(), flat);
+    let h = burn::tensor::activation::silu(gate) * up;
+    let expected =
+        (base.down_proj.forward(h.clone()) + lora(e.down.as_ref().unwrap(), h)).reshape([2, 5, 32]);
+    out.into_data()
+        .assert_approx_eq::<f32>(&expected.into_data(), Tolerance::absolute(1e-5));
+}
+
+#[test]
+fn growing_a_layer_never_changes_an_older_task() {
+    let device = Default::default();
+    let base = base_mlp(&device);
+    let mut layer = layer(4, 2, &device);
+    let x = Tensor::<B, 3>::random([2, 6, 32], Distribution::Normal(0.0, 1.0), &device);
+    let (before, _) = layer.forward(&base, x.clone(), 0);
+    let old_router: TensorData = layer.routers.get(0).weight.val().into_data();
+
+    // Task 1: two more experts (copies, then changed), router_1 = router_0 + two random columns.
+    let next = layer.routers.get(0).extended(2);
+    layer.routers.routers.push(next);
+    layer.experts.push(layer.experts[1].duplicate());
+    layer.experts.push(layer.experts[3].duplicate());
+    randomize(&mut layer, 4, &device);
+
+    assert_eq!(layer.routers.get(0).weight.val().into_data(), old_router);
+    assert_eq!(
+        (
+            layer.routers.get(0).num_experts(),
+            layer.routers.get(1).num_experts()
+        ),
+        (4, 6)
+    );
+    assert_eq!(
+        layer
+            .routers
+            .get(1)
+            .weight
+            .val()
+            .slice([0..32, 0..4])
+            .into_data(),
+        old_router
+    );
+    // Task 0's router never reaches the new experts: its output is bit-identical.
+    let (after, routing) = layer.forward(&base, x.clone(), 0);
+    assert_eq!(after.into_data(), before.into_data());
+    assert_eq!(routing.selections.len(), 4);
+    // Task 1's router does use them.
+    let (_, routing) = layer.forward(&base, x, 1);
+    assert_eq!(routing.selections.len(), 6);
+}
