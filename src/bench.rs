@@ -176,3 +176,74 @@ impl BackendTask for BenchTask {
         })
     }
 }
+
+/// Dispatch cost of one MoE-LoRA FFN layer at the mini shapes (hidden 256, MLP 688, LoRA r16,
+/// 8 x 105 tokens): sparse dispatch against the dense definition, for several expert counts.
+pub struct MoeDispatchTask {
+    /// Expert counts to measure.
+    pub experts: Vec<usize>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Timed repetitions (after one warm-up).
+    pub repeats: usize,
+}
+
+/// Seconds per forward of one MoE layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoeDispatchResult {
+    /// Backend name.
+    pub backend: String,
+    /// Number of experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Median seconds, sparse (grouped gather / compute / scatter-add).
+    pub sparse_s: f64,
+    /// Median seconds, dense (every expert on every token).
+    pub dense_s: f64,
+}
+
+impl BackendTask for MoeDispatchTask {
+    type Output = Vec<MoeDispatchResult>;
+
+    fn run<B: Backend>(self, device: B::Device) -> Vec<MoeDispatchResult> {
+        use cmoe_moe::moe_ffn::{FfnTargets, MoeLoraFfn};
+        let (hidden, intermediate, rank) = (256, 688, 16);
+        let text: cmoe_llava::config::TextConfig = serde_json::from_value(serde_json::json!({
+            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 1,
+            "num_attention_heads": 8, "vocab_size": 16
+        }))
+        .expect("valid text config");
+        let base = text.init::<B>(false, &device).model.layers.remove(0).mlp;
+        let x = Tensor::<B, 3>::random([8, 105, hidden], Distribution::Normal(0.0, 1.0), &device);
+        self.experts
+            .iter()
+            .map(|&n| {
+                let layer = MoeLoraFfn::<B>::new(
+                    hidden,
+                    intermediate,
+                    n,
+                    rank,
+                    32.0,
+                    0.0,
+                    self.top_k,
+                    FfnTargets::default(),
+                    &device,
+                );
+                let sparse_s = time::<B>(&device, self.repeats, || {
+                    let _ = layer.forward(&base, x.clone(), 0).0.into_data();
+                });
+                let dense_s = time::<B>(&device, self.repeats, || {
+                    let _ = layer.forward_dense(&base, x.clone(), 0).into_data();
+                });
+                MoeDispatchResult {
+                    backend: B::name(&device),
+                    experts: n,
+                    top_k: self.top_k,
+                    sparse_s,
+                    dense_s,
+                }
+            })
+            .collect()
+    }
+}

@@ -6,6 +6,7 @@
 //!
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
+//! - [`moe`] (`cmoe-moe`): the continual core (MoE-LoRA layers, router bank, PGKE, PTL).
 
 pub mod backend;
 pub mod bench;
@@ -14,3 +15,4 @@ pub mod tensor_io;
 
 pub use cmoe_data as data;
 pub use cmoe_llava as llava;
+pub use cmoe_moe as moe;

@@ -1,12 +1,18 @@
 //! LLaVA-CMoE's continual core, generic over Burn backends.
 //!
+//! - [`fingerprint`]: parameter digests for bit-identity checks.
 //! - [`lora`]: a LoRA expert (paper Eq. 1's `B_i A_i`).
+//! - [`loss`]: the four-term objective and the answer-only cross-entropy.
+//! - [`model`]: LLaVA with an MoE-LoRA FFN in every decoder layer, run with a chosen task's router.
 //! - [`router`]: per-task routers and the per-layer router bank.
 //! - [`moe_ffn`]: the MoE-LoRA FFN layer with sparse token dispatch.
 //! - [`pgke`]: Probe-Guided Knowledge Extension's statistics, threshold and expansion plan.
 //! - [`ptl`]: the Probabilistic Task Locator (per-task VAEs, primitive bank, arg-max z-score).
 
+pub mod fingerprint;
 pub mod lora;
+pub mod loss;
+pub mod model;
 pub mod moe_ffn;
 pub mod pgke;
 pub mod ptl;

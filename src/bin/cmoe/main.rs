@@ -6,7 +6,7 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
-use llava_cmoe::bench::{BenchCase, BenchTask};
+use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
 use llava_cmoe::tensor_io::{self, HostTensor};
@@ -75,6 +75,24 @@ enum Command {
         new_tokens: usize,
         /// Timed repetitions after one warm-up.
         #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Time one MoE-LoRA FFN layer (mini shapes) at several expert counts, sparse vs dense.
+    BenchMoe {
+        /// Expert counts.
+        #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
+        experts: Vec<usize>,
+        /// Experts per token.
+        #[arg(long, default_value_t = 2)]
+        top_k: usize,
+        /// Timed repetitions after one warm-up.
+        #[arg(long, default_value_t = 5)]
         repeats: usize,
         /// Print JSON.
         #[arg(long)]
@@ -165,6 +183,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::BenchMoe {
+            experts,
+            top_k,
+            repeats,
+            json,
+            backend,
+        } => {
+            let results = run_on(
+                backend,
+                MoeDispatchTask {
+                    experts,
+                    top_k,
+                    repeats: repeats.max(1),
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&results)?);
+            } else {
+                for r in results {
+                    println!(
+                        "{} experts, top-{} on {}: sparse {:.2} ms, dense {:.2} ms",
+                        r.experts,
+                        r.top_k,
+                        r.backend,
+                        r.sparse_s * 1e3,
+                        r.dense_s * 1e3
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Bench {
             config,
             name,

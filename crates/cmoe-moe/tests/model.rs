@@ -1,0 +1,83 @@
+//! The continual model on the tiny HF fixture: fresh experts leave the base untouched, and
+//! gradients reach exactly the trainable parameters.
+
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use burn::optim::GradientsParams;
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use cmoe_llava::{Llava, LlavaInput, load_llava};
+use cmoe_moe::fingerprint::fingerprint;
+use cmoe_moe::loss::causal_lm_loss;
+use cmoe_moe::model::{CmoeModel, MoeConfig};
+
+type B = burn_flex::Flex;
+type AD = Autodiff<B>;
+
+fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
+    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
+}
+
+fn input<Be: Backend>(device: &Be::Device) -> LlavaInput<Be> {
+    let mut ids = vec![1i64, 3148, 1001, 29901];
+    ids.extend([32000; 16]);
+    ids.extend([13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
+    let n = ids.len();
+    LlavaInput {
+        input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [1, n]), device),
+        pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * 0.3),
+        attention_mask: None,
+    }
+}
+
+fn config() -> MoeConfig {
+    MoeConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        top_k: 2,
+        initial_experts: 4,
+        ..MoeConfig::default()
+    }
+}
+
+#[test]
+fn fresh_experts_leave_the_base_model_unchanged() {
+    let device = Default::default();
+    let base = tiny::<B>(&device);
+    let expected = base.forward(input(&device)).unwrap();
+    let model = CmoeModel::new(base, &config(), &device);
+    let out = model.forward(input(&device), 0).unwrap();
+    assert_eq!(out.logits.into_data(), expected.into_data());
+    assert_eq!(out.routing.len(), 2);
+    assert_eq!(model.experts_per_layer(), vec![4, 4]);
+    assert!(
+        model.forward(input(&device), 1).is_err(),
+        "task 1 has no router yet"
+    );
+}
+
+#[test]
+fn gradients_reach_only_the_experts_and_router() {
+    let device = Default::default();
+    let model = CmoeModel::new(tiny::<AD>(&device), &config(), &device);
+    let base_before = fingerprint(&model.base);
+    let x = input::<AD>(&device);
+    let labels = x.input_ids.clone();
+    let out = model.forward(x, 0).unwrap();
+    let aux = out
+        .routing
+        .iter()
+        .map(|r| r.aux_loss.clone())
+        .reduce(|a, b| a + b)
+        .unwrap();
+    let loss = causal_lm_loss(out.logits, labels).unwrap() + aux * 1e-3;
+    let mut grads = loss.backward();
+    // Every parameter of the experts and routers (2 layers x (4 experts x 3 LoRA pairs x 2 + router)).
+    let trainable = GradientsParams::from_module(&mut grads, &model.moe);
+    assert_eq!(trainable.len(), 2 * (4 * 3 * 2 + 1));
+    // Nothing of the frozen base.
+    assert!(GradientsParams::from_module(&mut grads, &model.base).is_empty());
+    assert_eq!(fingerprint(&model.base), base_before);
+}
