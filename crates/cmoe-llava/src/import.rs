@@ -331,7 +331,7 @@ mod tests {
             ),
             (
                 "model.vision_tower.pre_layrnorm.bias",
-                "vision_tower.vision_model.pre_layrnorm.bias",
+                "vision_tower.vision_model.pre_layrnorm.beta",
             ),
             (
                 "language_model.model.layers.1.input_layernorm.weight",

@@ -8,6 +8,7 @@
 //! - [`moe_ffn`]: the MoE-LoRA FFN layer with sparse token dispatch.
 //! - [`pgke`]: Probe-Guided Knowledge Extension's statistics, threshold and expansion plan.
 //! - [`ptl`]: the Probabilistic Task Locator (per-task VAEs, primitive bank, arg-max z-score).
+//! - [`stages`]: freezing, the training loop, and PGKE's probe / statistics / expansion steps.
 
 pub mod fingerprint;
 pub mod lora;
@@ -17,3 +18,4 @@ pub mod moe_ffn;
 pub mod pgke;
 pub mod ptl;
 pub mod router;
+pub mod stages;

@@ -46,9 +46,10 @@ impl<B: Backend> LoraExpert<B> {
         let n = experts.len() as f64;
         let a = Tensor::stack::<3>(experts.iter().map(|e| e.lora_a.val().detach()).collect(), 0);
         let b = Tensor::stack::<3>(experts.iter().map(|e| e.lora_b.val().detach()).collect(), 0);
+        // `detach`: a parameter must be a leaf of the autodiff graph.
         Self {
-            lora_a: Param::from_tensor(a.sum_dim(0).squeeze_dim(0) / n),
-            lora_b: Param::from_tensor(b.sum_dim(0).squeeze_dim(0) / n),
+            lora_a: Param::from_tensor((a.sum_dim(0).squeeze_dim(0) / n).detach()),
+            lora_b: Param::from_tensor((b.sum_dim(0).squeeze_dim(0) / n).detach()),
         }
     }
 }

@@ -43,10 +43,12 @@ impl<B: Backend> TaskRouter<B> {
         let weight = if added == 0 {
             old
         } else {
+            // `detach`: a parameter must be a leaf of the autodiff graph.
             Tensor::cat(
                 vec![old.clone(), Self::random_columns(d, added, &old.device())],
                 1,
             )
+            .detach()
         };
         Self {
             weight: Param::from_tensor(weight),

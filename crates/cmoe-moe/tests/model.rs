@@ -61,7 +61,9 @@ fn fresh_experts_leave_the_base_model_unchanged() {
 #[test]
 fn gradients_reach_only_the_experts_and_router() {
     let device = Default::default();
-    let model = CmoeModel::new(tiny::<AD>(&device), &config(), &device);
+    // top-k = every expert, so that each one certainly receives tokens (and gradients).
+    let config = MoeConfig { top_k: 4, ..config() };
+    let model = CmoeModel::new(tiny::<AD>(&device), &config, &device);
     let base_before = fingerprint(&model.base);
     let x = input::<AD>(&device);
     let labels = x.input_ids.clone();
