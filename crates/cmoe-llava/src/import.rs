@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use burn::module::ParamId;
 use burn::tensor::{DType, TensorData, backend::Backend};
-use burn_store::{ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError};
+use burn_store::{
+    ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot, TensorSnapshotError,
+};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
@@ -73,7 +75,11 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Opens the weights of a model directory.
     pub fn open(dir: &Path) -> Result<Self, LlavaError> {
-        let files = weight_files(dir)?;
+        Self::from_files(dir, weight_files(dir)?)
+    }
+
+    /// Opens the given safetensors files; `dir` names them in errors.
+    pub fn from_files(dir: &Path, files: Vec<PathBuf>) -> Result<Self, LlavaError> {
         let mut tensors = BTreeMap::new();
         for file in &files {
             let handle = File::open(file).map_err(|e| LlavaError::io(file, e))?;
@@ -234,16 +240,34 @@ pub fn load_weights<B: Backend>(
     dtype: DType,
     tied_embeddings: bool,
 ) -> Result<(), LlavaError> {
+    let rename = |key: &str| {
+        normalize_key(key)
+            .filter(|name| !(tied_embeddings && name == "language_model.lm_head.weight"))
+    };
+    apply_checkpoint(
+        model,
+        checkpoint,
+        dtype,
+        rename,
+        Some(Box::new(PyTorchToBurnAdapter)),
+    )
+}
+
+/// Applies a checkpoint to any module: each stored key is renamed by `rename` (`None` skips it)
+/// onto the module's parameter paths, read lazily, cast to `dtype` and adapted by `adapter`.
+/// Missing, unexpected, mis-shaped and non-float tensors are reported together, by key.
+pub fn apply_checkpoint<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    checkpoint: &Checkpoint,
+    dtype: DType,
+    rename: impl Fn(&str) -> Option<String>,
+    adapter: Option<Box<dyn ModuleAdapter>>,
+) -> Result<(), LlavaError> {
     let mut problems = Vec::new();
     let mut original = BTreeMap::new();
     let mut snapshots = Vec::new();
     for (key, stored) in &checkpoint.tensors {
-        let Some(name) = normalize_key(key) else {
-            continue;
-        };
-        if tied_embeddings && name == "language_model.lm_head.weight" {
-            continue; // tied: the head is the embedding matrix
-        }
+        let Some(name) = rename(key) else { continue };
         if burn_dtype(stored.dtype).is_none() {
             problems.push(format!(
                 "  {key}: stored dtype {:?} is not a float type",
@@ -264,9 +288,10 @@ pub fn load_weights<B: Backend>(
             ParamId::new(),
         ));
     }
-    let result = model.apply(snapshots, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    let transposes = adapter.is_some();
+    let result = module.apply(snapshots, None, adapter, false);
     let file_key = |name: &String| original.get(name).cloned().unwrap_or_else(|| name.clone());
-    if !result.errors.is_empty() {
+    if !result.errors.is_empty() && transposes {
         problems.push(
             "  (shapes below are in Burn's layout: linear weights are [in, out])".to_string(),
         );

@@ -6,6 +6,7 @@
 //! - [`llava`]: the whole model, image-token splicing and the forward pass.
 //! - [`import`]: safetensors weight import (single or sharded; fp16 / bf16 / f32).
 //! - [`generation`]: greedy and top-p sampling with the KV cache.
+//! - [`store`]: any module to / from safetensors (the continual state uses it).
 
 pub mod activation;
 pub mod cache;
@@ -17,6 +18,7 @@ pub mod llama;
 pub mod llava;
 pub mod projector;
 pub mod rope;
+pub mod store;
 pub mod vision;
 
 pub use config::LlavaConfig;

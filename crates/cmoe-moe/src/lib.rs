@@ -9,6 +9,7 @@
 //! - [`pgke`]: Probe-Guided Knowledge Extension's statistics, threshold and expansion plan.
 //! - [`ptl`]: the Probabilistic Task Locator (per-task VAEs, primitive bank, arg-max z-score).
 //! - [`stages`]: freezing, the training loop, and PGKE's probe / statistics / expansion steps.
+//! - [`state`]: saving / loading the whole continual state, and per-task adapter packs.
 
 pub mod fingerprint;
 pub mod lora;
@@ -19,3 +20,4 @@ pub mod pgke;
 pub mod ptl;
 pub mod router;
 pub mod stages;
+pub mod state;

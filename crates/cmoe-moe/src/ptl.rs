@@ -183,17 +183,20 @@ pub struct Location {
 impl<B: Backend> StackedVaes<B> {
     /// Stacks `vaes` (all of the same shape) with the scoring draws `eps` `[n_rep, latent]`.
     pub fn new(vaes: &[&TaskVae<B>], eps: Tensor<B, 2>) -> Self {
-        let layers = |v: &TaskVae<B>| -> [Linear<B>; 6] {
-            [
-                v.encoder.clone(),
-                v.enc_mu.clone(),
-                v.enc_sigma.clone(),
-                v.decoder.clone(),
-                v.dec_mu.clone(),
-                v.dec_sigma.clone(),
-            ]
-        };
-        let per_task: Vec<[Linear<B>; 6]> = vaes.iter().map(|v| layers(v)).collect();
+        // References, not clones: a clone of a lazily initialised parameter draws its own values.
+        let per_task: Vec<[&Linear<B>; 6]> = vaes
+            .iter()
+            .map(|v| {
+                [
+                    &v.encoder,
+                    &v.enc_mu,
+                    &v.enc_sigma,
+                    &v.decoder,
+                    &v.dec_mu,
+                    &v.dec_sigma,
+                ]
+            })
+            .collect();
         let stack = |i: usize| {
             let w = Tensor::stack::<3>(
                 per_task

@@ -62,7 +62,10 @@ fn fresh_experts_leave_the_base_model_unchanged() {
 fn gradients_reach_only_the_experts_and_router() {
     let device = Default::default();
     // top-k = every expert, so that each one certainly receives tokens (and gradients).
-    let config = MoeConfig { top_k: 4, ..config() };
+    let config = MoeConfig {
+        top_k: 4,
+        ..config()
+    };
     let model = CmoeModel::new(tiny::<AD>(&device), &config, &device);
     let base_before = fingerprint(&model.base);
     let x = input::<AD>(&device);

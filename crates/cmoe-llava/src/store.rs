@@ -1,0 +1,65 @@
+//! Any Burn module to and from a safetensors file, keyed by its parameter paths
+//! (`moe.3.experts.1.gate.lora_a`): how the continual state and adapter packs are saved.
+
+use std::path::Path;
+
+use burn::tensor::{DType, backend::Backend};
+use burn_store::ModuleSnapshot;
+use safetensors::{Dtype, tensor::TensorView};
+
+use crate::error::LlavaError;
+use crate::import::{Checkpoint, apply_checkpoint};
+
+/// Writes every float parameter of `module` to `path`, atomically (a temp file, then a rename).
+pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
+    module: &M,
+    path: &Path,
+) -> Result<(), LlavaError> {
+    let mut named = Vec::new();
+    for snapshot in module.collect(None, None, false) {
+        let data = snapshot.to_data().map_err(|e| {
+            LlavaError::io(path, format!("cannot read {}: {e}", snapshot.full_path()))
+        })?;
+        let (data, dtype) = match data.dtype {
+            DType::F16 => (data, Dtype::F16),
+            DType::BF16 => (data, Dtype::BF16),
+            DType::F64 => (data, Dtype::F64),
+            _ => (data.convert_dtype(DType::F32), Dtype::F32),
+        };
+        named.push((
+            snapshot.full_path(),
+            dtype,
+            data.shape.to_vec(),
+            data.as_bytes().to_vec(),
+        ));
+    }
+    let views = named
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LlavaError::io(path, e))?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| LlavaError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| LlavaError::io(path, e))
+}
+
+/// Loads `path` into `module` (whose structure must match the file exactly), cast to `dtype`.
+pub fn load_module<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    path: &Path,
+    dtype: DType,
+) -> Result<(), LlavaError> {
+    if !path.exists() {
+        return Err(LlavaError::io(path, "no such file"));
+    }
+    let checkpoint = Checkpoint::from_files(path, vec![path.to_path_buf()])?;
+    apply_checkpoint(
+        module,
+        &checkpoint,
+        dtype,
+        |key| Some(key.to_string()),
+        None,
+    )
+}
