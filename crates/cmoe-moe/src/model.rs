@@ -28,6 +28,29 @@ pub struct MoeConfig {
     pub targets: FfnTargets,
 }
 
+impl MoeConfig {
+    /// A layer of `n_experts` fresh experts (and a first router) for an FFN of these widths.
+    pub fn init_layer<B: Backend>(
+        &self,
+        hidden: usize,
+        intermediate: usize,
+        n_experts: usize,
+        device: &B::Device,
+    ) -> MoeLoraFfn<B> {
+        MoeLoraFfn::new(
+            hidden,
+            intermediate,
+            n_experts,
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.top_k,
+            self.targets,
+            device,
+        )
+    }
+}
+
 impl Default for MoeConfig {
     fn default() -> Self {
         Self {
@@ -67,17 +90,7 @@ impl<B: Backend> CmoeModel<B> {
             .iter()
             .map(|layer| {
                 let [hidden, intermediate] = layer.mlp.gate_proj.weight.dims();
-                MoeLoraFfn::new(
-                    hidden,
-                    intermediate,
-                    config.initial_experts,
-                    config.rank,
-                    config.alpha,
-                    config.dropout,
-                    config.top_k,
-                    config.targets,
-                    device,
-                )
+                config.init_layer(hidden, intermediate, config.initial_experts, device)
             })
             .collect();
         Self {

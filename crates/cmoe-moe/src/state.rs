@@ -131,17 +131,7 @@ fn skeleton_layer<B: Backend>(
     config: &MoeConfig,
     device: &B::Device,
 ) -> MoeLoraFfn<B> {
-    let mut layer = MoeLoraFfn::new(
-        shape.hidden,
-        shape.intermediate,
-        0,
-        config.rank,
-        config.alpha,
-        config.dropout,
-        config.top_k,
-        config.targets,
-        device,
-    );
+    let mut layer = config.init_layer(shape.hidden, shape.intermediate, 0, device);
     layer.experts = (0..shape.experts)
         .map(|_| {
             FfnExpert::new(
