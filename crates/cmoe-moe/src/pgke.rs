@@ -5,7 +5,8 @@
 //! among a token's top-k. Per layer, `threshold = mean(freq) - alpha * std(freq)` over the layer's
 //! experts (population std); `N_s` = the probes whose frequency exceeds it. A layer with `N_s > 0`
 //! needs capacity and gets `N_s` new experts (or a fixed `K`, the paper's Sec. 4.3 variant).
-//! The plan is plain data: logged, saved, and suppliable by hand for the ablations.
+//! The plan is plain data: logged, saved, and suppliable by hand; [`ExpansionPlan::every_layer`]
+//! and [`ExpansionPlan::random_layers`] build the paper's two ablations.
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +103,61 @@ impl ExpansionPlan {
     }
 }
 
+impl ExpansionPlan {
+    /// The every-layer ablation: `add` experts in every layer, initialised from expert `init_from`.
+    pub fn every_layer(task: usize, layers: usize, add: usize, init_from: usize) -> Self {
+        Self {
+            task,
+            source: PlanSource::EveryLayer,
+            layers: (0..layers)
+                .map(|layer| LayerExpansion {
+                    layer,
+                    add,
+                    init_from,
+                })
+                .collect(),
+            thresholds: Vec::new(),
+            probes_above: Vec::new(),
+        }
+    }
+
+    /// The random-layer ablation: `count` distinct layers drawn with `seed`, `add` experts each.
+    pub fn random_layers(
+        task: usize,
+        layers: usize,
+        count: usize,
+        add: usize,
+        init_from: usize,
+        seed: u64,
+    ) -> Self {
+        // xorshift: a dependency-free, reproducible draw.
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut pool: Vec<usize> = (0..layers).collect();
+        let mut chosen = Vec::new();
+        while chosen.len() < count.min(layers) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chosen.push(pool.swap_remove((state % pool.len() as u64) as usize));
+        }
+        chosen.sort_unstable();
+        Self {
+            task,
+            source: PlanSource::Random,
+            layers: chosen
+                .into_iter()
+                .map(|layer| LayerExpansion {
+                    layer,
+                    add,
+                    init_from,
+                })
+                .collect(),
+            thresholds: Vec::new(),
+            probes_above: Vec::new(),
+        }
+    }
+}
+
 /// `mean - alpha * std` of `values` (population std).
 pub fn threshold(values: &[f64], alpha: f64) -> f64 {
     let n = values.len() as f64;
@@ -177,9 +233,9 @@ mod tests {
             &[
                 &[60, 60, 60, 10, 10], // probes rarely used: thr = 40 - 0.8 * 24.5 = 20.4 -> none
                 &[10, 20, 30, 90, 50], // both probes above thr 40 - 0.8 * 28.3 = 17.4; top is probe 3
-                &[70, 70, 50, 0, 10],  // thr = 40 - 0.8 * 30.3 = 15.8 -> none (10 < 15.8)
+                &[70, 70, 50, 0, 10],  // thr = 40 - 0.8 * 29.7 = 16.3 -> none (10 < 16.3)
                 &[40, 40, 40, 40, 40], // flat: std 0, thr = 40, nothing strictly above
-                &[50, 45, 5, 95, 5],   // thr = 40 - 0.8 * 33.8 = 13 -> probe 3 only
+                &[50, 45, 5, 95, 5],   // thr = 40 - 0.8 * 33.5 = 13.2 -> probe 3 only
             ],
             100,
         );
@@ -213,5 +269,33 @@ mod tests {
         // A plan is data: it round-trips through JSON.
         let json = serde_json::to_string(&plan).unwrap();
         assert_eq!(serde_json::from_str::<ExpansionPlan>(&json).unwrap(), plan);
+    }
+
+    #[test]
+    fn ablation_plans() {
+        let every = ExpansionPlan::every_layer(3, 4, 2, 0);
+        assert_eq!(every.source, PlanSource::EveryLayer);
+        assert_eq!(
+            every
+                .layers
+                .iter()
+                .map(|l| (l.layer, l.add))
+                .collect::<Vec<_>>(),
+            vec![(0, 2), (1, 2), (2, 2), (3, 2)]
+        );
+        let random = ExpansionPlan::random_layers(3, 32, 5, 1, 0, 42);
+        let layers: Vec<usize> = random.layers.iter().map(|l| l.layer).collect();
+        assert_eq!(layers.len(), 5);
+        assert!(layers.windows(2).all(|w| w[0] < w[1]) && layers.iter().all(|&l| l < 32));
+        // Reproducible from the seed, different for another seed.
+        assert_eq!(ExpansionPlan::random_layers(3, 32, 5, 1, 0, 42), random);
+        assert_ne!(
+            ExpansionPlan::random_layers(3, 32, 5, 1, 0, 43).layers,
+            random.layers
+        );
+        assert_eq!(
+            ExpansionPlan::random_layers(3, 4, 9, 1, 0, 1).layers.len(),
+            4
+        );
     }
 }
