@@ -104,12 +104,19 @@ impl ExpansionPlan {
 }
 
 impl ExpansionPlan {
-    /// The every-layer ablation: `add` experts in every layer, initialised from expert `init_from`.
-    pub fn every_layer(task: usize, layers: usize, add: usize, init_from: usize) -> Self {
+    /// A plan adding `add` experts (copies of `init_from`) to each of `layers`.
+    pub fn uniform(
+        task: usize,
+        source: PlanSource,
+        layers: impl IntoIterator<Item = usize>,
+        add: usize,
+        init_from: usize,
+    ) -> Self {
         Self {
             task,
-            source: PlanSource::EveryLayer,
-            layers: (0..layers)
+            source,
+            layers: layers
+                .into_iter()
                 .map(|layer| LayerExpansion {
                     layer,
                     add,
@@ -119,6 +126,11 @@ impl ExpansionPlan {
             thresholds: Vec::new(),
             probes_above: Vec::new(),
         }
+    }
+
+    /// The every-layer ablation: `add` experts in every layer, initialised from expert `init_from`.
+    pub fn every_layer(task: usize, layers: usize, add: usize, init_from: usize) -> Self {
+        Self::uniform(task, PlanSource::EveryLayer, 0..layers, add, init_from)
     }
 
     /// The random-layer ablation: `count` distinct layers drawn with `seed`, `add` experts each.
@@ -141,20 +153,7 @@ impl ExpansionPlan {
             chosen.push(pool.swap_remove((state % pool.len() as u64) as usize));
         }
         chosen.sort_unstable();
-        Self {
-            task,
-            source: PlanSource::Random,
-            layers: chosen
-                .into_iter()
-                .map(|layer| LayerExpansion {
-                    layer,
-                    add,
-                    init_from,
-                })
-                .collect(),
-            thresholds: Vec::new(),
-            probes_above: Vec::new(),
-        }
+        Self::uniform(task, PlanSource::Random, chosen, add, init_from)
     }
 }
 
