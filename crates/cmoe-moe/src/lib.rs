@@ -2,6 +2,7 @@
 //!
 //! - [`fingerprint`]: parameter digests for bit-identity checks.
 //! - [`lora`]: a LoRA expert (paper Eq. 1's `B_i A_i`).
+//! - [`learner`]: a continual run task by task (PGKE, VAE, bank), saved and reloaded whole.
 //! - [`loss`]: the four-term objective and the answer-only cross-entropy.
 //! - [`model`]: LLaVA with an MoE-LoRA FFN in every decoder layer, run with a chosen task's router.
 //! - [`router`]: per-task routers and the per-layer router bank.
@@ -12,6 +13,7 @@
 //! - [`state`]: saving / loading the whole continual state, and per-task adapter packs.
 
 pub mod fingerprint;
+pub mod learner;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use burn::module::Module;
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use cmoe_llava::llama::{LlamaMlp, MlpOverride};
 use cmoe_llava::{Llava, LlavaError, LlavaInput};
 use serde::{Deserialize, Serialize};
@@ -137,6 +137,29 @@ impl<B: Backend> CmoeModel<B> {
         let hidden = self.base.forward_hidden(input, None)?;
         let [b, s, d] = hidden.dims();
         Ok(hidden.slice([0..b, s - 1..s, 0..d]).reshape([b, d]))
+    }
+
+    /// [`Self::task_features`] read at `positions[row]` instead of the last position: with a
+    /// causal decoder, the feature of a training sequence at its last prompt token.
+    pub fn task_features_at(
+        &self,
+        input: LlavaInput<B>,
+        positions: &[usize],
+    ) -> Result<Tensor<B, 2>, LlavaError> {
+        let hidden = self.base.forward_hidden(input, None)?;
+        let [b, s, d] = hidden.dims();
+        if positions.len() != b || positions.iter().any(|&p| p >= s) {
+            return Err(LlavaError::Input(format!(
+                "feature positions {positions:?} do not fit a batch of {b} x {s}"
+            )));
+        }
+        let rows: Vec<i64> = positions
+            .iter()
+            .enumerate()
+            .map(|(row, &p)| (row * s + p) as i64)
+            .collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &hidden.device());
+        Ok(hidden.reshape([b * s, d]).select(0, index))
     }
 }
 

@@ -9,11 +9,64 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Distribution, Tensor, activation, backend::Backend};
+use burn::tensor::{Distribution, Tensor, TensorData, activation, backend::Backend};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Softplus floor keeping standard deviations away from zero.
 const MIN_SIGMA: f64 = 1e-4;
+
+/// Sizes and settings of the locator. The paper gives no VAE sizes; these defaults are ours.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PtlConfig {
+    /// Hidden width of the encoder and decoder FFNs.
+    pub hidden: usize,
+    /// Latent width.
+    pub latent: usize,
+    /// `N_rep`: reparameterised draws per feature.
+    pub n_rep: usize,
+    /// `T`: the last training instances whose scores make a bank entry.
+    pub bank_instances: usize,
+    /// Learning rate of the VAE; `None`: the stage's (the paper trains it in the same loss).
+    pub lr: Option<f64>,
+    /// Seed of the fixed draws used for scoring (bank entries and inference).
+    pub seed: u64,
+}
+
+impl Default for PtlConfig {
+    fn default() -> Self {
+        Self {
+            hidden: 256,
+            latent: 32,
+            n_rep: 8,
+            bank_instances: 256,
+            lr: None,
+            seed: 0x5EED,
+        }
+    }
+}
+
+impl PtlConfig {
+    /// A fresh VAE for features of width `d`.
+    pub fn init_vae<B: Backend>(&self, d: usize, device: &B::Device) -> TaskVae<B> {
+        TaskVae::new(d, self.hidden, self.latent, device)
+    }
+
+    /// The fixed standard-normal draws `[n_rep, latent]` every score uses, the same on every
+    /// backend (drawn on the host from [`Self::seed`], Box-Muller).
+    pub fn scoring_draws<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let values: Vec<f32> = (0..self.n_rep * self.latent)
+            .map(|_| {
+                let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+                let v: f64 = rng.random();
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, [self.n_rep, self.latent]), device)
+    }
+}
 
 /// A task's VAE: `mu = FFN_mu(F)`, `sigma = softplus(FFN_sigma(F))`, a decoder giving
 /// `(mu_rec, sigma_rec)`. Each FFN is one hidden GELU layer shared by its two heads.
@@ -219,13 +272,17 @@ impl<B: Backend> StackedVaes<B> {
                     .collect(),
                 0,
             );
-            (Param::from_tensor(w), Param::from_tensor(b))
+            // Stacking computes new tensors: detach them into leaves (parameters must be).
+            (
+                Param::from_tensor(w.detach()),
+                Param::from_tensor(b.detach()),
+            )
         };
         let (weights, biases) = (0..6).map(stack).unzip();
         Self {
             weights,
             biases,
-            eps: Param::from_tensor(eps),
+            eps: Param::from_tensor(eps.detach()),
         }
     }
 

@@ -8,6 +8,10 @@
 //! 2. [`activation_stats`] on a disjoint eval subset; [`crate::pgke::plan_from_stats`].
 //! 3. [`expand`]: probes dropped, each selected layer gets its new experts (copies of the most
 //!    activated expert), router_t = router_{t-1} + random columns; only those train.
+//!
+//! The main stage of every task also fits the task's VAE in the same loss ([`train_stage_with`]),
+//! on the frozen base's features ([`base_features`]), and [`bank_entry`] then scores the task's
+//! last training instances for the primitive bank.
 
 use std::ops::Range;
 
@@ -21,6 +25,7 @@ use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
 use crate::pgke::{ActivationStats, ExpansionPlan};
+use crate::ptl::{BankEntry, PtlConfig, StackedVaes, TaskVae};
 
 /// Model inputs and per-position labels (`-100`: no loss).
 #[derive(Debug, Clone)]
@@ -31,8 +36,26 @@ pub struct TrainBatch<B: Backend> {
     pub labels: Tensor<B, 2, Int>,
 }
 
+impl<B: Backend> TrainBatch<B> {
+    /// Per row, the position of the last prompt token (the one before the first labelled
+    /// position): where PTL reads its feature.
+    pub fn last_prompt_positions(&self) -> Option<Vec<usize>> {
+        let [rows, seq] = self.labels.dims();
+        let labels: Vec<i64> = self.labels.to_data().iter::<i64>().collect();
+        (0..rows)
+            .map(|r| {
+                let row = &labels[r * seq..(r + 1) * seq];
+                row.iter()
+                    .position(|&l| l != crate::loss::IGNORE_INDEX)
+                    .filter(|&first| first > 0)
+                    .map(|first| first - 1)
+            })
+            .collect()
+    }
+}
+
 /// Optimiser settings of one stage (paper: AdamW, warmup 0.03 then cosine).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageConfig {
     /// Peak learning rate (paper: 2e-4, probes 3e-4).
     pub lr: f64,
@@ -119,21 +142,53 @@ fn require_grad<B: Backend, M: Module<B>>(module: M, on: bool) -> M {
     module.map(&mut RequireGrad(on))
 }
 
+/// The task VAE trained in the same loss as the experts (paper Eq. 6's KL and rec terms).
+#[derive(Debug, Clone)]
+pub struct VaeFit<B: AutodiffBackend> {
+    /// The VAE being fitted.
+    pub vae: TaskVae<B>,
+    /// Per batch (same order as the stage's batches), the base features `[rows, d]`.
+    pub features: Vec<Tensor<B, 2>>,
+    /// Its settings (draws per feature, learning rate).
+    pub config: PtlConfig,
+}
+
 /// Optimises the trainable parameters for `config.steps` steps over `batches` (cycled) with
-/// task `task`'s routers; `on_step` sees every step's loss terms.
+/// task `task`'s routers on `CE + kappa * aux`; `on_step` sees every step's loss terms.
 pub fn train_stage<B: AutodiffBackend>(
+    model: CmoeModel<B>,
+    task: usize,
+    batches: &[TrainBatch<B>],
+    config: &StageConfig,
+    on_step: impl FnMut(usize, &LossValues),
+) -> Result<CmoeModel<B>, StageError> {
+    train_stage_with(model, None, task, batches, config, on_step).map(|(model, _)| model)
+}
+
+/// [`train_stage`] on the full objective `CE + lambda KL + eta rec + kappa aux` when `vae` is
+/// given: the VAE's parameters are disjoint from the experts', each set has its own AdamW
+/// state, and both step on the gradients of one backward pass.
+pub fn train_stage_with<B: AutodiffBackend>(
     mut model: CmoeModel<B>,
+    mut vae: Option<VaeFit<B>>,
     task: usize,
     batches: &[TrainBatch<B>],
     config: &StageConfig,
     mut on_step: impl FnMut(usize, &LossValues),
-) -> Result<CmoeModel<B>, StageError> {
+) -> Result<(CmoeModel<B>, Option<VaeFit<B>>), StageError> {
     if batches.is_empty() {
         return Err(StageError::NoData);
     }
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(config.weight_decay)
-        .init();
+    if let Some(fit) = &vae {
+        assert_eq!(
+            fit.features.len(),
+            batches.len(),
+            "one feature batch per batch"
+        );
+    }
+    let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay);
+    let mut optim = adamw.init();
+    let mut vae_optim = adamw.init();
     for step in 0..config.steps {
         let index = step % batches.len();
         let batch = &batches[index];
@@ -147,8 +202,14 @@ pub fn train_stage<B: AutodiffBackend>(
             .map(|r| r.aux_loss)
             .reduce(|a, b| a + b)
             .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
-        let zero = ce.zeros_like();
-        let terms = LossTerms::new(ce, zero.clone(), zero, aux, config.loss);
+        let (kl, rec) = match &vae {
+            Some(fit) => {
+                let loss = fit.vae.loss(fit.features[index].clone(), fit.config.n_rep);
+                (loss.kl, loss.rec)
+            }
+            None => (ce.zeros_like(), ce.zeros_like()),
+        };
+        let terms = LossTerms::new(ce, kl, rec, aux, config.loss);
         let values = terms.values();
         let lr = learning_rate(step, config.steps, config.lr, config.warmup_ratio);
         if !values.total.is_finite() {
@@ -159,10 +220,69 @@ pub fn train_stage<B: AutodiffBackend>(
             });
         }
         on_step(step, &values);
-        let grads = GradientsParams::from_grads(terms.total.backward(), &model);
-        model = optim.step(lr, model, grads);
+        let mut grads = terms.total.backward();
+        let model_grads = GradientsParams::from_module(&mut grads, &model);
+        model = optim.step(lr, model, model_grads);
+        if let Some(mut fit) = vae.take() {
+            let vae_grads = GradientsParams::from_module(&mut grads, &fit.vae);
+            let vae_lr = fit.config.lr.map_or(lr, |peak| {
+                learning_rate(step, config.steps, peak, config.warmup_ratio)
+            });
+            fit.vae = vae_optim.step(vae_lr, fit.vae, vae_grads);
+            vae = Some(fit);
+        }
     }
-    Ok(model)
+    Ok((model, vae))
+}
+
+/// PTL's inputs for a stage: per batch, the frozen base model's feature at each row's last
+/// prompt token (equal, with a causal decoder, to the feature of the prompt alone), detached.
+pub fn base_features<B: Backend>(
+    model: &CmoeModel<B>,
+    batches: &[TrainBatch<B>],
+) -> Result<Vec<Tensor<B, 2>>, StageError> {
+    batches
+        .iter()
+        .enumerate()
+        .map(|(i, batch)| {
+            let positions = batch
+                .last_prompt_positions()
+                .ok_or(StageError::NoLabels(i))?;
+            Ok(model
+                .task_features_at(batch.input.clone(), &positions)?
+                .detach())
+        })
+        .collect()
+}
+
+/// The primitive-bank entry of a task: statistics of its VAE's scores (with the fixed scoring
+/// draws) on the last `config.bank_instances` training instances of a `steps`-step stage over
+/// `features` (one entry per batch, visited cyclically as [`train_stage`] does).
+pub fn bank_entry<B: Backend>(
+    vae: &TaskVae<B>,
+    features: &[Tensor<B, 2>],
+    steps: usize,
+    config: &PtlConfig,
+) -> BankEntry {
+    let device = features[0].device();
+    let scorer = StackedVaes::new(&[vae], config.scoring_draws(&device));
+    let mut recent = Vec::new();
+    let mut rows = 0;
+    for step in (0..steps.max(1)).rev() {
+        let batch = features[step % features.len()].clone();
+        rows += batch.dims()[0];
+        recent.push(batch);
+        if rows >= config.bank_instances || recent.len() >= features.len() {
+            break;
+        }
+    }
+    let scores: Vec<f64> = scorer
+        .log_likelihoods(Tensor::cat(recent, 0))
+        .into_data()
+        .iter::<f64>()
+        .take(config.bank_instances.max(1))
+        .collect();
+    BankEntry::from_scores(&scores)
 }
 
 /// PGKE step 1: `n_probe` probe experts per layer (each the mean of the layer's experts) and

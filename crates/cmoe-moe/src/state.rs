@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::MoeConfig;
 use crate::moe_ffn::{FfnExpert, MoeLoraFfn};
 use crate::pgke::ExpansionPlan;
-use crate::ptl::{PrimitiveBank, TaskVae};
+use crate::ptl::{PrimitiveBank, PtlConfig, TaskVae};
 use crate::router::{RouterBank, TaskRouter};
 
 /// Manifest format name.
@@ -72,6 +72,8 @@ pub struct ContinualTensors<B: Backend> {
 pub struct ContinualMeta {
     /// Expert shape settings.
     pub config: MoeConfig,
+    /// Locator settings (VAE sizes, scoring draws).
+    pub ptl: PtlConfig,
     /// The primitive bank.
     pub bank: PrimitiveBank,
     /// The PGKE plan of every task after the first.
@@ -222,6 +224,7 @@ struct PackManifest {
     format: String,
     task: usize,
     config: MoeConfig,
+    ptl: PtlConfig,
     widths: Vec<(usize, usize)>,
     new_experts: Vec<usize>,
     router_experts: Vec<usize>,
@@ -272,6 +275,7 @@ impl<B: Backend> ContinualTensors<B> {
             format: PACK_FORMAT.into(),
             task,
             config: meta.config,
+            ptl: meta.ptl,
             widths: widths.to_vec(),
             new_experts: pack.experts.iter().map(Vec::len).collect(),
             router_experts: pack.routers.iter().map(TaskRouter::num_experts).collect(),
@@ -309,6 +313,12 @@ impl<B: Backend> ContinualTensors<B> {
                     m.new_experts.len(),
                     self.moe.len()
                 ),
+            ));
+        }
+        if m.config != meta.config || m.ptl != meta.ptl {
+            return Err(io(
+                &path,
+                "the pack was trained with other expert or locator settings than this state",
             ));
         }
         for (l, layer) in self.moe.iter().enumerate() {

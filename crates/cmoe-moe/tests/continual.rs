@@ -1,49 +1,121 @@
-//! The method's invariants across two tasks on the tiny HF fixture: after PGKE and training
-//! task 1, task 0's experts, router and the frozen base are bit-identical, and task 0's outputs
-//! with router 0 are unchanged.
+//! The method's invariants across two tasks on the tiny HF fixture, on every CPU backend: after
+//! PGKE and training task 1, everything of task 0 (experts, router, VAE, bank entry) and the
+//! frozen base are bit-identical, task 0's outputs with router 0 are unchanged, and the saved
+//! state reloads onto a freshly loaded base with the same outputs and task scores bit for bit.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::backend::Autodiff;
-use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
-use cmoe_llava::{LlavaInput, load_llava};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::model::{CmoeModel, MoeConfig};
-use cmoe_moe::pgke::{ExpansionMode, PlanSource, plan_from_stats};
-use cmoe_moe::stages::{
-    StageConfig, TrainBatch, activation_stats, add_probes, expand, new_expert_ranges,
-    set_trainable, train_stage,
-};
+use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskRecipe};
+use cmoe_moe::model::MoeConfig;
+use cmoe_moe::pgke::{ExpansionMode, PlanSource};
+use cmoe_moe::ptl::PtlConfig;
+use cmoe_moe::stages::{StageConfig, TrainBatch};
 
-type B = burn_flex::Flex;
-type AD = Autodiff<B>;
+const IMAGE: i64 = 32000;
 
-fn batch<Be: Backend>(seed: i64, device: &Be::Device) -> TrainBatch<Be> {
+fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
+    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
+}
+
+/// Prompt `[bos, 3 tokens, 16 image tokens, 6 question tokens]`, then a 6-token answer.
+fn rows(seed: i64) -> (Vec<i64>, usize) {
     let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([32000; 16]);
+    ids.extend([IMAGE; 16]);
     ids.extend((0..12).map(|i| 100 + (seed * 37 + i * 11) % 5000));
-    let n = ids.len();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| if i >= n - 6 { t } else { -100 })
-        .collect();
-    let shade = 0.1 + 0.1 * seed as f32;
+    let prompt = ids.len() - 6;
+    (ids, prompt)
+}
+
+/// Two rows (seeds `seed`, `seed + 1`) with labels on the answers.
+fn batch<Be: Backend>(seed: i64, device: &Be::Device) -> TrainBatch<Be> {
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut n = 0;
+    for s in [seed, seed + 1] {
+        let (row, prompt) = rows(s);
+        n = row.len();
+        labels.extend(
+            row.iter()
+                .enumerate()
+                .map(|(i, &t)| if i >= prompt { t } else { -100 }),
+        );
+        ids.extend(row);
+    }
+    let shade = 0.1 + 0.05 * seed as f32;
     TrainBatch {
         input: LlavaInput {
-            input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [1, n]), device),
-            pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * shade),
+            input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [2, n]), device),
+            pixel_values: Some(Tensor::ones([2, 3, 32, 32], device) * shade),
             attention_mask: None,
         },
-        labels: Tensor::from_data(TensorData::new(labels, [1, n]), device),
+        labels: Tensor::from_data(TensorData::new(labels, [2, n]), device),
     }
 }
 
-#[test]
-fn training_a_new_task_leaves_every_older_thing_bit_identical() {
+/// The prompt part of `batch(seed)`'s first row.
+fn prompt<Be: Backend>(seed: i64, device: &Be::Device) -> LlavaInput<Be> {
+    let (row, prompt) = rows(seed);
+    LlavaInput {
+        input_ids: Tensor::<Be, 2, Int>::from_data(
+            TensorData::new(row[..prompt].to_vec(), [1, prompt]),
+            device,
+        ),
+        pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * (0.1 + 0.05 * seed as f32)),
+        attention_mask: None,
+    }
+}
+
+fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
+    TaskData {
+        train: (0..2).map(|i| batch(first_seed + 2 * i, device)).collect(),
+        probe_train: vec![batch(first_seed + 10, device)],
+        probe_eval: vec![batch(first_seed + 20, device).input],
+    }
+}
+
+fn recipe() -> TaskRecipe {
+    let stage = StageConfig {
+        lr: 1e-2,
+        warmup_ratio: 0.03,
+        steps: 4,
+        weight_decay: 0.01,
+        loss: Default::default(),
+    };
+    TaskRecipe {
+        probe_experts: 2,
+        // A threshold far below every frequency: each layer's probes all count, so the test
+        // always grows every layer.
+        alpha: 100.0,
+        placement: Placement::Probe(ExpansionMode::ProbeCount),
+        probe_stage: StageConfig { lr: 3e-2, ..stage },
+        stage,
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cmoe-continual-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Digests of everything that belongs to task 0, and of the base.
+fn task0_snapshot<Be: AutodiffBackend>(l: &ContinualLearner<Be>) -> Vec<u64> {
+    let mut digests = vec![fingerprint(&l.model.base), fingerprint(&l.vaes[0])];
+    for layer in &l.model.moe {
+        digests.extend(layer.experts[..3].iter().map(fingerprint));
+        digests.push(fingerprint(layer.routers.get(0)));
+    }
+    digests
+}
+
+fn two_tasks<Be: AutodiffBackend>(name: &str) {
     let device = Default::default();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    let base = load_llava::<AD>(&dir, DType::F32, &device).unwrap().1;
     let config = MoeConfig {
         rank: 4,
         alpha: 8.0,
@@ -52,103 +124,131 @@ fn training_a_new_task_leaves_every_older_thing_bit_identical() {
         initial_experts: 3,
         ..MoeConfig::default()
     };
-    let stage = StageConfig {
-        lr: 1e-2,
-        warmup_ratio: 0.03,
-        steps: 4,
-        weight_decay: 0.01,
-        loss: Default::default(),
+    let ptl = PtlConfig {
+        hidden: 16,
+        latent: 4,
+        n_rep: 4,
+        bank_instances: 3,
+        lr: Some(1e-2),
+        seed: 7,
     };
+    let recipe = recipe();
 
-    // Task 0: the initial experts and router_0.
-    let model = CmoeModel::new(base, &config, &device);
-    let all = new_expert_ranges(&model, &[0, 0]);
-    let model = set_trainable(model, 0, &all);
-    let task0: Vec<TrainBatch<AD>> = (0..2).map(|s| batch(s, &device)).collect();
+    let learner = ContinualLearner::<Be>::new(tiny(&device), config, ptl, &device);
+    let mut stages = Vec::new();
     let mut losses = Vec::new();
-    let model = train_stage(model, 0, &task0, &stage, |_, v| losses.push(v.ce)).unwrap();
-    assert!(losses.iter().all(|l| l.is_finite()));
+    let learner = learner
+        .learn_task(&task_data(0, &device), &recipe, |e| match e {
+            LearnEvent::StageStarted { stage, .. } => stages.push(stage),
+            LearnEvent::Step { loss, .. } => losses.push(*loss),
+            LearnEvent::Planned(_) => panic!("the first task has no plan"),
+        })
+        .unwrap();
+    assert_eq!(stages, vec![Stage::Train]);
+    assert_eq!(losses.len(), 4);
+    assert!(
+        losses
+            .iter()
+            .all(|l| l.total.is_finite() && l.rec > 0.0 && l.kl >= 0.0)
+    );
+    let entry0 = learner.meta.bank.entries[0];
+    assert_eq!(entry0.count, 3, "T = 3 of the last batches' 4 rows");
+    assert!(entry0.mean.is_finite() && entry0.std > 0.0);
 
-    let snapshot = |m: &CmoeModel<AD>| {
-        let experts: Vec<u64> = m
-            .moe
-            .iter()
-            .flat_map(|l| l.experts[..3].iter().map(fingerprint))
-            .collect();
-        let router0: Vec<u64> = m
-            .moe
-            .iter()
-            .map(|l| fingerprint(l.routers.get(0)))
-            .collect();
-        (fingerprint(&m.base), experts, router0)
-    };
-    let before = snapshot(&model);
-    let probe_input = batch::<AD>(0, &device).input;
-    let output0 = model
+    let before = task0_snapshot(&learner);
+    let probe_input = prompt::<Be>(0, &device);
+    let output0 = learner
+        .model
         .forward(probe_input.clone(), 0)
         .unwrap()
         .logits
         .into_data();
 
-    // Task 1 with PGKE: probes, statistics, plan, expansion, training.
-    let task1: Vec<TrainBatch<AD>> = (5..7).map(|s| batch(s, &device)).collect();
-    let (model, old_counts) = add_probes(model, 1, 2);
-    assert_eq!(model.experts_per_layer(), vec![5, 5]);
-    let probes = new_expert_ranges(&model, &old_counts);
-    let model = set_trainable(model, 1, &probes);
-    let model = train_stage(model, 1, &task1, &stage, |_, _| {}).unwrap();
-    let inputs: Vec<_> = task1.iter().map(|b| b.input.clone()).collect();
-    let stats = activation_stats(&model, 1, &inputs).unwrap();
-    let mut plan = plan_from_stats(1, &stats, &old_counts, 0.8, ExpansionMode::ProbeCount);
-    if plan.layers.is_empty() {
-        // Guarantee growth for the test: a manual plan is data too.
-        plan.source = PlanSource::Manual;
-        plan.layers.push(cmoe_moe::pgke::LayerExpansion {
-            layer: 1,
-            add: 1,
-            init_from: 3,
-        });
-    }
-    let model = expand(model, 1, &old_counts, &plan);
-    let grown: Vec<usize> = old_counts
+    // Task 1: probes, statistics, plan, expansion, training with the VAE.
+    let router1_seed: Vec<u64> = learner
+        .model
+        .moe
         .iter()
-        .enumerate()
-        .map(|(l, &n)| {
-            n + plan
-                .layers
-                .iter()
-                .find(|g| g.layer == l)
-                .map_or(0, |g| g.add)
+        .map(|l| fingerprint(l.routers.get(0)))
+        .collect();
+    let mut plans = Vec::new();
+    let mut stages = Vec::new();
+    let learner = learner
+        .learn_task(&task_data(100, &device), &recipe, |e| match e {
+            LearnEvent::StageStarted { stage, .. } => stages.push(stage),
+            LearnEvent::Planned(plan) => plans.push(plan.clone()),
+            LearnEvent::Step { .. } => {}
         })
-        .collect();
-    assert_eq!(model.experts_per_layer(), grown);
-    assert_eq!(model.num_tasks(), 2);
-    let fresh = new_expert_ranges(&model, &old_counts);
-    let model = set_trainable(model, 1, &fresh);
-    let router1_before: Vec<u64> = model
-        .moe
-        .iter()
-        .map(|l| fingerprint(l.routers.get(1)))
-        .collect();
-    let model = train_stage(model, 1, &task1, &stage, |_, _| {}).unwrap();
-    // Training did happen: router_1 moved.
-    let router1_after: Vec<u64> = model
-        .moe
-        .iter()
-        .map(|l| fingerprint(l.routers.get(1)))
-        .collect();
-    assert!(
-        router1_before
-            .iter()
-            .zip(&router1_after)
-            .all(|(a, b)| a != b)
-    );
+        .unwrap();
+    assert_eq!(stages, vec![Stage::Probe, Stage::Train]);
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0].source, PlanSource::Probe);
+    assert_eq!(plans[0].probes_above, vec![2, 2]);
+    assert_eq!(learner.model.experts_per_layer(), vec![5, 5]);
+    assert_eq!(learner.meta.first_expert, vec![vec![0, 0], vec![3, 3]]);
+    assert_eq!(learner.meta.plans, plans);
+    assert_eq!(learner.model.num_tasks(), 2);
+    assert_eq!(learner.vaes.len(), 2);
+    // Training did happen: router_1 differs from router_0's columns it started from.
+    for (layer, seed) in learner.model.moe.iter().zip(&router1_seed) {
+        assert_ne!(fingerprint(layer.routers.get(1)), *seed);
+    }
 
     assert_eq!(
-        snapshot(&model),
+        task0_snapshot(&learner),
         before,
-        "task 0's experts, router_0 or the base changed"
+        "task 0's experts, router_0, VAE or the base changed"
     );
-    let again = model.forward(probe_input, 0).unwrap().logits.into_data();
+    assert_eq!(
+        learner.meta.bank.entries[0], entry0,
+        "task 0's bank entry changed"
+    );
+    let again = learner
+        .model
+        .forward(probe_input.clone(), 0)
+        .unwrap()
+        .logits
+        .into_data();
     assert_eq!(again, output0, "task 0's outputs changed");
+
+    // Save, reload onto a freshly loaded base, compare outputs and scores bit for bit.
+    let dir = scratch(name);
+    learner.save(&dir).unwrap();
+    let reloaded = ContinualLearner::<Be>::load(tiny(&device), &dir, &device).unwrap();
+    assert_eq!(reloaded.meta, learner.meta);
+    let (model_a, locator_a) = learner.valid();
+    let (model_b, locator_b) = reloaded.valid();
+    for task in 0..2 {
+        let input = prompt(100 * task as i64, &device);
+        let a = model_a
+            .forward(input.clone(), task)
+            .unwrap()
+            .logits
+            .into_data();
+        let b = model_b
+            .forward(input.clone(), task)
+            .unwrap()
+            .logits
+            .into_data();
+        assert_eq!(a, b, "task {task}: reloaded outputs differ");
+        let where_a = locator_a.locate(&model_a, input.clone()).unwrap();
+        let where_b = locator_b.locate(&model_b, input).unwrap();
+        assert_eq!(where_a, where_b);
+        // z-scores are the bank's normalisation of the raw scores.
+        for (t, entry) in reloaded.meta.bank.entries.iter().enumerate() {
+            let z = (where_a.log_likelihoods[0][t] - entry.mean) / entry.std;
+            assert!((where_a.z_scores[0][t] - z).abs() < 1e-9);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn flex_two_tasks_keep_task_zero_and_reload_bit_for_bit() {
+    two_tasks::<Autodiff<burn_flex::Flex>>("flex");
+}
+
+#[test]
+fn ndarray_two_tasks_keep_task_zero_and_reload_bit_for_bit() {
+    two_tasks::<Autodiff<burn_ndarray::NdArray>>("ndarray");
 }

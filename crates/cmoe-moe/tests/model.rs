@@ -3,16 +3,13 @@
 
 use std::path::Path;
 
-use burn::backend::Autodiff;
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
-
-type B = burn_flex::Flex;
-type AD = Autodiff<B>;
 
 fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
@@ -42,8 +39,7 @@ fn config() -> MoeConfig {
     }
 }
 
-#[test]
-fn fresh_experts_leave_the_base_model_unchanged() {
+fn fresh_experts_leave_the_base_model_unchanged<B: Backend>() {
     let device = Default::default();
     let base = tiny::<B>(&device);
     let expected = base.forward(input(&device)).unwrap();
@@ -58,8 +54,7 @@ fn fresh_experts_leave_the_base_model_unchanged() {
     );
 }
 
-#[test]
-fn gradients_reach_only_the_experts_and_router() {
+fn gradients_reach_only_the_experts_and_router<AD: AutodiffBackend>() {
     let device = Default::default();
     // top-k = every expert, so that each one certainly receives tokens (and gradients).
     let config = MoeConfig {
@@ -86,3 +81,50 @@ fn gradients_reach_only_the_experts_and_router() {
     assert!(GradientsParams::from_module(&mut grads, &model.base).is_empty());
     assert_eq!(fingerprint(&model.base), base_before);
 }
+
+fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
+    let device = Default::default();
+    let model = CmoeModel::new(tiny::<B>(&device), &config(), &device);
+    let full = input::<B>(&device);
+    let n = full.input_ids.dims()[1];
+    let cut = n - 4;
+    let prompt = LlavaInput {
+        input_ids: full.input_ids.clone().slice([0..1, 0..cut]),
+        ..full.clone()
+    };
+    let alone = model.task_features(prompt).unwrap();
+    let inside = model.task_features_at(full.clone(), &[cut - 1]).unwrap();
+    let diff: f32 = (alone - inside).abs().max().into_scalar().elem();
+    assert!(diff < 1e-5, "max difference {diff}");
+    assert!(
+        model.task_features_at(full, &[n]).is_err(),
+        "a position past the end"
+    );
+}
+
+macro_rules! on_backend {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            type B = $backend;
+            type AD = burn::backend::Autodiff<B>;
+
+            #[test]
+            fn fresh_experts_leave_the_base_model_unchanged() {
+                super::fresh_experts_leave_the_base_model_unchanged::<B>();
+            }
+
+            #[test]
+            fn gradients_reach_only_the_experts_and_router() {
+                super::gradients_reach_only_the_experts_and_router::<AD>();
+            }
+
+            #[test]
+            fn a_feature_read_inside_a_sequence_equals_the_prompt_alone() {
+                super::a_feature_read_inside_a_sequence_equals_the_prompt_alone::<B>();
+            }
+        }
+    };
+}
+
+on_backend!(flex, burn_flex::Flex);
+on_backend!(ndarray, burn_ndarray::NdArray);

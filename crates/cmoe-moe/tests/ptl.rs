@@ -4,12 +4,9 @@
 use burn::backend::Autodiff;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
 use cmoe_moe::ptl::{BankEntry, PrimitiveBank, StackedVaes, TaskVae};
-
-type B = burn_flex::Flex;
-type AD = Autodiff<B>;
 
 const D: usize = 16;
 const TASKS: usize = 3;
@@ -24,7 +21,7 @@ fn features<Be: Backend>(task: usize, n: usize, device: &Be::Device) -> Tensor<B
     Tensor::random([n, D], Distribution::Normal(0.0, 0.5), device) + centre
 }
 
-fn train_vae(task: usize, device: &burn_flex::FlexDevice) -> TaskVae<B> {
+fn train_vae<AD: AutodiffBackend>(task: usize, device: &AD::Device) -> TaskVae<AD::InnerBackend> {
     let mut vae = TaskVae::<AD>::new(D, 32, 4, device);
     let mut optim = AdamConfig::new().init();
     for _ in 0..300 {
@@ -36,19 +33,19 @@ fn train_vae(task: usize, device: &burn_flex::FlexDevice) -> TaskVae<B> {
     vae.valid()
 }
 
-#[test]
-fn locator_finds_the_task_and_its_scores_are_the_definition() {
+fn locator_finds_the_task<AD: AutodiffBackend>() {
+    type B<AD> = <AD as AutodiffBackend>::InnerBackend;
     let device = Default::default();
-    <AD as Backend>::seed(&device, 7);
-    let vaes: Vec<TaskVae<B>> = (0..TASKS).map(|t| train_vae(t, &device)).collect();
-    let eps = Tensor::<B, 2>::random([8, 4], Distribution::Normal(0.0, 1.0), &device);
+    AD::seed(&device, 7);
+    let vaes: Vec<TaskVae<B<AD>>> = (0..TASKS).map(|t| train_vae::<AD>(t, &device)).collect();
+    let eps = Tensor::<B<AD>, 2>::random([8, 4], Distribution::Normal(0.0, 1.0), &device);
     let stacked = StackedVaes::new(&vaes.iter().collect::<Vec<_>>(), eps.clone());
 
     // Bank: score statistics on each task's last training-like instances.
     let bank = PrimitiveBank {
         entries: (0..TASKS)
             .map(|t| {
-                let scores = vaes[t].log_likelihood(features::<B>(t, 64, &device), eps.clone());
+                let scores = vaes[t].log_likelihood(features::<B<AD>>(t, 64, &device), eps.clone());
                 BankEntry::from_scores(&scores.into_data().iter::<f64>().collect::<Vec<_>>())
             })
             .collect(),
@@ -57,7 +54,7 @@ fn locator_finds_the_task_and_its_scores_are_the_definition() {
     let mut correct = 0;
     let mut total = 0;
     for task in 0..TASKS {
-        let x = features::<B>(task, 40, &device);
+        let x = features::<B<AD>>(task, 40, &device);
         let location = stacked.locate(x.clone(), &bank);
         for (t, vae) in vaes.iter().enumerate() {
             // Batched scores equal each VAE's own computation with the same draws.
@@ -83,4 +80,14 @@ fn locator_finds_the_task_and_its_scores_are_the_definition() {
         correct as f64 / total as f64 >= 0.98,
         "located {correct} / {total}"
     );
+}
+
+#[test]
+fn flex_locator_finds_the_task_and_its_scores_are_the_definition() {
+    locator_finds_the_task::<Autodiff<burn_flex::Flex>>();
+}
+
+#[test]
+fn ndarray_locator_finds_the_task_and_its_scores_are_the_definition() {
+    locator_finds_the_task::<Autodiff<burn_ndarray::NdArray>>();
 }

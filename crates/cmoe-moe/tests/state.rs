@@ -7,7 +7,7 @@ use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::model::MoeConfig;
 use cmoe_moe::moe_ffn::MoeLoraFfn;
 use cmoe_moe::pgke::{ExpansionPlan, LayerExpansion, PlanSource};
-use cmoe_moe::ptl::{BankEntry, PrimitiveBank, TaskVae};
+use cmoe_moe::ptl::{BankEntry, PrimitiveBank, PtlConfig, TaskVae};
 use cmoe_moe::state::{ContinualMeta, ContinualTensors};
 
 type B = burn_flex::Flex;
@@ -50,6 +50,7 @@ fn two_task_state() -> (ContinualTensors<B>, ContinualMeta) {
     let vaes = (0..2).map(|_| TaskVae::new(16, 8, 3, &device)).collect();
     let meta = ContinualMeta {
         config,
+        ptl: PtlConfig::default(),
         bank: PrimitiveBank {
             entries: vec![
                 BankEntry {

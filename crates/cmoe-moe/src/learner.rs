@@ -1,0 +1,337 @@
+//! A continual run over a stream of tasks (paper Alg. 1): the model, every task's VAE, the
+//! primitive bank and the PGKE plans, advanced one task at a time by
+//! [`ContinualLearner::learn_task`], saved and reloaded whole, and queried without task labels
+//! through a [`TaskLocator`].
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use cmoe_llava::{Llava, LlavaError, LlavaInput};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::LossValues;
+use crate::model::{CmoeModel, MoeConfig};
+use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats};
+use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
+use crate::stages::{
+    StageConfig, StageError, TrainBatch, VaeFit, activation_stats, add_probes, bank_entry,
+    base_features, expand, new_expert_ranges, set_trainable, train_stage, train_stage_with,
+};
+use crate::state::{ContinualMeta, ContinualTensors};
+
+/// Where a new task's experts go.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// PGKE: the layers whose probes are used, with `N_s` or a fixed number of experts each.
+    Probe(ExpansionMode),
+    /// Ablation: `add` experts in every layer.
+    EveryLayer {
+        /// Experts per layer.
+        add: usize,
+    },
+    /// Ablation: as many layers as PGKE would pick, chosen at random, `add` experts each.
+    RandomLayers {
+        /// Experts per chosen layer.
+        add: usize,
+        /// Seed of the choice (mixed with the task index).
+        seed: u64,
+    },
+}
+
+/// How every task after the first is learned.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecipe {
+    /// `N_p`: probe experts per layer.
+    pub probe_experts: usize,
+    /// PGKE's threshold factor (`mean - alpha * std`; paper 0.8).
+    pub alpha: f64,
+    /// Where the new experts go.
+    pub placement: Placement,
+    /// The probe stage's optimiser settings (paper: lr 3e-4).
+    pub probe_stage: StageConfig,
+    /// The task's main stage (paper: lr 2e-4).
+    pub stage: StageConfig,
+}
+
+/// One task's data, already tokenised and batched.
+#[derive(Debug, Clone)]
+pub struct TaskData<B: Backend> {
+    /// The full training set.
+    pub train: Vec<TrainBatch<B>>,
+    /// PGKE's probe-training subset (unused for the first task).
+    pub probe_train: Vec<TrainBatch<B>>,
+    /// PGKE's statistics subset, disjoint from `probe_train`.
+    pub probe_eval: Vec<LlavaInput<B>>,
+}
+
+/// The two training stages of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// PGKE's probe training.
+    Probe,
+    /// The task's experts, router and VAE.
+    Train,
+}
+
+/// What [`ContinualLearner::learn_task`] reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum LearnEvent<'a> {
+    /// A stage of `steps` optimiser steps begins.
+    StageStarted {
+        /// Which.
+        stage: Stage,
+        /// Its length.
+        steps: usize,
+    },
+    /// One optimiser step's loss terms.
+    Step {
+        /// Stage.
+        stage: Stage,
+        /// Step index.
+        step: usize,
+        /// The terms.
+        loss: &'a LossValues,
+    },
+    /// PGKE decided where the task's experts go.
+    Planned(&'a ExpansionPlan),
+}
+
+/// The whole continual state during training.
+#[derive(Debug)]
+pub struct ContinualLearner<B: AutodiffBackend> {
+    /// Base model and every layer's experts and routers.
+    pub model: CmoeModel<B>,
+    /// `vaes[t]`: task `t`'s VAE.
+    pub vaes: Vec<TaskVae<B>>,
+    /// Config, bank, plans and where each task's experts start.
+    pub meta: ContinualMeta,
+}
+
+impl<B: AutodiffBackend> ContinualLearner<B> {
+    /// A learner with no task learned yet: `base` frozen, the first task's experts fresh.
+    pub fn new(base: Llava<B>, config: MoeConfig, ptl: PtlConfig, device: &B::Device) -> Self {
+        Self {
+            model: CmoeModel::new(base, &config, device),
+            vaes: Vec::new(),
+            meta: ContinualMeta {
+                config,
+                ptl,
+                bank: PrimitiveBank::default(),
+                plans: Vec::new(),
+                first_expert: Vec::new(),
+            },
+        }
+    }
+
+    /// Tasks learned so far.
+    pub fn tasks_learned(&self) -> usize {
+        self.meta.first_expert.len()
+    }
+
+    /// Learns the next task: the first trains the initial experts; every later one runs PGKE
+    /// (probes, statistics, plan, expansion). Then the task's experts, router and VAE train on
+    /// `CE + lambda KL + eta rec + kappa aux`, and its bank entry is recorded. Nothing that
+    /// belongs to an earlier task changes.
+    pub fn learn_task(
+        self,
+        data: &TaskData<B>,
+        recipe: &TaskRecipe,
+        mut observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        let Self {
+            mut model,
+            mut vaes,
+            mut meta,
+        } = self;
+        let task = meta.first_expert.len();
+        let first = if task == 0 {
+            vec![0; model.moe.len()]
+        } else {
+            let (probed, before) = add_probes(model, task, recipe.probe_experts);
+            let probes = new_expert_ranges(&probed, &before);
+            let probed = set_trainable(probed, task, &probes);
+            let stage = &recipe.probe_stage;
+            observe(LearnEvent::StageStarted {
+                stage: Stage::Probe,
+                steps: stage.steps,
+            });
+            let probed = train_stage(probed, task, &data.probe_train, stage, |step, loss| {
+                observe(LearnEvent::Step {
+                    stage: Stage::Probe,
+                    step,
+                    loss,
+                })
+            })?;
+            let stats = activation_stats(&probed, task, &data.probe_eval)?;
+            let plan = place(recipe, task, &stats, &before);
+            observe(LearnEvent::Planned(&plan));
+            model = expand(probed, task, &before, &plan);
+            meta.plans.push(plan);
+            before
+        };
+        let trainable = new_expert_ranges(&model, &first);
+        model = set_trainable(model, task, &trainable);
+
+        let features = base_features(&model, &data.train)?;
+        let width = features[0].dims()[1];
+        let fit = VaeFit {
+            vae: meta.ptl.init_vae(width, &features[0].device()),
+            features,
+            config: meta.ptl,
+        };
+        let stage = &recipe.stage;
+        observe(LearnEvent::StageStarted {
+            stage: Stage::Train,
+            steps: stage.steps,
+        });
+        let (model, fit) =
+            train_stage_with(model, Some(fit), task, &data.train, stage, |step, loss| {
+                observe(LearnEvent::Step {
+                    stage: Stage::Train,
+                    step,
+                    loss,
+                })
+            })?;
+        let fit = fit.expect("train_stage_with returns the VAE it was given");
+        let entry = bank_entry(&fit.vae, &fit.features, stage.steps, &meta.ptl);
+        meta.bank.entries.push(entry);
+        meta.first_expert.push(first);
+        vaes.push(fit.vae);
+        Ok(Self { model, vaes, meta })
+    }
+
+    /// `(hidden, intermediate)` of every decoder layer's FFN.
+    fn widths(&self) -> Vec<(usize, usize)> {
+        self.model
+            .base
+            .language_model
+            .model
+            .layers
+            .iter()
+            .map(|layer| {
+                let [hidden, intermediate] = layer.mlp.gate_proj.weight.dims();
+                (hidden, intermediate)
+            })
+            .collect()
+    }
+
+    /// Saves everything but the base model to `dir` (see [`crate::state`]).
+    pub fn save(&self, dir: &Path) -> Result<(), LlavaError> {
+        let tensors = ContinualTensors {
+            moe: self.model.moe.clone(),
+            vaes: self.vaes.clone(),
+        };
+        tensors.save(&self.meta, &self.widths(), dir)
+    }
+
+    /// Reloads a state saved by [`Self::save`] on top of `base`, which must be the model it was
+    /// trained on (layer count and FFN widths are checked).
+    pub fn load(base: Llava<B>, dir: &Path, device: &B::Device) -> Result<Self, LlavaError> {
+        let (tensors, meta) = ContinualTensors::load(dir, device)?;
+        let learner = Self {
+            model: CmoeModel {
+                base: base.no_grad(),
+                moe: tensors.moe,
+            },
+            vaes: tensors.vaes,
+            meta,
+        };
+        let widths = learner.widths();
+        let fits = learner.model.moe.len() == widths.len()
+            && learner
+                .model
+                .moe
+                .iter()
+                .zip(&widths)
+                .all(|(layer, &(h, _))| {
+                    layer
+                        .routers
+                        .routers
+                        .iter()
+                        .all(|r| r.weight.dims()[0] == h)
+                });
+        if !fits {
+            return Err(LlavaError::io(
+                &dir.join("state.json"),
+                format!(
+                    "the state has {} MoE layers that do not fit this base model ({} layers of \
+                     widths {widths:?})",
+                    learner.model.moe.len(),
+                    widths.len()
+                ),
+            ));
+        }
+        Ok(learner)
+    }
+
+    /// The inference copy: model and locator without autodiff.
+    pub fn valid(&self) -> (CmoeModel<B::InnerBackend>, TaskLocator<B::InnerBackend>) {
+        let model = self.model.valid();
+        let vaes: Vec<_> = self.vaes.iter().map(AutodiffModule::valid).collect();
+        let device = model.devices().into_iter().next().unwrap_or_default();
+        let locator = TaskLocator::new(&vaes, &self.meta, &device);
+        (model, locator)
+    }
+}
+
+/// The expansion plan the recipe asks for, from the probe statistics.
+fn place(
+    recipe: &TaskRecipe,
+    task: usize,
+    stats: &ActivationStats,
+    before: &[usize],
+) -> ExpansionPlan {
+    let probed = |mode| plan_from_stats(task, stats, before, recipe.alpha, mode);
+    let mut plan = match recipe.placement {
+        Placement::Probe(mode) => return probed(mode),
+        Placement::EveryLayer { add } => ExpansionPlan::every_layer(task, before.len(), add, 0),
+        Placement::RandomLayers { add, seed } => {
+            let count = probed(ExpansionMode::ProbeCount).layers.len();
+            let seed = seed ^ (task as u64).wrapping_mul(0x9E37_79B9);
+            ExpansionPlan::random_layers(task, before.len(), count, add, 0, seed)
+        }
+    };
+    // New experts start from the layer's most activated expert, as in PGKE.
+    for layer in &mut plan.layers {
+        let freq = stats.frequencies(layer.layer);
+        layer.init_from = (0..freq.len()).fold(0, |b, i| if freq[i] > freq[b] { i } else { b });
+    }
+    plan
+}
+
+/// Task-agnostic routing: every task's VAE (stacked, scored in one pass) and the bank.
+#[derive(Debug)]
+pub struct TaskLocator<B: Backend> {
+    vaes: Option<StackedVaes<B>>,
+    bank: PrimitiveBank,
+}
+
+impl<B: Backend> TaskLocator<B> {
+    /// Stacks `vaes` with the scoring draws of `meta.ptl` and the bank of `meta`.
+    pub fn new(vaes: &[TaskVae<B>], meta: &ContinualMeta, device: &B::Device) -> Self {
+        let refs: Vec<&TaskVae<B>> = vaes.iter().collect();
+        Self {
+            vaes: (!refs.is_empty())
+                .then(|| StackedVaes::new(&refs, meta.ptl.scoring_draws(device))),
+            bank: meta.bank.clone(),
+        }
+    }
+
+    /// Which task each prompt (image + question, left-padded, no answer) belongs to, with
+    /// every task's scores.
+    pub fn locate(
+        &self,
+        model: &CmoeModel<B>,
+        prompts: LlavaInput<B>,
+    ) -> Result<Location, LlavaError> {
+        let vaes = self
+            .vaes
+            .as_ref()
+            .ok_or_else(|| LlavaError::Input("no task has been learned yet".into()))?;
+        let features = model.task_features(prompts)?;
+        Ok(vaes.locate(features, &self.bank))
+    }
+}
