@@ -392,20 +392,20 @@ impl LlavaConfig {
                     .into(),
             );
         }
-        if t.head_dim.is_none() && t.hidden_size % t.num_attention_heads != 0 {
+        if t.head_dim.is_none() && !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return Err(format!(
                 "text_config: hidden_size {} is not divisible by num_attention_heads {}",
                 t.hidden_size, t.num_attention_heads
             ));
         }
-        if t.num_attention_heads % t.num_kv_heads() != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_kv_heads()) {
             return Err(format!(
                 "text_config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 t.num_attention_heads,
                 t.num_kv_heads()
             ));
         }
-        if t.head_dim() % 2 != 0 {
+        if !t.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "text_config: head_dim {} must be even for RoPE",
                 t.head_dim()
@@ -420,13 +420,13 @@ impl LlavaConfig {
                 ));
             }
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(format!(
                 "vision_config: hidden_size {} is not divisible by num_attention_heads {}",
                 v.hidden_size, v.num_attention_heads
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
                 v.image_size, v.patch_size

@@ -2,8 +2,9 @@
 //! an input (last decoder layer, last prompt token), a primitive bank of per-task score
 //! statistics, and task-agnostic routing by the arg-max z-score.
 //!
-//! Scores are log-likelihoods: `log p_rec(F) = logsumexp_r log N(F; mu_rec(z_r), sigma_rec(z_r)^2)
-//! - log N_rep` over `N_rep` reparameterised draws `z_r = mu(F) + sigma(F) * eps_r` (raw
+//! Scores are log-likelihoods,
+//! `log p_rec(F) = logsumexp_r log N(F; mu_rec(z_r), sigma_rec(z_r)^2) - log N_rep`, over `N_rep`
+//! reparameterised draws `z_r = mu(F) + sigma(F) * eps_r` (raw
 //! densities under/overflow at d = 4096). Scoring uses a fixed set of `eps` so that a decision
 //! is reproducible. All tasks' VAEs are stacked and scored in one batched computation.
 
