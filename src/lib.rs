@@ -7,12 +7,14 @@
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
 //! - [`moe`] (`cmoe-moe`): the continual core (MoE-LoRA layers, router bank, PGKE, PTL).
+//! - [`coin`] (`cmoe-coin`): CoIN's formats and scorers.
 
 pub mod backend;
 pub mod bench;
 pub mod pipeline;
 pub mod tensor_io;
 
+pub use cmoe_coin as coin;
 pub use cmoe_data as data;
 pub use cmoe_llava as llava;
 pub use cmoe_moe as moe;

@@ -154,3 +154,66 @@ fn user_errors_exit_non_zero_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent-model/config.json"), "{err}");
 }
+
+#[test]
+fn score_prints_the_accuracy_and_json_and_names_bad_files() {
+    let dir = scratch("score");
+    std::fs::create_dir_all(&dir).unwrap();
+    let test = dir.join("test.json");
+    std::fs::write(
+        &test,
+        r#"[{"question_id": 1, "image": "a.png", "text": "q", "answer": "Unanswerable"},
+            {"question_id": 2, "image": "b.png", "text": "q", "answer": "The Hobbit"},
+            {"question_id": 3, "image": "c.png", "text": "q", "answer": "Dune"}]"#,
+    )
+    .unwrap();
+    let results = dir.join("results.jsonl");
+    std::fs::write(
+        &results,
+        "{\"question_id\": 1, \"text\": \"Unanswerable\"}\n{\"question_id\": 2, \"text\": \"the hobbit\"}\n",
+    )
+    .unwrap();
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "score",
+            "--task-type",
+            "ocrvqa",
+            "--annotations",
+            test.to_str().unwrap(),
+            "--predictions",
+            results.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        cmoe(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Correct: 2 of 3 questions. CoIN: the "Unanswerable" result is skipped, the missing
+    // question 3 is not counted: 1 of 2.
+    assert!(run(&[]).contains("accuracy 66.67%"), "{}", run(&[]));
+    let json: serde_json::Value = serde_json::from_str(run(&["--json"]).trim()).unwrap();
+    assert_eq!(json["total"], 3);
+    assert_eq!(json["correct"], 2.0);
+    let coin: serde_json::Value =
+        serde_json::from_str(run(&["--coin-compat", "--json"]).trim()).unwrap();
+    assert_eq!(coin["accuracy"], 50.0);
+
+    std::fs::write(
+        &results,
+        "{\"question_id\": 1, \"text\": \"x\"}\nnot json\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
+        .args(args(&[]))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("results.jsonl:2") && err.contains("malformed"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
 use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
+use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
 use llava_cmoe::tensor_io::{self, HostTensor};
@@ -101,6 +102,24 @@ enum Command {
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
     },
+    /// Score results in CoIN's formats: prints the accuracy in percent.
+    Score {
+        /// Task type: scienceqa, textvqa, imagenet, gqa, vizwiz, grounding, vqav2 or ocrvqa.
+        #[arg(long)]
+        task_type: TaskType,
+        /// CoIN test file (`[{"question_id", "image", "text", "answer"}]`).
+        #[arg(long)]
+        annotations: PathBuf,
+        /// Results, one `{"question_id", "text"}` object per line.
+        #[arg(long)]
+        predictions: PathBuf,
+        /// Reproduce CoIN's eval scripts exactly, quirks included (see `cmoe_coin::score`).
+        #[arg(long)]
+        coin_compat: bool,
+        /// Print `{"accuracy", "total", "correct"}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the resolved config and parameter counts of a model directory.
     Inspect {
         /// HF model directory (only config.json is required).
@@ -183,6 +202,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Score {
+            task_type,
+            annotations,
+            predictions,
+            coin_compat,
+            json,
+        } => {
+            let compat = if coin_compat {
+                Compat::Coin
+            } else {
+                Compat::Correct
+            };
+            let s = score_files(task_type, &annotations, &predictions, compat)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "{}: accuracy {:.2}% ({} of {} questions{})",
+                    task_type.name(),
+                    s.accuracy,
+                    s.correct,
+                    s.total,
+                    if coin_compat { ", CoIN-compatible" } else { "" }
+                );
+            }
+            Ok(())
+        }
         Command::BenchMoe {
             experts,
             top_k,
