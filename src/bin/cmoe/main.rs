@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
 use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
+use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
@@ -120,6 +121,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Generate Mini-CoIN (eight synthetic tasks in CoIN's formats) from a seed.
+    MiniCoin {
+        /// Output folder (Instructions/, images/, mini-coin.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of every random stream.
+        #[arg(long, default_value_t = MiniCoinConfig::default().seed)]
+        seed: u64,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = MiniCoinConfig::default().image_size)]
+        image_size: u32,
+        /// Training samples per task.
+        #[arg(long, default_value_t = MiniCoinConfig::default().train_per_task)]
+        train_per_task: usize,
+        /// Test questions per task.
+        #[arg(long, default_value_t = MiniCoinConfig::default().test_per_task)]
+        test_per_task: usize,
+    },
     /// Print the resolved config and parameter counts of a model directory.
     Inspect {
         /// HF model directory (only config.json is required).
@@ -202,6 +221,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::MiniCoin {
+            out,
+            seed,
+            image_size,
+            train_per_task,
+            test_per_task,
+        } => {
+            let config = MiniCoinConfig {
+                seed,
+                image_size,
+                train_per_task,
+                test_per_task,
+            };
+            mini::generate(&config, &out, |task| eprintln!("{task}: written"))?;
+            println!("Mini-CoIN written to {}", out.display());
+            Ok(())
+        }
         Command::Score {
             task_type,
             annotations,

@@ -1,0 +1,106 @@
+//! Mini-CoIN: deterministic from its seed, in CoIN's formats, and self-consistent (the
+//! reference answers score 100 with the CoIN scorers, in both modes).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use cmoe_coin::format::{Prediction, read_test, read_train};
+use cmoe_coin::mini::{MiniCoinConfig, TASKS, generate};
+use cmoe_coin::score::{Compat, TaskType, score};
+
+fn build(name: &str, config: &MiniCoinConfig) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cmoe-mini-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut done = Vec::new();
+    generate(config, &dir, |t| done.push(t.to_string())).unwrap();
+    assert_eq!(done, TASKS.map(|t| t.0.to_string()));
+    dir
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_same_seed_gives_the_same_files_and_another_seed_does_not() {
+    let config = MiniCoinConfig {
+        train_per_task: 6,
+        test_per_task: 4,
+        ..MiniCoinConfig::default()
+    };
+    let a = build("a", &config);
+    let b = build("b", &config);
+    let fa = files(&a);
+    assert_eq!(fa.len(), 8 * (6 + 4 + 2) + 1);
+    assert_eq!(fa, files(&b));
+    let c = build("c", &MiniCoinConfig { seed: 7, ..config });
+    assert_ne!(fa, files(&c));
+    for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn reference_answers_score_100_and_answers_vary() {
+    let config = MiniCoinConfig {
+        train_per_task: 40,
+        test_per_task: 60,
+        ..MiniCoinConfig::default()
+    };
+    let dir = build("score", &config);
+    for (name, task) in TASKS {
+        let train = read_train(&dir.join("Instructions").join(name).join("train.json")).unwrap();
+        assert_eq!(train.len(), 40);
+        for r in &train {
+            assert!(dir.join("images").join(&r.image).is_file(), "{}", r.image);
+            assert!(r.conversations[0].value.starts_with("<image>\n"));
+            assert_eq!(r.conversations[1].from, "gpt");
+        }
+        let test = read_test(&dir.join("Instructions").join(name).join("test.json")).unwrap();
+        let oracle: Vec<Prediction> = test
+            .iter()
+            .map(|t| Prediction {
+                question_id: t.question_id.clone(),
+                text: t.answer.clone().unwrap(),
+            })
+            .collect();
+        for compat in [Compat::Correct, Compat::Coin] {
+            let s = score(task, &test, &oracle, compat).unwrap();
+            // CoIN's own quirks cost its scripts points on a perfect answer sheet: its
+            // grounding parser cuts the box text, its OCR-VQA skips "Unanswerable".
+            if compat == Compat::Correct || task != TaskType::Grounding {
+                assert_eq!(s.accuracy, 100.0, "{name} {compat:?}");
+            }
+        }
+        let answers: HashSet<&str> = test.iter().map(|t| t.answer.as_deref().unwrap()).collect();
+        assert!(answers.len() >= 3, "{name}: answers {answers:?}");
+        if task == TaskType::VizWiz {
+            let unanswerable = test
+                .iter()
+                .filter(|t| t.answer.as_deref() == Some("unanswerable"))
+                .count();
+            assert!((5..=35).contains(&unanswerable), "{unanswerable} of 60");
+        }
+        if task == TaskType::Grounding {
+            assert!(
+                test.iter()
+                    .all(|t| t.answer_bbox.is_some() && t.size == Some([64.0, 64.0]))
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
