@@ -2,7 +2,8 @@
 //!
 //! This facade re-exports the workspace crates and holds what needs a concrete backend:
 //! the backend choice ([`backend`]), tensor file helpers ([`tensor_io`]) and the pipelines the
-//! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]).
+//! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]), and CoIN records to batches
+//! ([`dataset`]).
 //!
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
@@ -11,6 +12,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod dataset;
 pub mod pipeline;
 pub mod tensor_io;
 
