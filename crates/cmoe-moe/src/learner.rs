@@ -55,6 +55,32 @@ pub struct TaskRecipe {
     pub stage: StageConfig,
 }
 
+impl TaskRecipe {
+    /// The paper's settings (AdamW, warmup 0.03 + cosine, lr 3e-4 for probes and 2e-4 after,
+    /// alpha 0.8, N_s experts per selected layer) with N_p = 4 probes (our choice; the paper's
+    /// ablation adds 1 / 4 / 8) and the given step counts (one epoch each in the paper).
+    pub fn paper(probe_steps: usize, steps: usize) -> Self {
+        let stage = StageConfig {
+            lr: 2e-4,
+            warmup_ratio: 0.03,
+            steps,
+            weight_decay: 0.0,
+            loss: Default::default(),
+        };
+        Self {
+            probe_experts: 4,
+            alpha: 0.8,
+            placement: Placement::Probe(ExpansionMode::ProbeCount),
+            probe_stage: StageConfig {
+                lr: 3e-4,
+                steps: probe_steps,
+                ..stage
+            },
+            stage,
+        }
+    }
+}
+
 /// One task's data, already tokenised and batched.
 #[derive(Debug, Clone)]
 pub struct TaskData<B: Backend> {
