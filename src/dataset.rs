@@ -48,7 +48,7 @@ impl CoinEncoder {
     /// A training conversation: human / gpt turns in pairs, `<image>` in the first question.
     pub fn encode_train(&self, record: &TrainRecord) -> anyhow::Result<Encoded> {
         let turns = &record.conversations;
-        let paired = turns.len() % 2 == 0
+        let paired = turns.len().is_multiple_of(2)
             && turns
                 .chunks(2)
                 .all(|pair| pair[0].from == "human" && pair[1].from == "gpt");

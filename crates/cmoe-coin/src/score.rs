@@ -227,7 +227,7 @@ pub fn score_files(
     score(task, &a, &p, compat).map_err(|e| CoinError::invalid(predictions, None, e.to_string()))
 }
 
-fn reference<'a>(a: &'a TestRecord) -> Result<&'a str, ScoreError> {
+fn reference(a: &TestRecord) -> Result<&str, ScoreError> {
     a.answer.as_deref().ok_or_else(|| ScoreError::Annotation {
         id: a.question_id.clone(),
         problem: "no \"answer\"".into(),

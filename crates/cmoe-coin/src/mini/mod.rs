@@ -71,7 +71,7 @@ struct Manifest<'a> {
 
 /// The random stream of one task's split.
 fn stream(config: &MiniCoinConfig, task: usize, test: bool) -> StdRng {
-    let salt = (task as u64 + 1) * 0x9E37_79B9_7F4A_7C15 ^ if test { 0xA5A5_0000 } else { 0 };
+    let salt = ((task as u64 + 1) * 0x9E37_79B9_7F4A_7C15) ^ if test { 0xA5A5_0000 } else { 0 };
     StdRng::seed_from_u64(config.seed ^ salt)
 }
 
