@@ -7,11 +7,13 @@
 //! - [`import`]: safetensors weight import (single or sharded; fp16 / bf16 / f32).
 //! - [`generation`]: greedy and top-p sampling with the KV cache.
 //! - [`store`]: any module to / from safetensors (the continual state uses it).
+//! - [`export`]: a model written back in the HF layout.
 
 pub mod activation;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generation;
 pub mod import;
 pub mod llama;

@@ -15,11 +15,27 @@ pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
     module: &M,
     path: &Path,
 ) -> Result<(), LlavaError> {
+    save_module_with(module, path, None, |key| key.to_string(), None)
+}
+
+/// [`save_module`] with the tensors passed through `adapter` (e.g. to PyTorch's layout), keys
+/// renamed by `rename`, and values cast to `dtype` (`None`: as stored, f32 for other types).
+pub fn save_module_with<B: Backend, M: ModuleSnapshot<B>>(
+    module: &M,
+    path: &Path,
+    adapter: Option<Box<dyn burn_store::ModuleAdapter>>,
+    rename: impl Fn(&str) -> String,
+    dtype: Option<DType>,
+) -> Result<(), LlavaError> {
     let mut named = Vec::new();
-    for snapshot in module.collect(None, None, false) {
+    for snapshot in module.collect(None, adapter, false) {
         let data = snapshot.to_data().map_err(|e| {
             LlavaError::io(path, format!("cannot read {}: {e}", snapshot.full_path()))
         })?;
+        let data = match dtype {
+            Some(d) => data.convert_dtype(d),
+            None => data,
+        };
         let (data, dtype) = match data.dtype {
             DType::F16 => (data, Dtype::F16),
             DType::BF16 => (data, Dtype::BF16),
@@ -27,7 +43,7 @@ pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
             _ => (data.convert_dtype(DType::F32), Dtype::F32),
         };
         named.push((
-            snapshot.full_path(),
+            rename(&snapshot.full_path()),
             dtype,
             data.shape.to_vec(),
             data.as_bytes().to_vec(),
