@@ -47,6 +47,15 @@ impl CoinEncoder {
 
     /// A training conversation: human / gpt turns in pairs, `<image>` in the first question.
     pub fn encode_train(&self, record: &TrainRecord) -> anyhow::Result<Encoded> {
+        self.encode_conversation(record, self.pixels(&record.image)?)
+    }
+
+    /// [`Self::encode_train`] with the image already preprocessed (`record.image` unused).
+    pub fn encode_conversation(
+        &self,
+        record: &TrainRecord,
+        pixels: PixelValues,
+    ) -> anyhow::Result<Encoded> {
         let turns = &record.conversations;
         let paired = turns.len().is_multiple_of(2)
             && turns
@@ -75,7 +84,7 @@ impl CoinEncoder {
         Ok(Encoded {
             input_ids: example.input_ids,
             labels: example.labels,
-            pixels: self.pixels(&record.image)?,
+            pixels,
         })
     }
 

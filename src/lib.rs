@@ -3,7 +3,8 @@
 //! This facade re-exports the workspace crates and holds what needs a concrete backend:
 //! the backend choice ([`backend`]), tensor file helpers ([`tensor_io`]) and the pipelines the
 //! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]), and CoIN records to batches
-//! ([`dataset`]).
+//! ([`dataset`]), the small LLaVA's pretraining ([`pretrain`]) and the continual runner
+//! ([`continual`]).
 //!
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
@@ -12,8 +13,11 @@
 
 pub mod backend;
 pub mod bench;
+pub mod continual;
 pub mod dataset;
 pub mod pipeline;
+pub mod pretrain;
+pub mod progress;
 pub mod tensor_io;
 
 pub use cmoe_coin as coin;

@@ -16,6 +16,47 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The main job: LLaVA-CMoE through Mini-CoIN on the shipped small LLaVA, with the report
+    /// in runs/<name>/ (every `cmoe train` flag is accepted: --preset smoke, --method lora,
+    /// --router last, --plan every-layer, --task-order reverse, --resume, ...).
+    Train {
+        /// Burn backend: flex, ndarray, wgpu or cuda (the binary is built with that feature).
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Flags passed to `cmoe train`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Regenerates the small LLaVA in assets/llava-mini (tokenizer + pretraining); every
+    /// `cmoe pretrain` flag is accepted.
+    Pretrain {
+        /// Burn backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Flags passed to `cmoe pretrain`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Runs several methods / ablations with one preset and writes one comparison table.
+    Compare {
+        /// Burn backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Size preset of every run.
+        #[arg(long, default_value = "default")]
+        preset: String,
+        /// Runs, each `method[:flag=value...]`, e.g. `cmoe`, `lora`, `cmoe:router=last`,
+        /// `cmoe:plan=every-layer`.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "cmoe,lora,moelora,cmoe:plan=every-layer,cmoe:router=last"
+        )]
+        runs: Vec<String>,
+        /// Where the runs and the table go.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+    },
     /// Forward, forward+backward and generation throughput of Burn vs PyTorch on the same shapes.
     Bench {
         /// Burn backend: flex, ndarray, wgpu or cuda (the binary is built with that feature).
@@ -78,7 +119,92 @@ fn main() -> anyhow::Result<()> {
             python,
             out,
         } => bench(&backend, &cases, repeats, &python, &out),
+        Task::Train { backend, args } => run_cmoe(&backend, "train", &args),
+        Task::Pretrain { backend, args } => run_cmoe(&backend, "pretrain", &args),
+        Task::Compare {
+            backend,
+            preset,
+            runs,
+            out,
+        } => compare(&backend, &preset, &runs, &out),
     }
+}
+
+/// Builds `cmoe` with `backend` and runs `cmoe <command> --backend <backend> <args>`, with
+/// the terminal (progress bars) passed through.
+fn run_cmoe(backend: &str, command: &str, args: &[String]) -> anyhow::Result<()> {
+    let cmoe = build_cmoe(backend)?;
+    let status = Command::new(&cmoe)
+        .arg(command)
+        .args(["--backend", backend])
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot run {}", cmoe.display()))?;
+    if !status.success() {
+        bail!("cmoe {command} failed");
+    }
+    Ok(())
+}
+
+/// One comparison run: `method[:flag=value...]` to a run name and `cmoe train` flags.
+fn compare_run(spec: &str, preset: &str) -> (String, Vec<String>) {
+    let mut parts = spec.split(':');
+    let method = parts.next().unwrap_or("cmoe");
+    let mut name = format!("compare-{preset}-{method}");
+    let mut flags = vec![
+        "--preset".to_string(),
+        preset.to_string(),
+        "--method".to_string(),
+        method.to_string(),
+    ];
+    for part in parts {
+        let (flag, value) = part.split_once('=').unwrap_or((part, ""));
+        name.push_str(&format!("-{flag}-{value}"));
+        flags.push(format!("--{flag}"));
+        flags.push(value.to_string());
+    }
+    flags.push("--name".into());
+    flags.push(name.clone());
+    (name, flags)
+}
+
+fn compare(backend: &str, preset: &str, runs: &[String], out: &Path) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for spec in runs {
+        let (name, mut flags) = compare_run(spec, preset);
+        flags.extend(["--runs".to_string(), out.display().to_string()]);
+        eprintln!("== {spec} ==");
+        run_cmoe(backend, "train", &flags)?;
+        let path = out.join(&name).join("report.json");
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )?;
+        rows.push((spec.clone(), report));
+    }
+    let mut md = format!(
+        "# Mini-CoIN comparison ({preset} preset, {backend})\n\n| run | mean immediate | mean last | BWT | BWT (CoIN) | PTL accuracy | trainable params (sum) | wall s |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for (spec, r) in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let params: u64 = r["trainable_params_per_task"]
+            .as_array()
+            .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
+        md.push_str(&format!(
+            "| {spec} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {params} | {:.0} |\n",
+            f("mean_immediate"),
+            f("mean_last"),
+            f("bwt"),
+            f("bwt_coin"),
+            f("ptl_accuracy"),
+            f("wall_seconds")
+        ));
+    }
+    let path = out.join(format!("compare-{preset}.md"));
+    std::fs::create_dir_all(out)?;
+    std::fs::write(&path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{md}");
+    Ok(())
 }
 
 /// Builds `cmoe` in release with `backend`'s feature and returns its path.

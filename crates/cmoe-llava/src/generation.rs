@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cache::KvCache;
 use crate::error::LlavaError;
+use crate::llama::MlpOverride;
 use crate::llava::{Llava, LlavaInput, int_tensor};
 
 /// How the next token is chosen.
@@ -46,6 +47,16 @@ pub fn generate<B: Backend>(
     input: LlavaInput<B>,
     config: &GenerationConfig,
 ) -> Result<Vec<Vec<u32>>, LlavaError> {
+    generate_with(model, input, config, None)
+}
+
+/// [`generate`] with the decoder's MLPs computed by `mlp` (e.g. a task's MoE adapters).
+pub fn generate_with<B: Backend>(
+    model: &Llava<B>,
+    input: LlavaInput<B>,
+    config: &GenerationConfig,
+    mlp: Option<&dyn MlpOverride<B>>,
+) -> Result<Vec<Vec<u32>>, LlavaError> {
     if let Sampling::TopP {
         temperature, top_p, ..
     } = config.sampling
@@ -69,12 +80,13 @@ pub fn generate<B: Backend>(
     let mut outputs = vec![Vec::new(); batch];
     let mut finished = vec![false; batch];
 
-    let mut hidden = model.forward_hidden(
+    let mut hidden = model.forward_hidden_with(
         LlavaInput {
             attention_mask: Some(mask.clone()),
             ..input
         },
         Some(&mut cache),
+        mlp,
     )?;
     for _ in 0..config.max_new_tokens {
         let [_, s, d] = hidden.dims();
@@ -109,13 +121,14 @@ pub fn generate<B: Backend>(
             break;
         }
         mask = Tensor::cat(vec![mask, Tensor::ones([batch, 1], &device)], 1);
-        hidden = model.forward_hidden(
+        hidden = model.forward_hidden_with(
             LlavaInput {
                 input_ids: int_tensor(next, [batch, 1], &device),
                 pixel_values: None,
                 attention_mask: Some(mask.clone()),
             },
             Some(&mut cache),
+            mlp,
         )?;
     }
     Ok(outputs)

@@ -25,6 +25,6 @@ pub mod vision;
 
 pub use config::LlavaConfig;
 pub use error::LlavaError;
-pub use generation::{GenerationConfig, Sampling, generate};
+pub use generation::{GenerationConfig, Sampling, generate, generate_with};
 pub use import::{Checkpoint, load_llava};
 pub use llava::{Llava, LlavaInput};

@@ -229,6 +229,60 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         Ok(Self { model, vaes, meta })
     }
 
+    /// The baselines' step (sequential LoRA, CoIN's MoELoRA): every expert and the one shared
+    /// router (router 0) train on the task with `CE + kappa aux`; nothing grows, no VAE.
+    pub fn learn_shared(
+        self,
+        data: &TaskData<B>,
+        stage: &StageConfig,
+        mut observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        let Self {
+            model,
+            vaes,
+            mut meta,
+        } = self;
+        let everything: Vec<_> = model.experts_per_layer().iter().map(|&n| 0..n).collect();
+        let model = set_trainable(model, 0, &everything);
+        observe(LearnEvent::StageStarted {
+            stage: Stage::Train,
+            steps: stage.steps,
+        });
+        let model = train_stage(model, 0, &data.train, stage, |step, loss| {
+            observe(LearnEvent::Step {
+                stage: Stage::Train,
+                step,
+                loss,
+            })
+        })?;
+        meta.first_expert.push(vec![0; model.moe.len()]);
+        Ok(Self { model, vaes, meta })
+    }
+
+    /// Parameters task `task` trained: its experts (from `first_expert[task]`, or every expert
+    /// for a shared-router baseline), its router and its VAE.
+    pub fn trainable_params(&self, task: usize, shared: bool) -> usize {
+        let first = &self.meta.first_expert[task];
+        let end = |layer: usize, n: usize| {
+            self.meta
+                .first_expert
+                .get(task + 1)
+                .map_or(n, |next| next[layer])
+        };
+        let router = if shared { 0 } else { task };
+        let mut total = 0;
+        for (l, layer) in self.model.moe.iter().enumerate() {
+            let n = layer.experts.len();
+            let range = if shared { 0..n } else { first[l]..end(l, n) };
+            total += layer.experts[range]
+                .iter()
+                .map(Module::num_params)
+                .sum::<usize>();
+            total += layer.routers.get(router).num_params();
+        }
+        total + self.vaes.get(task).map_or(0, Module::num_params)
+    }
+
     /// `(hidden, intermediate)` of every decoder layer's FFN.
     fn widths(&self) -> Vec<(usize, usize)> {
         self.model

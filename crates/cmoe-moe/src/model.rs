@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use cmoe_llava::llama::{LlamaMlp, MlpOverride};
-use cmoe_llava::{Llava, LlavaError, LlavaInput};
+use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with};
 use serde::{Deserialize, Serialize};
 
 use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn};
@@ -121,6 +121,7 @@ impl<B: Backend> CmoeModel<B> {
             layers: &self.moe,
             task,
             routing: RefCell::new(Vec::new()),
+            record: true,
         };
         let hidden = self.base.forward_hidden_with(input, None, Some(&routed))?;
         let logits = self.base.language_model.logits(hidden);
@@ -128,6 +129,28 @@ impl<B: Backend> CmoeModel<B> {
             logits,
             routing: routed.routing.into_inner(),
         })
+    }
+
+    /// Generates answers with task `task`'s routers (KV-cached; see [`cmoe_llava::generate`]).
+    pub fn generate(
+        &self,
+        input: LlavaInput<B>,
+        task: usize,
+        config: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>, LlavaError> {
+        if task >= self.num_tasks() {
+            return Err(LlavaError::Input(format!(
+                "task {task} has no router ({} tasks)",
+                self.num_tasks()
+            )));
+        }
+        let routed = RoutedMlp {
+            layers: &self.moe,
+            task,
+            routing: RefCell::new(Vec::new()),
+            record: false,
+        };
+        generate_with(&self.base, input, config, Some(&routed))
     }
 
     /// PTL's feature `F_end`: the frozen base model's (no experts) last-layer hidden state at
@@ -168,12 +191,16 @@ struct RoutedMlp<'a, B: Backend> {
     layers: &'a [MoeLoraFfn<B>],
     task: usize,
     routing: RefCell<Vec<LayerRouting<B>>>,
+    /// Whether to keep each call's routing (training and statistics do; generation does not).
+    record: bool,
 }
 
 impl<B: Backend> MlpOverride<B> for RoutedMlp<'_, B> {
     fn forward(&self, layer: usize, base: &LlamaMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (out, routing) = self.layers[layer].forward(base, x, self.task);
-        self.routing.borrow_mut().push(routing);
+        if self.record {
+            self.routing.borrow_mut().push(routing);
+        }
         out
     }
 }

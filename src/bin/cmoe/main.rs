@@ -9,8 +9,12 @@ use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
 use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
+use llava_cmoe::continual::{
+    Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask, report_markdown,
+};
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
+use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
 
 #[derive(Parser)]
@@ -139,6 +143,72 @@ enum Command {
         #[arg(long, default_value_t = MiniCoinConfig::default().test_per_task)]
         test_per_task: usize,
     },
+    /// Run LLaVA-CMoE (or a baseline) through Mini-CoIN and write the report.
+    Train {
+        /// Size preset.
+        #[arg(long, value_enum, default_value = "default")]
+        preset: Preset,
+        /// Who learns the stream.
+        #[arg(long, value_enum, default_value = "cmoe")]
+        method: Method,
+        /// Inference routing (cmoe).
+        #[arg(long, value_enum, default_value = "ptl")]
+        router: RouterChoice,
+        /// Expansion placement (cmoe).
+        #[arg(long, value_enum, default_value = "pgke")]
+        plan: PlanChoice,
+        /// Task order.
+        #[arg(long, value_enum, default_value = "normal")]
+        task_order: TaskOrder,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The small LLaVA (HF layout).
+        #[arg(long, default_value = "assets/llava-mini")]
+        model: PathBuf,
+        /// Run name (folder under --runs); default: built from the settings.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where runs go.
+        #[arg(long, default_value = "runs")]
+        runs: PathBuf,
+        /// Continue a killed run from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many tasks, as if killed there (exercises --resume).
+        #[arg(long, hide = true)]
+        stop_after_tasks: Option<usize>,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Pretrain a small LLaVA (tokenizer + weights) on the synthetic perception mixture.
+    Pretrain {
+        /// The model's config.json.
+        #[arg(long, default_value = "configs/llava-mini.json")]
+        config: PathBuf,
+        /// Output directory (HF layout).
+        #[arg(long, default_value = "assets/llava-mini")]
+        out: PathBuf,
+        /// Seed of the initialisation, the tokenizer corpus and the batches.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Optimiser steps.
+        #[arg(long, default_value_t = 1500)]
+        steps: usize,
+        /// Samples per step.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Descriptions in the tokenizer's training corpus.
+        #[arg(long, default_value_t = 20000)]
+        tokenizer_corpus: usize,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
     /// Print the resolved config and parameter counts of a model directory.
     Inspect {
         /// HF model directory (only config.json is required).
@@ -221,6 +291,75 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Train {
+            preset,
+            method,
+            router,
+            plan,
+            task_order,
+            seed,
+            model,
+            name,
+            runs,
+            resume,
+            stop_after_tasks,
+            backend,
+        } => {
+            let mut config = RunConfig::preset(preset, method);
+            config.router = router;
+            config.plan = plan;
+            config.order = task_order;
+            config.seed = seed;
+            config.model = model;
+            let name = name.unwrap_or_else(|| {
+                let preset = serde_json::to_value(preset).expect("names serialise");
+                let method = serde_json::to_value(method).expect("names serialise");
+                format!(
+                    "{}-{}",
+                    preset.as_str().unwrap_or("run"),
+                    method.as_str().unwrap_or("run")
+                )
+            });
+            let dir = runs.join(name);
+            let report = run_on(
+                backend,
+                TrainTask {
+                    config,
+                    dir: dir.clone(),
+                    resume,
+                    backend: backend.name().to_string(),
+                    stop_after: stop_after_tasks,
+                },
+            )??;
+            println!("{}", report_markdown(&report));
+            println!("report: {}", dir.join("report.json").display());
+            Ok(())
+        }
+        Command::Pretrain {
+            config,
+            out,
+            seed,
+            steps,
+            batch,
+            lr,
+            tokenizer_corpus,
+            backend,
+        } => {
+            let report = run_on(
+                backend,
+                PretrainTask(PretrainConfig {
+                    model_config: config,
+                    out,
+                    seed,
+                    steps,
+                    batch,
+                    lr,
+                    tokenizer_corpus,
+                }),
+            )??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::MiniCoin {
             out,
             seed,

@@ -13,6 +13,7 @@
 //! so a test image is never a training image by construction of the stream (duplicates by
 //! chance are possible for the smallest tasks' answer spaces, as in any sampled benchmark).
 
+pub mod captions;
 pub mod draw;
 pub mod tasks;
 

@@ -18,20 +18,21 @@ const UNANSWERABLE: &str =
     "When the provided information is insufficient, respond with 'Unanswerable'.";
 
 /// Words for the reading task (at most 7 letters: 8 px glyphs on a 64 px image).
-const WORDS: [&str; 40] = [
+pub const WORDS: [&str; 40] = [
     "STOP", "OPEN", "EXIT", "SALE", "CAFE", "BANK", "PARK", "TAXI", "HOTEL", "BREAD", "MILK",
     "PIZZA", "RIVER", "NORTH", "SOUTH", "EAST", "WEST", "MUSIC", "BOOKS", "SHOP", "GATE", "ROAD",
     "LAKE", "FIRE", "WATER", "LIGHT", "TRAIN", "CLOCK", "PAPER", "GLASS", "STONE", "CLOUD",
     "PLANT", "HOUSE", "MOUSE", "TIGER", "ZEBRA", "ROBOT", "APPLE", "LEMON",
 ];
 
-/// Book titles and authors for the cover task.
-const TITLES: [&str; 24] = [
+/// Book titles for the cover task.
+pub const TITLES: [&str; 24] = [
     "DUNE", "EMMA", "ULYSSES", "BELOVED", "REBECCA", "MATILDA", "DRACULA", "CARRIE", "SHOGUN",
     "WALDEN", "CANDIDE", "HAMLET", "MACBETH", "ODYSSEY", "ILIAD", "LOLITA", "ATLAS", "ORLANDO",
     "HEIDI", "SYBIL", "KIM", "ZADIG", "MOBY", "FAUST",
 ];
-const AUTHORS: [&str; 16] = [
+/// Authors for the cover task.
+pub const AUTHORS: [&str; 16] = [
     "AUSTEN", "JOYCE", "MORRISON", "KING", "DAHL", "STOKER", "CLAVELL", "THOREAU", "VOLTAIRE",
     "HOMER", "WOOLF", "SPYRI", "KIPLING", "GOETHE", "NABOKOV", "HERBERT",
 ];

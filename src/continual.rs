@@ -1,0 +1,829 @@
+//! The continual runner behind `cargo xtask train`: a stream of Mini-CoIN tasks learned one
+//! after the other by LLaVA-CMoE or a baseline, every task seen so far evaluated after each one
+//! (greedy generation, the CoIN scorers), checkpoints after every task and its evaluation, and
+//! the report (`report.json`, `report.md`) at the end.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train};
+use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
+use cmoe_coin::score::{Compat, TaskType, score};
+use cmoe_data::prompt::Conversation;
+use cmoe_llava::{GenerationConfig, Sampling};
+use cmoe_moe::learner::{
+    ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskLocator, TaskRecipe,
+};
+use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::pgke::ExpansionMode;
+use cmoe_moe::ptl::PtlConfig;
+use cmoe_moe::stages::{StageConfig, TrainBatch};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendTask;
+use crate::dataset::{CoinEncoder, Encoded, collate_prompts, collate_train};
+use crate::pipeline::LlavaPipeline;
+use crate::progress::{progress, tick};
+
+/// Who learns the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// LLaVA-CMoE: PGKE expansion, per-task routers, PTL.
+    Cmoe,
+    /// Sequential LoRA on the FFN (one expert, one router, retrained on every task).
+    Lora,
+    /// CoIN's MoELoRA: a fixed set of experts and one shared router, trained on every task.
+    Moelora,
+}
+
+/// Which router answers a test question (LLaVA-CMoE only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterChoice {
+    /// The Probabilistic Task Locator (the method).
+    Ptl,
+    /// The last trained task's router (ablation).
+    Last,
+    /// A random learned task's router (ablation).
+    Random,
+    /// The true task's router (an upper bound, not a method).
+    Oracle,
+}
+
+/// Where a new task's experts go (LLaVA-CMoE only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanChoice {
+    /// PGKE.
+    Pgke,
+    /// The same number of experts in every layer (ablation).
+    EveryLayer,
+    /// As many layers as PGKE picks, chosen at random (ablation).
+    Random,
+}
+
+/// The order of the tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskOrder {
+    /// CoIN's order.
+    Normal,
+    /// CoIN's order reversed.
+    Reverse,
+    /// A seeded permutation.
+    Random,
+}
+
+/// Size presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The full Mini-CoIN run.
+    Default,
+    /// Tiny sizes: the whole pipeline in a few minutes (what CI runs).
+    Smoke,
+}
+
+/// Everything that defines a run (saved as `run.json`; `--resume` requires the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The small LLaVA in HF layout.
+    pub model: PathBuf,
+    /// Mini-CoIN sizes and seed.
+    pub data: MiniCoinConfig,
+    /// Who learns.
+    pub method: Method,
+    /// Inference routing (cmoe).
+    pub router: RouterChoice,
+    /// Expansion placement (cmoe).
+    pub plan: PlanChoice,
+    /// Task order.
+    pub order: TaskOrder,
+    /// Seed of batching, ablation choices and the model's fresh parameters.
+    pub seed: u64,
+    /// Expert settings (for lora: one expert, top-1).
+    pub moe: MoeConfig,
+    /// Locator settings.
+    pub ptl: PtlConfig,
+    /// Samples per optimiser step.
+    pub batch: usize,
+    /// Passes over each task's training set.
+    pub epochs: usize,
+    /// Peak learning rate of a task's training.
+    pub lr: f64,
+    /// Peak learning rate of the probe stage.
+    pub probe_lr: f64,
+    /// Share of the training set in each PGKE subset (probe training, statistics).
+    pub probe_fraction: f64,
+    /// `N_p`.
+    pub probe_experts: usize,
+    /// PGKE's threshold factor.
+    pub alpha: f64,
+    /// Questions per generation batch.
+    pub eval_batch: usize,
+    /// Most generated tokens per answer.
+    pub max_new_tokens: usize,
+}
+
+impl RunConfig {
+    /// A preset for `method`, with the shipped model.
+    pub fn preset(preset: Preset, method: Method) -> Self {
+        let moe = match method {
+            Method::Lora => MoeConfig {
+                rank: 16,
+                alpha: 32.0,
+                dropout: 0.05,
+                top_k: 1,
+                initial_experts: 1,
+                ..MoeConfig::default()
+            },
+            Method::Cmoe | Method::Moelora => MoeConfig {
+                rank: 16,
+                alpha: 32.0,
+                dropout: 0.05,
+                top_k: 2,
+                initial_experts: 4,
+                ..MoeConfig::default()
+            },
+        };
+        let base = Self {
+            model: PathBuf::from("assets/llava-mini"),
+            data: MiniCoinConfig {
+                train_per_task: 500,
+                test_per_task: 100,
+                ..MiniCoinConfig::default()
+            },
+            method,
+            router: RouterChoice::Ptl,
+            plan: PlanChoice::Pgke,
+            order: TaskOrder::Normal,
+            seed: 0,
+            moe,
+            ptl: PtlConfig {
+                hidden: 128,
+                latent: 16,
+                n_rep: 8,
+                bank_instances: 200,
+                lr: Some(1e-3),
+                seed: 0x5EED,
+            },
+            batch: 8,
+            epochs: 2,
+            lr: 1e-3,
+            probe_lr: 1.5e-3,
+            probe_fraction: 0.1,
+            probe_experts: 2,
+            alpha: 0.8,
+            eval_batch: 16,
+            max_new_tokens: 24,
+        };
+        match preset {
+            Preset::Default => base,
+            Preset::Smoke => Self {
+                data: MiniCoinConfig {
+                    train_per_task: 16,
+                    test_per_task: 8,
+                    ..base.data
+                },
+                ptl: PtlConfig {
+                    bank_instances: 16,
+                    ..base.ptl
+                },
+                epochs: 1,
+                probe_fraction: 0.25,
+                eval_batch: 8,
+                max_new_tokens: 12,
+                ..base
+            },
+        }
+    }
+
+    /// The task positions in training order (indices into [`TASKS`]).
+    pub fn task_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..TASKS.len()).collect();
+        match self.order {
+            TaskOrder::Normal => {}
+            TaskOrder::Reverse => order.reverse(),
+            TaskOrder::Random => order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ 0x0DE)),
+        }
+        order
+    }
+}
+
+/// What has been done so far (`progress.json`): the resume point and every measurement.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Tasks trained and evaluated.
+    pub completed: usize,
+    /// `accuracy[t][i]`: task `i` after training task `t` (positions in training order).
+    pub accuracy: Vec<Vec<Option<f64>>>,
+    /// Per task, the parameters it trained.
+    pub trainable_params_per_task: Vec<usize>,
+    /// Per task, the experts in each layer after it.
+    pub experts_per_layer: Vec<Vec<usize>>,
+    /// After the last evaluation: `confusion[true][chosen]` counts of the routing decision.
+    pub ptl_confusion: Vec<Vec<usize>>,
+    /// Per task, the seconds spent training and evaluating it.
+    pub seconds_per_task: Vec<f64>,
+    /// Per task, the mean loss of the last 10 % of training steps.
+    pub final_loss: Vec<f64>,
+}
+
+/// The run's report (`report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// Method name.
+    pub method: Method,
+    /// Inference routing and placement (cmoe).
+    pub router: RouterChoice,
+    /// See `router`.
+    pub plan: PlanChoice,
+    /// Task names in training order.
+    pub tasks: Vec<String>,
+    /// `accuracy[t][i]` (percent), null where task `i` was not trained yet.
+    pub accuracy: Vec<Vec<Option<f64>>>,
+    /// `a[i][i]`.
+    pub immediate: Vec<f64>,
+    /// `a[T][i]`.
+    pub last: Vec<f64>,
+    /// Mean of `immediate`.
+    pub mean_immediate: f64,
+    /// Mean of `last`.
+    pub mean_last: f64,
+    /// `1/(T-1) sum_{i<T} (a[T][i] - a[i][i])` (the paper's).
+    pub bwt: f64,
+    /// The same sum divided by `T` (CoIN's tables).
+    pub bwt_coin: f64,
+    /// Parameters each task trained.
+    pub trainable_params_per_task: Vec<usize>,
+    /// Per task, experts per layer after it.
+    pub experts_per_layer: Vec<Vec<usize>>,
+    /// `ptl_confusion[true][chosen]` after the last task.
+    pub ptl_confusion: Vec<Vec<usize>>,
+    /// Share of test questions routed to their own task's router after the last task.
+    pub ptl_accuracy: f64,
+    /// Seconds, all tasks.
+    pub wall_seconds: f64,
+    /// The backend it ran on.
+    pub backend: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// The whole configuration.
+    pub config: RunConfig,
+}
+
+/// Runs (or resumes) a continual run in `dir` on the backend it is given.
+pub struct TrainTask {
+    /// The run's settings.
+    pub config: RunConfig,
+    /// The run's folder (`runs/<name>`).
+    pub dir: PathBuf,
+    /// Continue from `dir/progress.json` and `dir/state`.
+    pub resume: bool,
+    /// Backend name for the report.
+    pub backend: String,
+    /// Stop after this many tasks, as if the run were killed there (to exercise `--resume`).
+    pub stop_after: Option<usize>,
+}
+
+impl BackendTask for TrainTask {
+    type Output = anyhow::Result<Report>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Report> {
+        run::<B>(self, &device)
+    }
+}
+
+type AD<B> = Autodiff<B>;
+
+fn write_json_atomic(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report> {
+    let TrainTask {
+        config,
+        dir,
+        resume,
+        backend,
+        stop_after,
+    } = task;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let run_json = dir.join("run.json");
+    let progress_json = dir.join("progress.json");
+    let mut progress: Progress = if resume && progress_json.exists() {
+        let saved: RunConfig = serde_json::from_str(&std::fs::read_to_string(&run_json)?)
+            .with_context(|| format!("{}: malformed run config", run_json.display()))?;
+        if saved != config {
+            anyhow::bail!(
+                "{}: the run was started with other settings; resume it with the same \
+                 arguments or start a new --name",
+                run_json.display()
+            );
+        }
+        serde_json::from_str(&std::fs::read_to_string(&progress_json)?)
+            .with_context(|| format!("{}: malformed progress", progress_json.display()))?
+    } else {
+        write_json_atomic(&run_json, &config)?;
+        Progress::default()
+    };
+
+    // The data: generated once per run folder, deterministically from its seed.
+    let data_dir = dir.join("data");
+    if !data_dir.join("mini-coin.json").exists() {
+        eprintln!("generating Mini-CoIN in {}", data_dir.display());
+        mini::generate(&config.data, &data_dir, |_| {})?;
+    }
+    let order = config.task_order();
+    let names: Vec<String> = order.iter().map(|&i| TASKS[i].0.to_string()).collect();
+    let types: Vec<TaskType> = order.iter().map(|&i| TASKS[i].1).collect();
+
+    let pipe = LlavaPipeline::<AD<B>>::load(&config.model, device)?;
+    let pad = pipe.config.pad_token_id.unwrap_or(0);
+    let generation = GenerationConfig {
+        max_new_tokens: config.max_new_tokens,
+        eos_token_ids: pipe.config.text_config.eos_token_id.clone(),
+        pad_token_id: pad,
+        sampling: Sampling::Greedy,
+    };
+    let encoder = CoinEncoder {
+        tokenizer: pipe.tokenizer.clone(),
+        processor: pipe.processor.clone(),
+        conversation: Conversation::vicuna_v1(),
+        tokens_per_image: pipe.config.image_tokens_per_image(),
+        image_root: data_dir.join("images"),
+    };
+    let tests: Vec<(Vec<TestRecord>, Vec<Encoded>)> = names
+        .iter()
+        .map(|name| {
+            let records = read_test(&data_dir.join("Instructions").join(name).join("test.json"))?;
+            let prompts = records
+                .iter()
+                .map(|r| encoder.encode_prompt(r))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((records, prompts))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let state_dir = dir.join("state");
+    AD::<B>::seed(device, config.seed); // the first task's fresh experts
+    let mut learner = if progress.completed > 0 {
+        eprintln!(
+            "resuming after task {} of {}",
+            progress.completed,
+            names.len()
+        );
+        ContinualLearner::load(pipe.model, &state_dir, device)?
+    } else {
+        ContinualLearner::new(pipe.model, config.moe, config.ptl, device)
+    };
+    let shared = config.method != Method::Cmoe;
+
+    let end = stop_after.map_or(names.len(), |n| n.min(names.len()));
+    for t in progress.completed..end {
+        let started = Instant::now();
+        // Everything random in task t (batch order, new parameters, dropout, ablation draws)
+        // depends on (seed, t) only, so a resumed run continues exactly as an unbroken one.
+        let task_seed = config.seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        AD::<B>::seed(device, task_seed);
+        let mut rng = StdRng::seed_from_u64(task_seed);
+        let name = &names[t];
+        eprintln!("task {}/{}: {name}", t + 1, names.len());
+        let data = task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
+        let steps = |n: usize| (config.epochs * n).div_ceil(config.batch).max(1);
+        let train_steps = steps(data.train.len() * config.batch);
+        let stage = StageConfig {
+            lr: config.lr,
+            warmup_ratio: 0.03,
+            steps: train_steps,
+            weight_decay: 0.0,
+            loss: Default::default(),
+        };
+        let recipe = TaskRecipe {
+            probe_experts: config.probe_experts,
+            alpha: config.alpha,
+            placement: match config.plan {
+                PlanChoice::Pgke => Placement::Probe(ExpansionMode::ProbeCount),
+                PlanChoice::EveryLayer => Placement::EveryLayer {
+                    add: config.probe_experts,
+                },
+                PlanChoice::Random => Placement::RandomLayers {
+                    add: config.probe_experts,
+                    seed: config.seed,
+                },
+            },
+            probe_stage: StageConfig {
+                lr: config.probe_lr,
+                steps: steps(data.probe_train.len() * config.batch),
+                ..stage
+            },
+            stage,
+        };
+        let mut observer = StageBars::default();
+        learner = if shared {
+            learner.learn_shared(&data, &recipe.stage, |e| observer.event(e))?
+        } else {
+            learner.learn_task(&data, &recipe, |e| observer.event(e))?
+        };
+        observer.finish();
+        progress.final_loss.push(observer.final_loss());
+        progress
+            .trainable_params_per_task
+            .push(learner.trainable_params(t, shared));
+        progress
+            .experts_per_layer
+            .push(learner.model.experts_per_layer());
+        save_state(&learner, &state_dir)?;
+
+        // Evaluate every task seen so far.
+        let (model, locator) = learner.valid();
+        let mut row = vec![None; names.len()];
+        let mut confusion = vec![vec![0usize; names.len()]; names.len()];
+        for i in 0..=t {
+            let (records, prompts) = &tests[i];
+            let (accuracy, chosen) = evaluate(
+                &model,
+                &locator,
+                &config,
+                shared,
+                t,
+                i,
+                records,
+                prompts,
+                types[i],
+                &encoder,
+                pad,
+                &generation,
+                &mut rng,
+                device,
+            )?;
+            for c in chosen {
+                confusion[i][c] += 1;
+            }
+            eprintln!("  {:<10} {accuracy:6.2}", names[i]);
+            row[i] = Some(accuracy);
+        }
+        progress.accuracy.push(row);
+        progress.ptl_confusion = confusion;
+        progress
+            .seconds_per_task
+            .push(started.elapsed().as_secs_f64());
+        progress.completed = t + 1;
+        write_json_atomic(&progress_json, &progress)?;
+    }
+
+    if progress.completed < names.len() {
+        anyhow::bail!(
+            "stopped after task {} of {} as asked; continue with --resume",
+            progress.completed,
+            names.len()
+        );
+    }
+    let report = make_report(&config, &progress, names, backend);
+    write_json_atomic(&dir.join("report.json"), &report)?;
+    std::fs::write(dir.join("report.md"), report_markdown(&report))
+        .with_context(|| format!("cannot write {}", dir.join("report.md").display()))?;
+    Ok(report)
+}
+
+/// Saves the learner next to the previous state and swaps it in, so that a crash leaves one
+/// complete state.
+fn save_state<B: burn::tensor::backend::AutodiffBackend>(
+    learner: &ContinualLearner<B>,
+    state_dir: &Path,
+) -> anyhow::Result<()> {
+    let next = state_dir.with_extension("next");
+    let old = state_dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&next);
+    learner.save(&next)?;
+    if state_dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(state_dir, &old)?;
+    }
+    std::fs::rename(&next, state_dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// A task's training batches (shuffled) and its two disjoint PGKE subsets.
+fn task_data<B: Backend>(
+    config: &RunConfig,
+    encoder: &CoinEncoder,
+    data_dir: &Path,
+    name: &str,
+    pad: u32,
+    rng: &mut StdRng,
+    device: &B::Device,
+) -> anyhow::Result<TaskData<B>> {
+    let records = read_train(&data_dir.join("Instructions").join(name).join("train.json"))?;
+    if records.is_empty() {
+        anyhow::bail!("{name}: the training set is empty");
+    }
+    let bar = progress(records.len() as u64, "encode");
+    let mut encoded = Vec::with_capacity(records.len());
+    for r in &records {
+        encoded.push(encoder.encode_train(r)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut order: Vec<usize> = (0..encoded.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(rng.random()));
+    let batches = |idx: &[usize]| -> Vec<TrainBatch<B>> {
+        idx.chunks(config.batch)
+            .map(|chunk| {
+                let samples: Vec<Encoded> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+                collate_train::<B>(&samples, pad, device)
+            })
+            .collect()
+    };
+    let subset =
+        ((encoded.len() as f64 * config.probe_fraction).ceil() as usize).clamp(1, encoded.len());
+    let probe_eval_end = (2 * subset).min(encoded.len());
+    let probe_eval: Vec<_> = batches(&order[subset..probe_eval_end])
+        .into_iter()
+        .map(|b| b.input)
+        .collect();
+    Ok(TaskData {
+        train: batches(&order),
+        probe_train: batches(&order[..subset]),
+        probe_eval: if probe_eval.is_empty() {
+            batches(&order[..subset])
+                .into_iter()
+                .map(|b| b.input)
+                .collect()
+        } else {
+            probe_eval
+        },
+    })
+}
+
+/// Accuracy on task `i` after training task `t`, and the router chosen for each question.
+#[allow(clippy::too_many_arguments)]
+fn evaluate<B: Backend>(
+    model: &CmoeModel<B>,
+    locator: &TaskLocator<B>,
+    config: &RunConfig,
+    shared: bool,
+    t: usize,
+    i: usize,
+    records: &[TestRecord],
+    prompts: &[Encoded],
+    task_type: TaskType,
+    encoder: &CoinEncoder,
+    pad: u32,
+    generation: &GenerationConfig,
+    rng: &mut StdRng,
+    device: &B::Device,
+) -> anyhow::Result<(f64, Vec<usize>)> {
+    let bar = progress(records.len() as u64, "evaluate");
+    let mut predictions = Vec::with_capacity(records.len());
+    let mut chosen_all = Vec::with_capacity(records.len());
+    for (records, prompts) in records
+        .chunks(config.eval_batch)
+        .zip(prompts.chunks(config.eval_batch))
+    {
+        let chosen: Vec<usize> = if shared {
+            vec![0; records.len()]
+        } else {
+            match config.router {
+                RouterChoice::Ptl => {
+                    locator
+                        .locate(model, collate_prompts::<B>(prompts, pad, device))?
+                        .tasks
+                }
+                RouterChoice::Last => vec![t; records.len()],
+                RouterChoice::Random => (0..records.len())
+                    .map(|_| rng.random_range(0..=t))
+                    .collect(),
+                RouterChoice::Oracle => vec![i; records.len()],
+            }
+        };
+        // One generation per router chosen in this batch.
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (row, &c) in chosen.iter().enumerate() {
+            groups.entry(c).or_default().push(row);
+        }
+        let mut texts = vec![String::new(); records.len()];
+        for (router, rows) in groups {
+            let group: Vec<Encoded> = rows.iter().map(|&r| prompts[r].clone()).collect();
+            let outputs = model.generate(
+                collate_prompts::<B>(&group, pad, device),
+                router,
+                generation,
+            )?;
+            for (&row, ids) in rows.iter().zip(outputs) {
+                texts[row] = encoder.tokenizer.decode(&ids)?.trim().to_string();
+            }
+        }
+        for (record, text) in records.iter().zip(texts) {
+            predictions.push(Prediction {
+                question_id: record.question_id.clone(),
+                text,
+            });
+        }
+        chosen_all.extend(chosen);
+        bar.inc(records.len() as u64);
+    }
+    bar.finish_and_clear();
+    let s = score(task_type, records, &predictions, Compat::Correct)?;
+    Ok((s.accuracy, chosen_all))
+}
+
+/// Progress bars for the training stages of one task, and the losses they saw.
+#[derive(Default)]
+struct StageBars {
+    bar: Option<indicatif::ProgressBar>,
+    losses: Vec<f64>,
+}
+
+impl StageBars {
+    fn event(&mut self, event: LearnEvent<'_>) {
+        match event {
+            LearnEvent::StageStarted { stage, steps } => {
+                self.finish();
+                let name = match stage {
+                    Stage::Probe => "probe",
+                    Stage::Train => "train",
+                };
+                self.losses.clear();
+                self.bar = Some(progress(steps as u64, name));
+            }
+            LearnEvent::Step { loss, .. } => {
+                self.losses.push(loss.ce);
+                if let Some(bar) = &self.bar {
+                    let message =
+                        format!("ce {:.3} aux {:.3} rec {:.2}", loss.ce, loss.aux, loss.rec);
+                    tick(bar, message);
+                }
+            }
+            LearnEvent::Planned(plan) => {
+                let layers: Vec<String> = plan
+                    .layers
+                    .iter()
+                    .map(|l| format!("layer {} +{}", l.layer, l.add))
+                    .collect();
+                eprintln!(
+                    "  PGKE plan: {}",
+                    if layers.is_empty() {
+                        "no new experts".into()
+                    } else {
+                        layers.join(", ")
+                    }
+                );
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// Mean cross-entropy of the last 10 % of the training stage's steps.
+    fn final_loss(&self) -> f64 {
+        let n = (self.losses.len() / 10)
+            .max(1)
+            .min(self.losses.len().max(1));
+        let tail = &self.losses[self.losses.len().saturating_sub(n)..];
+        tail.iter().sum::<f64>() / tail.len().max(1) as f64
+    }
+}
+
+/// The report's numbers from the accuracy matrix.
+pub fn make_report(
+    config: &RunConfig,
+    progress: &Progress,
+    tasks: Vec<String>,
+    backend: String,
+) -> Report {
+    let t = progress.accuracy.len();
+    let a = |row: usize, col: usize| progress.accuracy[row][col].unwrap_or(0.0);
+    let immediate: Vec<f64> = (0..t).map(|i| a(i, i)).collect();
+    let last: Vec<f64> = (0..t).map(|i| a(t - 1, i)).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let forgetting: f64 = (0..t.saturating_sub(1))
+        .map(|i| a(t - 1, i) - a(i, i))
+        .sum();
+    let routed: usize = progress
+        .ptl_confusion
+        .iter()
+        .map(|r| r.iter().sum::<usize>())
+        .sum();
+    let right: usize = (0..progress.ptl_confusion.len())
+        .map(|i| progress.ptl_confusion[i][i])
+        .sum();
+    Report {
+        method: config.method,
+        router: config.router,
+        plan: config.plan,
+        tasks,
+        accuracy: progress.accuracy.clone(),
+        mean_immediate: mean(&immediate),
+        mean_last: mean(&last),
+        immediate,
+        last,
+        bwt: if t > 1 {
+            forgetting / (t - 1) as f64
+        } else {
+            0.0
+        },
+        bwt_coin: if t > 0 { forgetting / t as f64 } else { 0.0 },
+        trainable_params_per_task: progress.trainable_params_per_task.clone(),
+        experts_per_layer: progress.experts_per_layer.clone(),
+        ptl_confusion: progress.ptl_confusion.clone(),
+        ptl_accuracy: if routed == 0 {
+            0.0
+        } else {
+            right as f64 / routed as f64
+        },
+        wall_seconds: progress.seconds_per_task.iter().sum(),
+        backend,
+        seed: config.seed,
+        config: config.clone(),
+    }
+}
+
+/// `report.md`: the paper's Table 1 (immediate / last per task) and Table 9 (the matrix).
+pub fn report_markdown(r: &Report) -> String {
+    let mut md = format!(
+        "# Mini-CoIN: {:?} (router {:?}, plan {:?})\n\n",
+        r.method, r.router, r.plan
+    );
+    let header = |first: &str| {
+        format!(
+            "| {first} | {} | Mean |\n|---|{}---|\n",
+            r.tasks.join(" | "),
+            "---|".repeat(r.tasks.len())
+        )
+    };
+    let cells = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    };
+    md += "## Accuracy (Table 1)\n\n";
+    md += &header("");
+    md += &format!(
+        "| Immediate | {} | {:.2} |\n",
+        cells(&r.immediate),
+        r.mean_immediate
+    );
+    md += &format!("| Last | {} | {:.2} |\n\n", cells(&r.last), r.mean_last);
+    md += &format!(
+        "BWT {:.2} (paper: 1/(T-1)); {:.2} with CoIN's 1/T.\n\n",
+        r.bwt, r.bwt_coin
+    );
+    md += "## Accuracy after each task (Table 9; row t: after training task t)\n\n";
+    md += &format!(
+        "| after \\ on | {} |\n|---|{}\n",
+        r.tasks.join(" | "),
+        "---|".repeat(r.tasks.len())
+    );
+    for (t, row) in r.accuracy.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|c| c.map_or("-".into(), |x| format!("{x:.2}")))
+            .collect();
+        md += &format!("| {} | {} |\n", r.tasks[t], cells.join(" | "));
+    }
+    md += &format!(
+        "\n## Task location after the last task (rows: true task, columns: router chosen)\n\nAccuracy {:.1} %.\n\n| true \\ chosen | {} |\n|---|{}\n",
+        100.0 * r.ptl_accuracy,
+        r.tasks.join(" | "),
+        "---|".repeat(r.tasks.len())
+    );
+    for (t, row) in r.ptl_confusion.iter().enumerate() {
+        let cells: Vec<String> = row.iter().map(usize::to_string).collect();
+        md += &format!("| {} | {} |\n", r.tasks[t], cells.join(" | "));
+    }
+    md += "\n## Parameters and experts\n\n| task | trainable parameters | experts per layer |\n|---|---|---|\n";
+    for (t, name) in r
+        .tasks
+        .iter()
+        .enumerate()
+        .take(r.trainable_params_per_task.len())
+    {
+        md += &format!(
+            "| {name} | {} | {:?} |\n",
+            r.trainable_params_per_task[t], r.experts_per_layer[t]
+        );
+    }
+    md += &format!(
+        "\nWall time {:.0} s on {}, seed {}.\n",
+        r.wall_seconds, r.backend, r.seed
+    );
+    md
+}
