@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts, collate_train};
 use crate::pipeline::LlavaPipeline;
+use crate::plots::heatmap;
 use crate::progress::{progress, tick};
 
 /// Who learns the stream.
@@ -494,7 +495,79 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     write_json_atomic(&dir.join("report.json"), &report)?;
     std::fs::write(dir.join("report.md"), report_markdown(&report))
         .with_context(|| format!("cannot write {}", dir.join("report.md").display()))?;
+    report_plots(&report, &dir)?;
     Ok(report)
+}
+
+/// `accuracy.png`, `ptl_confusion.png`, `experts_per_layer.png`, `trainable_params.png`.
+fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
+    let tasks = &r.tasks;
+    heatmap(
+        &dir.join("accuracy.png"),
+        "accuracy (row: after training, column: task)",
+        tasks,
+        tasks,
+        &r.accuracy,
+        100.0,
+        0,
+    )?;
+    let counts = |m: &[Vec<usize>]| -> Vec<Vec<Option<f64>>> {
+        m.iter()
+            .map(|row| row.iter().map(|&v| Some(v as f64)).collect())
+            .collect()
+    };
+    let routed = counts(&r.ptl_confusion);
+    let most = routed
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b));
+    heatmap(
+        &dir.join("ptl_confusion.png"),
+        "task location (row: true task, column: router chosen)",
+        tasks,
+        tasks,
+        &routed,
+        most,
+        0,
+    )?;
+    let experts = counts(&r.experts_per_layer);
+    let layers: Vec<String> = (0..r.experts_per_layer.first().map_or(0, Vec::len))
+        .map(|l| format!("L{l}"))
+        .collect();
+    let most = experts
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b));
+    heatmap(
+        &dir.join("experts_per_layer.png"),
+        "experts per layer after each task",
+        tasks,
+        &layers,
+        &experts,
+        most,
+        0,
+    )?;
+    let params: Vec<Vec<Option<f64>>> = r
+        .trainable_params_per_task
+        .iter()
+        .map(|&p| vec![Some(p as f64 / 1e3)])
+        .collect();
+    let most = params
+        .iter()
+        .flatten()
+        .flatten()
+        .fold(0.0f64, |a, &b| a.max(b));
+    heatmap(
+        &dir.join("trainable_params.png"),
+        "trained params (k)",
+        tasks,
+        &["k".to_string()],
+        &params,
+        most,
+        0,
+    )
 }
 
 /// Saves the learner next to the previous state and swaps it in, so that a crash leaves one

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod continual;
 pub mod dataset;
 pub mod pipeline;
+pub mod plots;
 pub mod pretrain;
 pub mod progress;
 pub mod tensor_io;

@@ -63,8 +63,13 @@ pub struct Canvas {
 impl Canvas {
     /// A `size` x `size` canvas filled with `background`.
     pub fn new(size: u32, background: [u8; 3]) -> Self {
+        Self::with_size(size, size, background)
+    }
+
+    /// A `width` x `height` canvas filled with `background`.
+    pub fn with_size(width: u32, height: u32, background: [u8; 3]) -> Self {
         Self {
-            image: RgbImage::from_pixel(size, size, Rgb(background)),
+            image: RgbImage::from_pixel(width, height, Rgb(background)),
         }
     }
 
