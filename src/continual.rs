@@ -158,8 +158,8 @@ impl RunConfig {
         let base = Self {
             model: PathBuf::from("assets/llava-mini"),
             data: MiniCoinConfig {
-                train_per_task: 500,
-                test_per_task: 100,
+                train_per_task: 400,
+                test_per_task: 60,
                 ..MiniCoinConfig::default()
             },
             method,

@@ -193,8 +193,8 @@ enum Command {
         /// Seed of the initialisation, the tokenizer corpus and the batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Optimiser steps.
-        #[arg(long, default_value_t = 1500)]
+        /// Optimiser steps (the shipped model: 800).
+        #[arg(long, default_value_t = 800)]
         steps: usize,
         /// Samples per step.
         #[arg(long, default_value_t = 16)]
