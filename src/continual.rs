@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train};
+use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train, write_jsonl};
 use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_data::prompt::Conversation;
@@ -453,7 +453,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         let mut confusion = vec![vec![0usize; names.len()]; names.len()];
         for i in 0..=t {
             let (records, prompts) = &tests[i];
-            let (accuracy, chosen) = evaluate(
+            let (accuracy, chosen, predictions) = evaluate(
                 &model,
                 &locator,
                 &config,
@@ -472,6 +472,12 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             for c in chosen {
                 confusion[i][c] += 1;
             }
+            // The answers in CoIN's result format, for `cmoe score` and for reading.
+            let answers = dir
+                .join("predictions")
+                .join(format!("after-{}-{}", t + 1, name))
+                .join(format!("{}.jsonl", names[i]));
+            write_jsonl(&answers, &predictions)?;
             eprintln!("  {:<10} {accuracy:6.2}", names[i]);
             row[i] = Some(accuracy);
         }
@@ -570,6 +576,99 @@ fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// What [`AskTask`] answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    /// The task whose router answered.
+    pub task: String,
+    /// Every learned task's z-score, in training order (empty for shared-router baselines).
+    pub z_scores: Vec<(String, f64)>,
+    /// The generated answer.
+    pub text: String,
+}
+
+/// Answers a question about an image with a finished (or partial) run: PTL picks the task,
+/// its router answers.
+pub struct AskTask {
+    /// The run folder (`run.json`, `state/`).
+    pub dir: PathBuf,
+    /// The image.
+    pub image: PathBuf,
+    /// The question, in the task's instruction style.
+    pub question: String,
+}
+
+impl BackendTask for AskTask {
+    type Output = anyhow::Result<Answer>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Answer> {
+        let run_json = self.dir.join("run.json");
+        let config: RunConfig = serde_json::from_str(
+            &std::fs::read_to_string(&run_json)
+                .with_context(|| format!("cannot read {}", run_json.display()))?,
+        )
+        .with_context(|| format!("{}: malformed run config", run_json.display()))?;
+        let pipe = LlavaPipeline::<AD<B>>::load(&config.model, &device)?;
+        let pad = pipe.config.pad_token_id.unwrap_or(0);
+        let generation = GenerationConfig {
+            max_new_tokens: config.max_new_tokens,
+            eos_token_ids: pipe.config.text_config.eos_token_id.clone(),
+            pad_token_id: pad,
+            sampling: Sampling::Greedy,
+        };
+        let encoder = CoinEncoder {
+            tokenizer: pipe.tokenizer.clone(),
+            processor: pipe.processor.clone(),
+            conversation: Conversation::vicuna_v1(),
+            tokens_per_image: pipe.config.image_tokens_per_image(),
+            image_root: PathBuf::new(),
+        };
+        let learner = ContinualLearner::load(pipe.model, &self.dir.join("state"), &device)?;
+        let learned = learner.tasks_learned();
+        if learned == 0 {
+            anyhow::bail!("{}: no task has been learned yet", self.dir.display());
+        }
+        let names: Vec<String> = config
+            .task_order()
+            .iter()
+            .take(learned)
+            .map(|&i| TASKS[i].0.to_string())
+            .collect();
+        let (model, locator) = learner.valid();
+        let record = TestRecord {
+            question_id: cmoe_coin::format::QuestionId("ask".into()),
+            image: self.image.display().to_string(),
+            text: self.question,
+            answer: None,
+            answers: None,
+            answer_bbox: None,
+            size: None,
+        };
+        let prompt = [encoder.encode_prompt(&record)?];
+        let (task, z_scores) = if config.method == Method::Cmoe {
+            let location = locator.locate(&model, collate_prompts::<B>(&prompt, pad, &device))?;
+            let z = names
+                .iter()
+                .cloned()
+                .zip(location.z_scores[0].clone())
+                .collect();
+            (location.tasks[0], z)
+        } else {
+            (0, Vec::new())
+        };
+        let ids = model.generate(
+            collate_prompts::<B>(&prompt, pad, &device),
+            task,
+            &generation,
+        )?;
+        Ok(Answer {
+            task: names[task].clone(),
+            z_scores,
+            text: encoder.tokenizer.decode(&ids[0])?.trim().to_string(),
+        })
+    }
+}
+
 /// Saves the learner next to the previous state and swaps it in, so that a crash leaves one
 /// complete state.
 fn save_state<B: burn::tensor::backend::AutodiffBackend>(
@@ -641,7 +740,8 @@ fn task_data<B: Backend>(
     })
 }
 
-/// Accuracy on task `i` after training task `t`, and the router chosen for each question.
+/// Accuracy on task `i` after training task `t`, the router chosen for each question, and the
+/// answers.
 #[allow(clippy::too_many_arguments)]
 fn evaluate<B: Backend>(
     model: &CmoeModel<B>,
@@ -658,7 +758,7 @@ fn evaluate<B: Backend>(
     generation: &GenerationConfig,
     rng: &mut StdRng,
     device: &B::Device,
-) -> anyhow::Result<(f64, Vec<usize>)> {
+) -> anyhow::Result<(f64, Vec<usize>, Vec<Prediction>)> {
     let bar = progress(records.len() as u64, "evaluate");
     let mut predictions = Vec::with_capacity(records.len());
     let mut chosen_all = Vec::with_capacity(records.len());
@@ -710,7 +810,7 @@ fn evaluate<B: Backend>(
     }
     bar.finish_and_clear();
     let s = score(task_type, records, &predictions, Compat::Correct)?;
-    Ok((s.accuracy, chosen_all))
+    Ok((s.accuracy, chosen_all, predictions))
 }
 
 /// Progress bars for the training stages of one task, and the losses they saw.

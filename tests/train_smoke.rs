@@ -129,6 +129,46 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         assert!(x.iter().zip(y).all(|(p, q)| p.as_u64() <= q.as_u64()));
     }
     assert!(runs.join("whole/report.md").is_file());
+    // The saved answers score to the report's numbers with `cmoe score`.
+    let answers = runs.join("whole/predictions/after-8-OCRVQA/GQA.jsonl");
+    let test = runs.join("whole/data/Instructions/GQA/test.json");
+    let out = cmoe(&[
+        "score",
+        "--task-type",
+        "gqa",
+        "--annotations",
+        test.to_str().unwrap(),
+        "--predictions",
+        answers.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scored["accuracy"], a["accuracy"][7][3]);
+    // A trained run answers new questions, PTL choosing the router.
+    let image = runs.join("whole/data/images/GQA/test/000000.png");
+    let out = cmoe(&[
+        "ask",
+        "--run",
+        runs.join("whole").to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "What colour is the shape on the left side?",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["z_scores"].as_array().unwrap().len(), 8);
+    assert!(tasks.contains(&answer["task"]));
     assert!(runs.join("whole/state/state.safetensors").is_file());
 
     // The baselines share the runner: a sequential-LoRA smoke run has one expert per layer.

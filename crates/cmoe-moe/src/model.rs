@@ -111,18 +111,7 @@ impl<B: Backend> CmoeModel<B> {
 
     /// Forward with task `task`'s routers.
     pub fn forward(&self, input: LlavaInput<B>, task: usize) -> Result<CmoeOutput<B>, LlavaError> {
-        if task >= self.num_tasks() {
-            return Err(LlavaError::Input(format!(
-                "task {task} has no router ({} tasks)",
-                self.num_tasks()
-            )));
-        }
-        let routed = RoutedMlp {
-            layers: &self.moe,
-            task,
-            routing: RefCell::new(Vec::new()),
-            record: true,
-        };
+        let routed = self.routed(task, true)?;
         let hidden = self.base.forward_hidden_with(input, None, Some(&routed))?;
         let logits = self.base.language_model.logits(hidden);
         Ok(CmoeOutput {
@@ -138,19 +127,24 @@ impl<B: Backend> CmoeModel<B> {
         task: usize,
         config: &GenerationConfig,
     ) -> Result<Vec<Vec<u32>>, LlavaError> {
+        let routed = self.routed(task, false)?;
+        generate_with(&self.base, input, config, Some(&routed))
+    }
+
+    /// The MLP hook that runs every layer's MoE with task `task`'s routers.
+    fn routed(&self, task: usize, record: bool) -> Result<RoutedMlp<'_, B>, LlavaError> {
         if task >= self.num_tasks() {
             return Err(LlavaError::Input(format!(
                 "task {task} has no router ({} tasks)",
                 self.num_tasks()
             )));
         }
-        let routed = RoutedMlp {
+        Ok(RoutedMlp {
             layers: &self.moe,
             task,
             routing: RefCell::new(Vec::new()),
-            record: false,
-        };
-        generate_with(&self.base, input, config, Some(&routed))
+            record,
+        })
     }
 
     /// PTL's feature `F_end`: the frozen base model's (no experts) last-layer hidden state at

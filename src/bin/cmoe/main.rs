@@ -10,7 +10,8 @@ use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
-    Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask, report_markdown,
+    AskTask, Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask,
+    report_markdown,
 };
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::pipeline::{self, LlavaPipeline};
@@ -182,6 +183,24 @@ enum Command {
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
     },
+    /// Answer a question about an image with a trained run; PTL picks the task's router.
+    Ask {
+        /// The run folder (runs/<name>).
+        #[arg(long)]
+        run: PathBuf,
+        /// The image.
+        #[arg(long)]
+        image: PathBuf,
+        /// The question, in the task's instruction style.
+        #[arg(long)]
+        question: String,
+        /// Print JSON (task, z_scores, text).
+        #[arg(long)]
+        json: bool,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
     /// Pretrain a small LLaVA (tokenizer + weights) on the synthetic perception mixture.
     Pretrain {
         /// The model's config.json.
@@ -333,6 +352,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )??;
             println!("{}", report_markdown(&report));
             println!("report: {}", dir.join("report.json").display());
+            Ok(())
+        }
+        Command::Ask {
+            run,
+            image,
+            question,
+            json,
+            backend,
+        } => {
+            let answer = run_on(
+                backend,
+                AskTask {
+                    dir: run,
+                    image,
+                    question,
+                },
+            )??;
+            if json {
+                println!("{}", serde_json::to_string(&answer)?);
+            } else {
+                println!("[{}] {}", answer.task, answer.text);
+            }
             Ok(())
         }
         Command::Pretrain {

@@ -7,7 +7,7 @@ use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::draw::{COLOURS, Canvas, PixelBox, Shape};
-use super::tasks::{AUTHORS, Sample, TITLES, WORDS};
+use super::tasks::{AUTHORS, Sample, TITLES, WORDS, draw_cover};
 
 const INSTRUCTIONS: [&str; 4] = [
     "Describe the image.",
@@ -89,11 +89,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
             let (cname, cover) = *COLOURS.choose(rng).expect("colours");
             let title = *TITLES.choose(rng).expect("titles");
             let author = *AUTHORS.choose(rng).expect("authors");
-            let margin = s / 16;
-            canvas.rect([margin, 0, s - margin, s], cover);
-            let centre = |w: &str| (s.saturating_sub(w.len() as u32 * 8)) / 2;
-            canvas.text(title, centre(title), s / 8, 1, [250, 250, 250]);
-            canvas.text(author, centre(author), s - s / 8 - 8, 1, [15, 15, 15]);
+            draw_cover(&mut canvas, cover, title, author);
             format!(
                 "a {cname} book cover with the title {} by {}",
                 title.to_lowercase(),

@@ -77,6 +77,17 @@ fn distinct_objects(rng: &mut impl Rng, count: usize) -> Vec<((&'static str, [u8
     all
 }
 
+/// A book cover filling the canvas: the title near the top in white, the author near the
+/// bottom in black.
+pub fn draw_cover(canvas: &mut Canvas, cover: [u8; 3], title: &str, author: &str) {
+    let s = canvas.image.width();
+    let margin = s / 16;
+    canvas.rect([margin, 0, s - margin, s], cover);
+    let centre = |w: &str| (s.saturating_sub(w.len() as u32 * 8)) / 2;
+    canvas.text(title, centre(title), s / 8, 1, [250, 250, 250]);
+    canvas.text(author, centre(author), s - s / 8 - 8, 1, [15, 15, 15]);
+}
+
 /// Draws one sample of `task` on a `size` x `size` image.
 pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
     let mut canvas = Canvas::new(size, BACKGROUND);
@@ -315,11 +326,7 @@ pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
             let (_, cover) = colour(rng);
             let title = *TITLES.choose(rng).expect("titles");
             let author = *AUTHORS.choose(rng).expect("authors");
-            let margin = s / 16;
-            canvas.rect([margin, 0, s - margin, s], cover);
-            let centre = |w: &str| (s.saturating_sub(w.len() as u32 * 8)) / 2;
-            canvas.text(title, centre(title), s / 8, 1, [250, 250, 250]);
-            canvas.text(author, centre(author), s - s / 8 - 8, 1, [15, 15, 15]);
+            draw_cover(&mut canvas, cover, title, author);
             let (q, ans) = if rng.random_bool(0.5) {
                 ("What is the title of this book?", title)
             } else {
