@@ -174,6 +174,7 @@ impl RunConfig {
                 n_rep: 8,
                 bank_instances: 200,
                 lr: Some(1e-3),
+                fit_epochs: 20,
                 seed: 0x5EED,
             },
             batch: 8,

@@ -16,7 +16,8 @@ use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats
 use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
 use crate::stages::{
     StageConfig, StageError, TrainBatch, VaeFit, activation_stats, add_probes, bank_entry,
-    base_features, expand, new_expert_ranges, set_trainable, train_stage, train_stage_with,
+    base_features, expand, fit_vae, new_expert_ranges, set_trainable, train_stage,
+    train_stage_with,
 };
 use crate::state::{ContinualMeta, ContinualTensors};
 
@@ -222,6 +223,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                 })
             })?;
         let fit = fit.expect("train_stage_with returns the VAE it was given");
+        let fit = fit_vae(fit, stage.lr, &stage.loss);
         let entry = bank_entry(&fit.vae, &fit.features, stage.steps, &meta.ptl);
         meta.bank.entries.push(entry);
         meta.first_expert.push(first);

@@ -31,6 +31,11 @@ pub struct PtlConfig {
     pub bank_instances: usize,
     /// Learning rate of the VAE; `None`: the stage's (the paper trains it in the same loss).
     pub lr: Option<f64>,
+    /// Passes of VAE-only training over the task's cached features after the joint stage, so
+    /// that the bank is built "after the VAE converges" (paper); 0 for none. Cheap: the base
+    /// model is not run again.
+    #[serde(default)]
+    pub fit_epochs: usize,
     /// Seed of the fixed draws used for scoring (bank entries and inference).
     pub seed: u64,
 }
@@ -43,6 +48,7 @@ impl Default for PtlConfig {
             n_rep: 8,
             bank_instances: 256,
             lr: None,
+            fit_epochs: 0,
             seed: 0x5EED,
         }
     }

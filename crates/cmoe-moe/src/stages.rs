@@ -235,6 +235,32 @@ pub fn train_stage_with<B: AutodiffBackend>(
     Ok((model, vae))
 }
 
+/// Trains the VAE alone for `fit.config.fit_epochs` passes over its cached features (AdamW,
+/// constant learning rate: `fit.config.lr`, else `lr`), minimising `rec + (lambda / eta) KL`
+/// (the objective's VAE terms with their relative weight).
+pub fn fit_vae<B: AutodiffBackend>(
+    mut fit: VaeFit<B>,
+    lr: f64,
+    weights: &LossWeights,
+) -> VaeFit<B> {
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let lr = fit.config.lr.unwrap_or(lr);
+    let kl_weight = if weights.rec > 0.0 {
+        weights.kl / weights.rec
+    } else {
+        1.0
+    };
+    for _ in 0..fit.config.fit_epochs {
+        for features in fit.features.clone() {
+            let loss = fit.vae.loss(features, fit.config.n_rep);
+            let total = loss.rec + loss.kl * kl_weight;
+            let grads = GradientsParams::from_grads(total.backward(), &fit.vae);
+            fit.vae = optim.step(lr, fit.vae, grads);
+        }
+    }
+    fit
+}
+
 /// PTL's inputs for a stage: per batch, the frozen base model's feature at each row's last
 /// prompt token (equal, with a causal decoder, to the feature of the prompt alone), detached.
 pub fn base_features<B: Backend>(

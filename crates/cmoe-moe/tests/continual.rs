@@ -130,6 +130,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str) {
         n_rep: 4,
         bank_instances: 3,
         lr: Some(1e-2),
+        fit_epochs: 2,
         seed: 7,
     };
     let recipe = recipe();
