@@ -208,6 +208,30 @@ impl RunConfig {
         }
     }
 
+    /// The default run name: the preset and method, then every setting that differs from
+    /// the method's defaults (`default-cmoe`, `default-cmoe-plan-every-layer`, ...).
+    pub fn default_name(&self, preset: Preset) -> String {
+        let word = |v: serde_json::Value| v.as_str().unwrap_or("?").to_string();
+        let mut name = format!(
+            "{}-{}",
+            word(serde_json::json!(preset)),
+            word(serde_json::json!(self.method))
+        );
+        if self.router != RouterChoice::Ptl {
+            name += &format!("-router-{}", word(serde_json::json!(self.router)));
+        }
+        if self.plan != PlanChoice::Pgke {
+            name += &format!("-plan-{}", word(serde_json::json!(self.plan)));
+        }
+        if self.order != TaskOrder::Normal {
+            name += &format!("-order-{}", word(serde_json::json!(self.order)));
+        }
+        if self.seed != 0 {
+            name += &format!("-seed-{}", self.seed);
+        }
+        name
+    }
+
     /// The task positions in training order (indices into [`TASKS`]).
     pub fn task_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..TASKS.len()).collect();
@@ -337,6 +361,12 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         serde_json::from_str(&std::fs::read_to_string(&progress_json)?)
             .with_context(|| format!("{}: malformed progress", progress_json.display()))?
     } else {
+        if progress_json.exists() {
+            anyhow::bail!(
+                "{} already holds a run; continue it with --resume or choose another --name",
+                dir.display()
+            );
+        }
         write_json_atomic(&run_json, &config)?;
         Progress::default()
     };

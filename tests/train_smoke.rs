@@ -68,6 +68,12 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     let stopped = train("broken", &["--stop-after-tasks", "3"]);
     assert!(!stopped.status.success());
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    let fresh = train("broken", &[]);
+    assert!(
+        !fresh.status.success(),
+        "a fresh run must not overwrite a started one"
+    );
+    assert!(String::from_utf8_lossy(&fresh.stderr).contains("already holds a run"));
     let resumed = train("broken", &["--resume"]);
     assert!(
         resumed.status.success(),

@@ -330,15 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.order = task_order;
             config.seed = seed;
             config.model = model;
-            let name = name.unwrap_or_else(|| {
-                let preset = serde_json::to_value(preset).expect("names serialise");
-                let method = serde_json::to_value(method).expect("names serialise");
-                format!(
-                    "{}-{}",
-                    preset.as_str().unwrap_or("run"),
-                    method.as_str().unwrap_or("run")
-                )
-            });
+            let name = name.unwrap_or_else(|| config.default_name(preset));
             let dir = runs.join(name);
             let report = run_on(
                 backend,
