@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train, write_jsonl};
+use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train, write_json, write_jsonl};
 use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_data::prompt::Conversation;
@@ -330,13 +330,6 @@ impl BackendTask for TrainTask {
 
 type AD<B> = Autodiff<B>;
 
-fn write_json_atomic(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-}
-
 fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report> {
     let TrainTask {
         config,
@@ -367,7 +360,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
                 dir.display()
             );
         }
-        write_json_atomic(&run_json, &config)?;
+        write_json(&run_json, &config)?;
         Progress::default()
     };
 
@@ -381,21 +374,12 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     let names: Vec<String> = order.iter().map(|&i| TASKS[i].0.to_string()).collect();
     let types: Vec<TaskType> = order.iter().map(|&i| TASKS[i].1).collect();
 
-    let pipe = LlavaPipeline::<AD<B>>::load(&config.model, device)?;
-    let pad = pipe.config.pad_token_id.unwrap_or(0);
-    let generation = GenerationConfig {
-        max_new_tokens: config.max_new_tokens,
-        eos_token_ids: pipe.config.text_config.eos_token_id.clone(),
-        pad_token_id: pad,
-        sampling: Sampling::Greedy,
-    };
-    let encoder = CoinEncoder {
-        tokenizer: pipe.tokenizer.clone(),
-        processor: pipe.processor.clone(),
-        conversation: Conversation::vicuna_v1(),
-        tokens_per_image: pipe.config.image_tokens_per_image(),
-        image_root: data_dir.join("images"),
-    };
+    let Runtime {
+        base,
+        pad,
+        generation,
+        encoder,
+    } = Runtime::<B>::load(&config, data_dir.join("images"), device)?;
     let tests: Vec<(Vec<TestRecord>, Vec<Encoded>)> = names
         .iter()
         .map(|name| {
@@ -416,9 +400,9 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             progress.completed,
             names.len()
         );
-        ContinualLearner::load(pipe.model, &state_dir, device)?
+        ContinualLearner::load(base, &state_dir, device)?
     } else {
-        ContinualLearner::new(pipe.model, config.moe, config.ptl, device)
+        ContinualLearner::new(base, config.moe, config.ptl, device)
     };
     let shared = config.method != Method::Cmoe;
 
@@ -433,8 +417,8 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         let name = &names[t];
         eprintln!("task {}/{}: {name}", t + 1, names.len());
         let data = task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
-        let steps = |n: usize| (config.epochs * n).div_ceil(config.batch).max(1);
-        let train_steps = steps(data.train.len() * config.batch);
+        let steps = |batches: usize| (config.epochs * batches).max(1);
+        let train_steps = steps(data.train.len());
         let stage = StageConfig {
             lr: config.lr,
             warmup_ratio: 0.03,
@@ -457,7 +441,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             },
             probe_stage: StageConfig {
                 lr: config.probe_lr,
-                steps: steps(data.probe_train.len() * config.batch),
+                steps: steps(data.probe_train.len()),
                 ..stage
             },
             stage,
@@ -518,7 +502,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             .seconds_per_task
             .push(started.elapsed().as_secs_f64());
         progress.completed = t + 1;
-        write_json_atomic(&progress_json, &progress)?;
+        write_json(&progress_json, &progress)?;
     }
 
     if progress.completed < names.len() {
@@ -529,7 +513,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         );
     }
     let report = make_report(&config, &progress, names, backend);
-    write_json_atomic(&dir.join("report.json"), &report)?;
+    write_json(&dir.join("report.json"), &report)?;
     std::fs::write(dir.join("report.md"), report_markdown(&report))
         .with_context(|| format!("cannot write {}", dir.join("report.md").display()))?;
     report_plots(&report, &dir)?;
@@ -607,6 +591,42 @@ fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// What training, evaluation and `cmoe ask` take from the run's model directory.
+struct Runtime<B: Backend> {
+    /// The base model (with autodiff, for training).
+    base: cmoe_llava::Llava<AD<B>>,
+    /// The padding id.
+    pad: u32,
+    /// Greedy answers of at most `max_new_tokens`.
+    generation: GenerationConfig,
+    /// The model's tokenizer and processor; images under `image_root`.
+    encoder: CoinEncoder,
+}
+
+impl<B: Backend> Runtime<B> {
+    fn load(config: &RunConfig, image_root: PathBuf, device: &B::Device) -> anyhow::Result<Self> {
+        let pipe = LlavaPipeline::<AD<B>>::load(&config.model, device)?;
+        let pad = pipe.config.pad_token_id.unwrap_or(0);
+        Ok(Self {
+            generation: GenerationConfig {
+                max_new_tokens: config.max_new_tokens,
+                eos_token_ids: pipe.config.text_config.eos_token_id.clone(),
+                pad_token_id: pad,
+                sampling: Sampling::Greedy,
+            },
+            encoder: CoinEncoder {
+                tokenizer: pipe.tokenizer,
+                processor: pipe.processor,
+                conversation: Conversation::vicuna_v1(),
+                tokens_per_image: pipe.config.image_tokens_per_image(),
+                image_root,
+            },
+            pad,
+            base: pipe.model,
+        })
+    }
+}
+
 /// What [`AskTask`] answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Answer {
@@ -639,22 +659,13 @@ impl BackendTask for AskTask {
                 .with_context(|| format!("cannot read {}", run_json.display()))?,
         )
         .with_context(|| format!("{}: malformed run config", run_json.display()))?;
-        let pipe = LlavaPipeline::<AD<B>>::load(&config.model, &device)?;
-        let pad = pipe.config.pad_token_id.unwrap_or(0);
-        let generation = GenerationConfig {
-            max_new_tokens: config.max_new_tokens,
-            eos_token_ids: pipe.config.text_config.eos_token_id.clone(),
-            pad_token_id: pad,
-            sampling: Sampling::Greedy,
-        };
-        let encoder = CoinEncoder {
-            tokenizer: pipe.tokenizer.clone(),
-            processor: pipe.processor.clone(),
-            conversation: Conversation::vicuna_v1(),
-            tokens_per_image: pipe.config.image_tokens_per_image(),
-            image_root: PathBuf::new(),
-        };
-        let learner = ContinualLearner::load(pipe.model, &self.dir.join("state"), &device)?;
+        let Runtime {
+            base,
+            pad,
+            generation,
+            encoder,
+        } = Runtime::<B>::load(&config, PathBuf::new(), &device)?;
+        let learner = ContinualLearner::load(base, &self.dir.join("state"), &device)?;
         let learned = learner.tasks_learned();
         if learned == 0 {
             anyhow::bail!("{}: no task has been learned yet", self.dir.display());
@@ -753,21 +764,20 @@ fn task_data<B: Backend>(
     let subset =
         ((encoded.len() as f64 * config.probe_fraction).ceil() as usize).clamp(1, encoded.len());
     let probe_eval_end = (2 * subset).min(encoded.len());
-    let probe_eval: Vec<_> = batches(&order[subset..probe_eval_end])
-        .into_iter()
-        .map(|b| b.input)
-        .collect();
+    let probe_train = batches(&order[..subset]);
+    // With too few samples for two disjoint subsets, the statistics reuse the probe subset.
+    let probe_eval: Vec<_> = if probe_eval_end > subset {
+        batches(&order[subset..probe_eval_end])
+            .into_iter()
+            .map(|b| b.input)
+            .collect()
+    } else {
+        probe_train.iter().map(|b| b.input.clone()).collect()
+    };
     Ok(TaskData {
         train: batches(&order),
-        probe_train: batches(&order[..subset]),
-        probe_eval: if probe_eval.is_empty() {
-            batches(&order[..subset])
-                .into_iter()
-                .map(|b| b.input)
-                .collect()
-        } else {
-            probe_eval
-        },
+        probe_train,
+        probe_eval,
     })
 }
 
@@ -897,9 +907,7 @@ impl StageBars {
 
     /// Mean cross-entropy of the last 10 % of the training stage's steps.
     fn final_loss(&self) -> f64 {
-        let n = (self.losses.len() / 10)
-            .max(1)
-            .min(self.losses.len().max(1));
+        let n = (self.losses.len() / 10).max(1);
         let tail = &self.losses[self.losses.len().saturating_sub(n)..];
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
     }

@@ -12,7 +12,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion};
-use cmoe_coin::format::{TrainRecord, Turn};
+use cmoe_coin::format::{TrainRecord, Turn, write_json};
 use cmoe_coin::mini::{TASKS, captions, tasks};
 use cmoe_data::bpe::train_bpe;
 use cmoe_data::image::{CLIP_MEAN, CLIP_STD, ImageProcessorConfig};
@@ -154,9 +154,7 @@ fn pretrain<B: Backend>(
         parameters,
         config,
     };
-    let path = report.config.out.join("pretrain.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_json(&report.config.out.join("pretrain.json"), &report)?;
     Ok(report)
 }
 
@@ -226,7 +224,5 @@ fn write_processor_config(dir: &Path, size: u32) -> anyhow::Result<()> {
         "image_std": CLIP_STD,
         "do_convert_rgb": true
     });
-    let path = dir.join("preprocessor_config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-        .with_context(|| format!("cannot write {}", path.display()))
+    Ok(write_json(&dir.join("preprocessor_config.json"), &json)?)
 }
