@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
-use cmoe_coin::format::{Prediction, TestRecord, read_test, read_train, write_json, write_jsonl};
+use cmoe_coin::format::{Prediction, TestRecord, write_json, write_jsonl};
 use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_data::prompt::Conversation;
@@ -29,6 +30,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts, collate_train};
+use crate::loader::{
+    BadSamples, LoadReport, SampleProblem, default_workers, load_test_set, load_train_set,
+};
 use crate::pipeline::LlavaPipeline;
 use crate::plots::heatmap;
 use crate::progress::{progress, tick};
@@ -132,6 +136,16 @@ pub struct RunConfig {
     pub eval_batch: usize,
     /// Most generated tokens per answer.
     pub max_new_tokens: usize,
+    /// A CoIN-format data folder to learn instead of generating Mini-CoIN: it holds
+    /// `Instructions/<Task>/train.json` and `test.json` for the tasks of [`TASKS`].
+    #[serde(default)]
+    pub data_root: Option<PathBuf>,
+    /// The folder the records' image paths are relative to (default: `<data>/images`).
+    #[serde(default)]
+    pub image_root: Option<PathBuf>,
+    /// What to do with a sample whose record or image is unusable.
+    #[serde(default)]
+    pub bad_samples: BadSamples,
 }
 
 impl RunConfig {
@@ -186,6 +200,9 @@ impl RunConfig {
             alpha: 0.8,
             eval_batch: 16,
             max_new_tokens: 24,
+            data_root: None,
+            image_root: None,
+            bad_samples: BadSamples::Skip,
         };
         match preset {
             Preset::Default => base,
@@ -261,6 +278,15 @@ pub struct Progress {
     pub seconds_per_task: Vec<f64>,
     /// Per task, the mean loss of the last 10 % of training steps.
     pub final_loss: Vec<f64>,
+    /// Per task, the training samples used and those left out.
+    #[serde(default)]
+    pub train_data: Vec<LoadReport>,
+    /// Per task, the test questions left out (missing or unreadable images).
+    #[serde(default)]
+    pub test_problems: Vec<Vec<SampleProblem>>,
+    /// The backend the run trains on.
+    #[serde(default)]
+    pub backend: String,
 }
 
 /// The run's report (`report.json`).
@@ -302,6 +328,12 @@ pub struct Report {
     pub backend: String,
     /// The run's seed.
     pub seed: u64,
+    /// Per task, the training samples used and those left out.
+    #[serde(default)]
+    pub train_data: Vec<LoadReport>,
+    /// Per task, the test questions left out (missing or unreadable images).
+    #[serde(default)]
+    pub test_problems: Vec<Vec<SampleProblem>>,
     /// The whole configuration.
     pub config: RunConfig,
 }
@@ -364,12 +396,19 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         Progress::default()
     };
 
-    // The data: generated once per run folder, deterministically from its seed.
-    let data_dir = dir.join("data");
-    if !data_dir.join("mini-coin.json").exists() {
+    progress.backend = backend;
+
+    // The data: the user's CoIN folder, or Mini-CoIN generated once per run folder,
+    // deterministically from its seed.
+    let data_dir = data_dir(&config, &dir);
+    if config.data_root.is_none() && !data_dir.join("mini-coin.json").exists() {
         eprintln!("generating Mini-CoIN in {}", data_dir.display());
         mini::generate(&config.data, &data_dir, |_| {})?;
     }
+    let image_root = config
+        .image_root
+        .clone()
+        .unwrap_or_else(|| data_dir.join("images"));
     let order = config.task_order();
     let names: Vec<String> = order.iter().map(|&i| TASKS[i].0.to_string()).collect();
     let types: Vec<TaskType> = order.iter().map(|&i| TASKS[i].1).collect();
@@ -379,18 +418,20 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         pad,
         generation,
         encoder,
-    } = Runtime::<B>::load(&config, data_dir.join("images"), device)?;
-    let tests: Vec<(Vec<TestRecord>, Vec<Encoded>)> = names
-        .iter()
-        .map(|name| {
-            let records = read_test(&data_dir.join("Instructions").join(name).join("test.json"))?;
-            let prompts = records
-                .iter()
-                .map(|r| encoder.encode_prompt(r))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((records, prompts))
-        })
-        .collect::<anyhow::Result<_>>()?;
+    } = Runtime::<B>::load(&config, image_root, device)?;
+    let encoder = Arc::new(encoder);
+    let mut tests: Vec<(Vec<TestRecord>, Vec<Encoded>)> = Vec::new();
+    let mut test_problems = Vec::new();
+    for name in &names {
+        let path = data_dir.join("Instructions").join(name).join("test.json");
+        let (records, prompts, problems) = load_test_set(&encoder, &path, config.bad_samples)?;
+        if !problems.is_empty() {
+            eprintln!("{}: {} questions left out", path.display(), problems.len());
+        }
+        tests.push((records, prompts));
+        test_problems.push(problems);
+    }
+    progress.test_problems = test_problems;
 
     let state_dir = dir.join("state");
     AD::<B>::seed(device, config.seed); // the first task's fresh experts
@@ -416,7 +457,10 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         let mut rng = StdRng::seed_from_u64(task_seed);
         let name = &names[t];
         eprintln!("task {}/{}: {name}", t + 1, names.len());
-        let data = task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
+        let (data, load_report) =
+            task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
+        progress.train_data.truncate(t);
+        progress.train_data.push(load_report);
         let steps = |batches: usize| (config.epochs * batches).max(1);
         let train_steps = steps(data.train.len());
         let stage = StageConfig {
@@ -464,26 +508,20 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
 
         // Evaluate every task seen so far.
         let (model, locator) = learner.valid();
+        let evaluator = Evaluator {
+            model: &model,
+            locator: &locator,
+            config: &config,
+            encoder: &encoder,
+            pad,
+            generation: &generation,
+            device,
+        };
         let mut row = vec![None; names.len()];
         let mut confusion = vec![vec![0usize; names.len()]; names.len()];
         for i in 0..=t {
-            let (records, prompts) = &tests[i];
-            let (accuracy, chosen, predictions) = evaluate(
-                &model,
-                &locator,
-                &config,
-                shared,
-                t,
-                i,
-                records,
-                prompts,
-                types[i],
-                &encoder,
-                pad,
-                &generation,
-                &mut rng,
-                device,
-            )?;
+            let (accuracy, chosen, predictions) =
+                evaluator.evaluate(t, i, &tests[i], types[i], &mut rng)?;
             for c in chosen {
                 confusion[i][c] += 1;
             }
@@ -512,12 +550,144 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             names.len()
         );
     }
-    let report = make_report(&config, &progress, names, backend);
-    write_json(&dir.join("report.json"), &report)?;
-    std::fs::write(dir.join("report.md"), report_markdown(&report))
-        .with_context(|| format!("cannot write {}", dir.join("report.md").display()))?;
-    report_plots(&report, &dir)?;
+    let report = make_report(&config, &progress, names);
+    write_report(&report, &dir)?;
     Ok(report)
+}
+
+/// `report.json`, `report.md` and the plots in `dir`.
+fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    write_json(&dir.join("report.json"), report)?;
+    std::fs::write(dir.join("report.md"), report_markdown(report))
+        .with_context(|| format!("cannot write {}", dir.join("report.md").display()))?;
+    report_plots(report, dir)
+}
+
+/// Reads a JSON file a run wrote, naming the file in every error.
+fn read_run_file<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} (is this a run folder?)", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))
+}
+
+/// Rebuilds a run's report (`report.json`, `report.md`, plots) from its `run.json` and
+/// `progress.json`; a run still going (or killed) gets the report of the tasks done so far.
+pub fn rebuild_report(dir: &Path) -> anyhow::Result<Report> {
+    let config: RunConfig = read_run_file(&dir.join("run.json"))?;
+    let progress: Progress = read_run_file(&dir.join("progress.json"))?;
+    if progress.completed == 0 {
+        anyhow::bail!("{}: no task has been completed yet", dir.display());
+    }
+    let names = config
+        .task_order()
+        .iter()
+        .take(progress.completed)
+        .map(|&i| TASKS[i].0.to_string())
+        .collect();
+    let report = make_report(&config, &progress, names);
+    write_report(&report, dir)?;
+    Ok(report)
+}
+
+/// The data folder of a run: the user's CoIN folder or the generated Mini-CoIN.
+fn data_dir(config: &RunConfig, run_dir: &Path) -> PathBuf {
+    config
+        .data_root
+        .clone()
+        .unwrap_or_else(|| run_dir.join("data"))
+}
+
+/// Accuracy of a run's latest state on every task it has learned (`eval.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Learned tasks, in training order.
+    pub tasks: Vec<String>,
+    /// Accuracy per task (percent).
+    pub accuracy: Vec<f64>,
+    /// Mean of `accuracy`.
+    pub mean: f64,
+    /// `ptl_confusion[true][chosen]`.
+    pub ptl_confusion: Vec<Vec<usize>>,
+    /// Share of questions routed to their own task.
+    pub ptl_accuracy: f64,
+    /// Questions left out per task (missing or unreadable images).
+    pub test_problems: Vec<Vec<SampleProblem>>,
+}
+
+/// Evaluates a run's saved state on the test sets of every task it has learned, writing the
+/// answers (`eval/<task>.jsonl`) and `eval.json`.
+pub struct EvalTask {
+    /// The run folder.
+    pub dir: PathBuf,
+}
+
+impl BackendTask for EvalTask {
+    type Output = anyhow::Result<EvalReport>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<EvalReport> {
+        let dir = self.dir;
+        let config: RunConfig = read_run_file(&dir.join("run.json"))?;
+        let data = data_dir(&config, &dir);
+        let image_root = config
+            .image_root
+            .clone()
+            .unwrap_or_else(|| data.join("images"));
+        let Runtime {
+            base,
+            pad,
+            generation,
+            encoder,
+        } = Runtime::<B>::load(&config, image_root, &device)?;
+        let learner = ContinualLearner::load(base, &dir.join("state"), &device)?;
+        let learned = learner.tasks_learned();
+        if learned == 0 {
+            anyhow::bail!("{}: no task has been learned yet", dir.display());
+        }
+        let order: Vec<usize> = config.task_order().into_iter().take(learned).collect();
+        let (model, locator) = learner.valid();
+        let evaluator = Evaluator {
+            model: &model,
+            locator: &locator,
+            config: &config,
+            encoder: &encoder,
+            pad,
+            generation: &generation,
+            device: &device,
+        };
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let mut report = EvalReport {
+            tasks: Vec::new(),
+            accuracy: Vec::new(),
+            mean: 0.0,
+            ptl_confusion: vec![vec![0; learned]; learned],
+            ptl_accuracy: 0.0,
+            test_problems: Vec::new(),
+        };
+        for (i, &task) in order.iter().enumerate() {
+            let (name, task_type) = TASKS[task];
+            let path = data.join("Instructions").join(name).join("test.json");
+            let (records, prompts, problems) = load_test_set(&encoder, &path, config.bad_samples)?;
+            let (accuracy, chosen, predictions) =
+                evaluator.evaluate(learned - 1, i, &(records, prompts), task_type, &mut rng)?;
+            for c in chosen {
+                report.ptl_confusion[i][c] += 1;
+            }
+            write_jsonl(
+                &dir.join("eval").join(format!("{name}.jsonl")),
+                &predictions,
+            )?;
+            eprintln!("  {name:<10} {accuracy:6.2}");
+            report.tasks.push(name.to_string());
+            report.accuracy.push(accuracy);
+            report.test_problems.push(problems);
+        }
+        report.mean = report.accuracy.iter().sum::<f64>() / learned as f64;
+        let routed: usize = report.ptl_confusion.iter().flatten().sum();
+        let right: usize = (0..learned).map(|i| report.ptl_confusion[i][i]).sum();
+        report.ptl_accuracy = right as f64 / routed.max(1) as f64;
+        write_json(&dir.join("eval.json"), &report)?;
+        Ok(report)
+    }
 }
 
 /// `accuracy.png`, `ptl_confusion.png`, `experts_per_layer.png`, `trainable_params.png`.
@@ -653,12 +823,7 @@ impl BackendTask for AskTask {
     type Output = anyhow::Result<Answer>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<Answer> {
-        let run_json = self.dir.join("run.json");
-        let config: RunConfig = serde_json::from_str(
-            &std::fs::read_to_string(&run_json)
-                .with_context(|| format!("cannot read {}", run_json.display()))?,
-        )
-        .with_context(|| format!("{}: malformed run config", run_json.display()))?;
+        let config: RunConfig = read_run_file(&self.dir.join("run.json"))?;
         let Runtime {
             base,
             pad,
@@ -733,24 +898,35 @@ fn save_state<B: burn::tensor::backend::AutodiffBackend>(
 /// A task's training batches (shuffled) and its two disjoint PGKE subsets.
 fn task_data<B: Backend>(
     config: &RunConfig,
-    encoder: &CoinEncoder,
+    encoder: &Arc<CoinEncoder>,
     data_dir: &Path,
     name: &str,
     pad: u32,
     rng: &mut StdRng,
     device: &B::Device,
-) -> anyhow::Result<TaskData<B>> {
-    let records = read_train(&data_dir.join("Instructions").join(name).join("train.json"))?;
-    if records.is_empty() {
-        anyhow::bail!("{name}: the training set is empty");
-    }
-    let bar = progress(records.len() as u64, "encode");
-    let mut encoded = Vec::with_capacity(records.len());
-    for r in &records {
-        encoded.push(encoder.encode_train(r)?);
-        bar.inc(1);
-    }
+) -> anyhow::Result<(TaskData<B>, LoadReport)> {
+    let task_dir = data_dir.join("Instructions").join(name);
+    let path = match task_dir.join("train.json") {
+        json if !json.exists() && task_dir.join("train.jsonl").exists() => {
+            task_dir.join("train.jsonl")
+        }
+        json => json,
+    };
+    let bar = progress(0, "encode");
+    let (encoded, report) = load_train_set(
+        encoder.clone(),
+        &path,
+        config.bad_samples,
+        default_workers(),
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
     bar.finish_and_clear();
+    if !report.problems.is_empty() {
+        eprintln!("  {}: {}", path.display(), report.summary());
+    }
     let mut order: Vec<usize> = (0..encoded.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(rng.random()));
     let batches = |idx: &[usize]| -> Vec<TrainBatch<B>> {
@@ -774,84 +950,104 @@ fn task_data<B: Backend>(
     } else {
         probe_train.iter().map(|b| b.input.clone()).collect()
     };
-    Ok(TaskData {
-        train: batches(&order),
-        probe_train,
-        probe_eval,
-    })
+    Ok((
+        TaskData {
+            train: batches(&order),
+            probe_train,
+            probe_eval,
+        },
+        report,
+    ))
 }
 
-/// Accuracy on task `i` after training task `t`, the router chosen for each question, and the
-/// answers.
-#[allow(clippy::too_many_arguments)]
-fn evaluate<B: Backend>(
-    model: &CmoeModel<B>,
-    locator: &TaskLocator<B>,
-    config: &RunConfig,
-    shared: bool,
-    t: usize,
-    i: usize,
-    records: &[TestRecord],
-    prompts: &[Encoded],
-    task_type: TaskType,
-    encoder: &CoinEncoder,
+/// What answering test questions with a learned state needs.
+struct Evaluator<'a, B: Backend> {
+    model: &'a CmoeModel<B>,
+    locator: &'a TaskLocator<B>,
+    config: &'a RunConfig,
+    encoder: &'a CoinEncoder,
     pad: u32,
-    generation: &GenerationConfig,
-    rng: &mut StdRng,
-    device: &B::Device,
-) -> anyhow::Result<(f64, Vec<usize>, Vec<Prediction>)> {
-    let bar = progress(records.len() as u64, "evaluate");
-    let mut predictions = Vec::with_capacity(records.len());
-    let mut chosen_all = Vec::with_capacity(records.len());
-    for (records, prompts) in records
-        .chunks(config.eval_batch)
-        .zip(prompts.chunks(config.eval_batch))
-    {
-        let chosen: Vec<usize> = if shared {
-            vec![0; records.len()]
-        } else {
-            match config.router {
-                RouterChoice::Ptl => {
-                    locator
-                        .locate(model, collate_prompts::<B>(prompts, pad, device))?
-                        .tasks
+    generation: &'a GenerationConfig,
+    device: &'a B::Device,
+}
+
+/// One evaluation: the accuracy, the router chosen for each question, and the answers.
+type Evaluation = (f64, Vec<usize>, Vec<Prediction>);
+
+impl<B: Backend> Evaluator<'_, B> {
+    /// Accuracy on task `i` after training task `t`, the router chosen for each question, and
+    /// the answers.
+    fn evaluate(
+        &self,
+        t: usize,
+        i: usize,
+        (records, prompts): &(Vec<TestRecord>, Vec<Encoded>),
+        task_type: TaskType,
+        rng: &mut StdRng,
+    ) -> anyhow::Result<Evaluation> {
+        let Self {
+            model,
+            locator,
+            config,
+            encoder,
+            pad,
+            generation,
+            device,
+        } = *self;
+        let shared = config.method != Method::Cmoe;
+        let bar = progress(records.len() as u64, "evaluate");
+        let mut predictions = Vec::with_capacity(records.len());
+        let mut chosen_all = Vec::with_capacity(records.len());
+        for (records, prompts) in records
+            .chunks(config.eval_batch)
+            .zip(prompts.chunks(config.eval_batch))
+        {
+            let chosen: Vec<usize> = if shared {
+                vec![0; records.len()]
+            } else {
+                match config.router {
+                    RouterChoice::Ptl => {
+                        locator
+                            .locate(model, collate_prompts::<B>(prompts, pad, device))?
+                            .tasks
+                    }
+                    RouterChoice::Last => vec![t; records.len()],
+                    RouterChoice::Random => (0..records.len())
+                        .map(|_| rng.random_range(0..=t))
+                        .collect(),
+                    RouterChoice::Oracle => vec![i; records.len()],
                 }
-                RouterChoice::Last => vec![t; records.len()],
-                RouterChoice::Random => (0..records.len())
-                    .map(|_| rng.random_range(0..=t))
-                    .collect(),
-                RouterChoice::Oracle => vec![i; records.len()],
+            };
+            // One generation per router chosen in this batch.
+            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for (row, &c) in chosen.iter().enumerate() {
+                groups.entry(c).or_default().push(row);
             }
-        };
-        // One generation per router chosen in this batch.
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (row, &c) in chosen.iter().enumerate() {
-            groups.entry(c).or_default().push(row);
-        }
-        let mut texts = vec![String::new(); records.len()];
-        for (router, rows) in groups {
-            let group: Vec<Encoded> = rows.iter().map(|&r| prompts[r].clone()).collect();
-            let outputs = model.generate(
-                collate_prompts::<B>(&group, pad, device),
-                router,
-                generation,
-            )?;
-            for (&row, ids) in rows.iter().zip(outputs) {
-                texts[row] = encoder.tokenizer.decode(&ids)?.trim().to_string();
+            let mut texts = vec![String::new(); records.len()];
+            for (router, rows) in groups {
+                let group: Vec<Encoded> = rows.iter().map(|&r| prompts[r].clone()).collect();
+                let outputs = model.generate(
+                    collate_prompts::<B>(&group, pad, device),
+                    router,
+                    generation,
+                )?;
+                for (&row, ids) in rows.iter().zip(outputs) {
+                    texts[row] = encoder.tokenizer.decode(&ids)?.trim().to_string();
+                }
             }
+            for (record, text) in records.iter().zip(texts) {
+                predictions.push(Prediction {
+                    question_id: record.question_id.clone(),
+                    text,
+                });
+            }
+            chosen_all.extend(chosen);
+            bar.inc(records.len() as u64);
         }
-        for (record, text) in records.iter().zip(texts) {
-            predictions.push(Prediction {
-                question_id: record.question_id.clone(),
-                text,
-            });
-        }
-        chosen_all.extend(chosen);
-        bar.inc(records.len() as u64);
+        bar.finish_and_clear();
+        let s = score(task_type, records, &predictions, Compat::Correct)?;
+        Ok((s.accuracy, chosen_all, predictions))
     }
-    bar.finish_and_clear();
-    let s = score(task_type, records, &predictions, Compat::Correct)?;
-    Ok((s.accuracy, chosen_all, predictions))
 }
 
 /// Progress bars for the training stages of one task, and the losses they saw.
@@ -914,12 +1110,7 @@ impl StageBars {
 }
 
 /// The report's numbers from the accuracy matrix.
-pub fn make_report(
-    config: &RunConfig,
-    progress: &Progress,
-    tasks: Vec<String>,
-    backend: String,
-) -> Report {
+pub fn make_report(config: &RunConfig, progress: &Progress, tasks: Vec<String>) -> Report {
     let t = progress.accuracy.len();
     let a = |row: usize, col: usize| progress.accuracy[row][col].unwrap_or(0.0);
     let immediate: Vec<f64> = (0..t).map(|i| a(i, i)).collect();
@@ -961,8 +1152,10 @@ pub fn make_report(
             right as f64 / routed as f64
         },
         wall_seconds: progress.seconds_per_task.iter().sum(),
-        backend,
+        backend: progress.backend.clone(),
         seed: config.seed,
+        train_data: progress.train_data.clone(),
+        test_problems: progress.test_problems.clone(),
         config: config.clone(),
     }
 }

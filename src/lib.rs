@@ -15,6 +15,7 @@ pub mod backend;
 pub mod bench;
 pub mod continual;
 pub mod dataset;
+pub mod loader;
 pub mod pipeline;
 pub mod plots;
 pub mod pretrain;

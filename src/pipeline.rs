@@ -198,3 +198,43 @@ pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
         checkpoint,
     })
 }
+
+/// What `cmoe import` found in a model directory.
+#[derive(Debug, Serialize)]
+pub struct ImportCheck {
+    /// Config, parameter counts and checkpoint summary.
+    pub inspection: Inspection,
+    /// Tokens in the tokenizer (added tokens included).
+    pub tokenizer_vocab: usize,
+    /// Parameters of the model built from the config and filled from the checkpoint.
+    pub loaded_parameters: usize,
+}
+
+/// Validates a Hugging Face LLaVA directory for use: the config parses, the checkpoint's
+/// shards hold every tensor the config implies with the right shape (missing, unexpected and
+/// mis-shaped keys are reported together), the tokenizer loads and fits the vocabulary and
+/// `<image>` id, the image processor config is readable. Loads the weights on the backend.
+pub struct ImportTask {
+    /// The model directory.
+    pub dir: PathBuf,
+}
+
+impl crate::backend::BackendTask for ImportTask {
+    type Output = anyhow::Result<ImportCheck>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<ImportCheck> {
+        let inspection = inspect(&self.dir)?;
+        if inspection.checkpoint.is_none() {
+            anyhow::bail!(
+                "{}: no weights (model.safetensors or model.safetensors.index.json)",
+                self.dir.display()
+            );
+        }
+        let pipe = LlavaPipeline::<B>::load(&self.dir, &device)?;
+        Ok(ImportCheck {
+            tokenizer_vocab: pipe.tokenizer.inner().get_vocab_size(true),
+            loaded_parameters: burn::module::Module::num_params(&pipe.model),
+            inspection,
+        })
+    }
+}

@@ -135,6 +135,52 @@ pub fn read_train(path: &Path) -> Result<Vec<TrainRecord>, CoinError> {
         .map_err(|e| CoinError::invalid(path, None, format!("malformed training file: {e}")))
 }
 
+/// A training record that could not be read, with where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BadRecord {
+    /// `file:line` (JSONL) or `file[index]` (JSON array).
+    pub at: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Reads a training file record by record, keeping going past malformed records: a JSON
+/// array (CoIN's `train.json`) or, for a `.jsonl` file, one record per line. A file that is
+/// not JSON at all (or not an array) is still an error; each record that does not have the
+/// training-record shape is returned as a [`BadRecord`] instead.
+pub fn read_train_lenient(path: &Path) -> Result<(Vec<TrainRecord>, Vec<BadRecord>), CoinError> {
+    let text = read_text(path)?;
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut take = |at: String, value: Result<serde_json::Value, serde_json::Error>| match value
+        .and_then(serde_json::from_value::<TrainRecord>)
+    {
+        Ok(r) => records.push(r),
+        Err(e) => bad.push(BadRecord {
+            at,
+            problem: e.to_string(),
+        }),
+    };
+    if jsonl {
+        for (i, line) in text.lines().enumerate() {
+            if !line.trim().is_empty() {
+                take(
+                    format!("{}:{}", path.display(), i + 1),
+                    serde_json::from_str(line),
+                );
+            }
+        }
+    } else {
+        let values: Vec<serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| CoinError::invalid(path, None, format!("malformed training file: {e}")))?;
+        for (i, value) in values.into_iter().enumerate() {
+            take(format!("{}[{i}]", path.display()), Ok(value));
+        }
+    }
+    Ok((records, bad))
+}
+
 /// Reads result lines `{"question_id", "text"}` (blank lines are skipped).
 pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, CoinError> {
     let text = read_text(path)?;

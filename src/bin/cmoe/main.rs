@@ -10,11 +10,12 @@ use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
-    AskTask, Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask,
-    report_markdown,
+    AskTask, EvalTask, Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask,
+    rebuild_report, report_markdown,
 };
 use llava_cmoe::llava::Sampling;
-use llava_cmoe::pipeline::{self, LlavaPipeline};
+use llava_cmoe::loader::BadSamples;
+use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
 
@@ -182,6 +183,17 @@ enum Command {
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
+        /// Learn a CoIN-format folder (`Instructions/<Task>/{train,test}.json`) instead of
+        /// generating Mini-CoIN.
+        #[arg(long)]
+        data_root: Option<PathBuf>,
+        /// Folder the records' image paths are relative to (default: `<data>/images`).
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        /// Samples with a malformed record or a missing / unreadable image: skip and count
+        /// them, or stop with an error.
+        #[arg(long, value_enum, default_value = "skip")]
+        bad_samples: BadSamples,
     },
     /// Answer a question about an image with a trained run; PTL picks the task's router.
     Ask {
@@ -236,6 +248,38 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Validate a HF LLaVA directory (config, shards, every tensor's key and shape, dtypes,
+    /// tokenizer, image processor) by loading it on the backend.
+    Import {
+        /// HF model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Backend to load on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Evaluate a run's latest state on every task it has learned (PTL routing); writes
+    /// `eval.json` and the answers under `eval/`.
+    Eval {
+        /// The run folder (runs/<name>).
+        #[arg(long)]
+        run: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Backend to run on.
+        #[arg(long, default_value = "flex")]
+        backend: BackendKind,
+    },
+    /// Rebuild a run's report (report.json, report.md, plots) from its progress.
+    Report {
+        /// The run folder (runs/<name>).
+        #[arg(long)]
+        run: PathBuf,
     },
 }
 
@@ -310,6 +354,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
         )?,
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Import {
+            model,
+            json,
+            backend,
+        } => {
+            let check = run_on(backend, ImportTask { dir: model.clone() })??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&check)?);
+            } else {
+                inspect(&model, false)?;
+                println!(
+                    "import: ok on {backend}: {} parameters loaded, tokenizer of {} tokens",
+                    check.loaded_parameters, check.tokenizer_vocab
+                );
+            }
+            Ok(())
+        }
+        Command::Eval { run, json, backend } => {
+            let report = run_on(backend, EvalTask { dir: run.clone() })??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (task, accuracy) in report.tasks.iter().zip(&report.accuracy) {
+                    println!("{task:<10} {accuracy:6.2}");
+                }
+                println!("mean       {:6.2}", report.mean);
+                println!("PTL        {:6.3}", report.ptl_accuracy);
+                println!("eval: {}", run.join("eval.json").display());
+            }
+            Ok(())
+        }
+        Command::Report { run } => {
+            let report = rebuild_report(&run)?;
+            println!("{}", report_markdown(&report));
+            println!("report: {}", run.join("report.json").display());
+            Ok(())
+        }
         Command::Train {
             preset,
             method,
@@ -323,8 +404,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_tasks,
             backend,
+            data_root,
+            image_root,
+            bad_samples,
         } => {
             let mut config = RunConfig::preset(preset, method);
+            config.data_root = data_root;
+            config.image_root = image_root;
+            config.bad_samples = bad_samples;
             config.router = router;
             config.plan = plan;
             config.order = task_order;
