@@ -97,6 +97,10 @@ pub enum Preset {
     Smoke,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Everything that defines a run (saved as `run.json`; `--resume` requires the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -118,8 +122,12 @@ pub struct RunConfig {
     pub moe: MoeConfig,
     /// Locator settings.
     pub ptl: PtlConfig,
-    /// Samples per optimiser step.
+    /// Samples per micro-batch.
     pub batch: usize,
+    /// Micro-batches per optimiser step (gradient accumulation); the global batch is
+    /// `batch x accumulation`.
+    #[serde(default = "one")]
+    pub accumulation: usize,
     /// Passes over each task's training set.
     pub epochs: usize,
     /// Peak learning rate of a task's training.
@@ -192,6 +200,7 @@ impl RunConfig {
                 seed: 0x5EED,
             },
             batch: 8,
+            accumulation: 1,
             epochs: 2,
             lr: 1e-3,
             probe_lr: 1.5e-3,
@@ -223,6 +232,20 @@ impl RunConfig {
                 ..base
             },
         }
+    }
+
+    /// These settings with those of a TOML file over them. Its keys are [`RunConfig`]'s fields
+    /// (tables `moe`, `ptl` and `data` for the nested ones); a key that is not a setting is an
+    /// error naming it, so that a typo never goes unnoticed.
+    pub fn with_file(self, path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: malformed TOML", path.display()))?;
+        let mut merged = serde_json::to_value(&self)?;
+        merge_settings(&mut merged, serde_json::to_value(file)?, "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::from_value(merged).with_context(|| format!("{}: bad setting", path.display()))
     }
 
     /// The default run name: the preset and method, then every setting that differs from
@@ -259,6 +282,35 @@ impl RunConfig {
         }
         order
     }
+}
+
+/// Writes every value of `overrides` over `settings`, recursing into tables; a key that
+/// `settings` lacks is an error naming its path.
+fn merge_settings(
+    settings: &mut serde_json::Value,
+    overrides: serde_json::Value,
+    at: &str,
+) -> Result<(), String> {
+    let serde_json::Value::Object(overrides) = overrides else {
+        *settings = overrides;
+        return Ok(());
+    };
+    for (key, value) in overrides {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        let slot = settings
+            .get_mut(&key)
+            .ok_or_else(|| format!("unknown setting `{path}`"))?;
+        if slot.is_object() {
+            merge_settings(slot, value, &path)?;
+        } else {
+            *slot = value;
+        }
+    }
+    Ok(())
 }
 
 /// What has been done so far (`progress.json`): the resume point and every measurement.
@@ -461,12 +513,18 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
         progress.train_data.truncate(t);
         progress.train_data.push(load_report);
-        let steps = |batches: usize| (config.epochs * batches).max(1);
+        // Optimiser steps of `epochs` passes over `batches` micro-batches.
+        let steps = |batches: usize| {
+            (config.epochs * batches)
+                .div_ceil(config.accumulation.max(1))
+                .max(1)
+        };
         let train_steps = steps(data.train.len());
         let stage = StageConfig {
             lr: config.lr,
             warmup_ratio: 0.03,
             steps: train_steps,
+            accumulation: config.accumulation.max(1),
             weight_decay: 0.0,
             loss: Default::default(),
         };

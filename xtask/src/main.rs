@@ -37,6 +37,31 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Validates a Hugging Face LLaVA directory by loading it (`cmoe import --model DIR`):
+    /// config, shards, every tensor's key and shape, dtypes, tokenizer, image processor.
+    Import {
+        /// Burn backend to load on.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Flags passed to `cmoe import`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Evaluates a run's latest state on every task it learned (`cmoe eval --run DIR`).
+    Eval {
+        /// Burn backend.
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        /// Flags passed to `cmoe eval`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Rebuilds a run's report from its progress (`cmoe report --run DIR`).
+    Report {
+        /// Flags passed to `cmoe report`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Runs several methods / ablations with one preset and writes one comparison table.
     Compare {
         /// Burn backend.
@@ -121,6 +146,16 @@ fn main() -> anyhow::Result<()> {
         } => bench(&backend, &cases, repeats, &python, &out),
         Task::Train { backend, args } => run_cmoe(&backend, "train", &args),
         Task::Pretrain { backend, args } => run_cmoe(&backend, "pretrain", &args),
+        Task::Import { backend, args } => run_cmoe(&backend, "import", &args),
+        Task::Eval { backend, args } => run_cmoe(&backend, "eval", &args),
+        Task::Report { args } => {
+            let cmoe = build_cmoe("flex")?;
+            let status = Command::new(&cmoe).arg("report").args(&args).status()?;
+            if !status.success() {
+                bail!("cmoe report failed");
+            }
+            Ok(())
+        }
         Task::Compare {
             backend,
             preset,

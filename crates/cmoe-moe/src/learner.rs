@@ -65,6 +65,7 @@ impl TaskRecipe {
             lr: 2e-4,
             warmup_ratio: 0.03,
             steps,
+            accumulation: 1,
             weight_decay: 0.0,
             loss: Default::default(),
         };
@@ -224,7 +225,8 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             })?;
         let fit = fit.expect("train_stage_with returns the VAE it was given");
         let fit = fit_vae(fit, stage.lr, &stage.loss);
-        let entry = bank_entry(&fit.vae, &fit.features, stage.steps, &meta.ptl);
+        let visited = stage.steps * stage.accumulation.max(1); // batches the stage went through
+        let entry = bank_entry(&fit.vae, &fit.features, visited, &meta.ptl);
         meta.bank.entries.push(entry);
         meta.first_expert.push(first);
         vaes.push(fit.vae);

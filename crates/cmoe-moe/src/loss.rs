@@ -44,7 +44,7 @@ pub struct LossTerms<B: Backend> {
 }
 
 /// The terms as numbers, for logs and reports.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossValues {
     /// Cross-entropy.
     pub ce: f64,
@@ -56,6 +56,17 @@ pub struct LossValues {
     pub aux: f64,
     /// Weighted total.
     pub total: f64,
+}
+
+impl LossValues {
+    /// Adds `scale` times `other`, term by term (for means over micro-batches).
+    pub fn add_scaled(&mut self, other: &LossValues, scale: f64) {
+        self.ce += scale * other.ce;
+        self.kl += scale * other.kl;
+        self.rec += scale * other.rec;
+        self.aux += scale * other.aux;
+        self.total += scale * other.total;
+    }
 }
 
 impl<B: Backend> LossTerms<B> {

@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
@@ -54,6 +54,10 @@ impl<B: Backend> TrainBatch<B> {
     }
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Optimiser settings of one stage (paper: AdamW, warmup 0.03 then cosine).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageConfig {
@@ -63,6 +67,10 @@ pub struct StageConfig {
     pub warmup_ratio: f64,
     /// Optimiser steps.
     pub steps: usize,
+    /// Micro-batches per optimiser step, their gradients summed (gradient accumulation: the
+    /// paper's global batch 128 from smaller micro-batches); 1 for none.
+    #[serde(default = "one")]
+    pub accumulation: usize,
     /// AdamW weight decay.
     pub weight_decay: f32,
     /// Weights of the auxiliary terms.
@@ -189,46 +197,61 @@ pub fn train_stage_with<B: AutodiffBackend>(
     let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay);
     let mut optim = adamw.init();
     let mut vae_optim = adamw.init();
+    let micro = config.accumulation.max(1);
     for step in 0..config.steps {
-        let index = step % batches.len();
-        let batch = &batches[index];
-        let out = model.forward(batch.input.clone(), task)?;
-        let ce =
-            causal_lm_loss(out.logits, batch.labels.clone()).ok_or(StageError::NoLabels(index))?;
-        let layers = out.routing.len().max(1) as f64;
-        let aux = out
-            .routing
-            .into_iter()
-            .map(|r| r.aux_loss)
-            .reduce(|a, b| a + b)
-            .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
-        let (kl, rec) = match &vae {
-            Some(fit) => {
-                let loss = fit.vae.loss(fit.features[index].clone(), fit.config.n_rep);
-                (loss.kl, loss.rec)
-            }
-            None => (ce.zeros_like(), ce.zeros_like()),
-        };
-        let terms = LossTerms::new(ce, kl, rec, aux, config.loss);
-        let values = terms.values();
         let lr = learning_rate(step, config.steps, config.lr, config.warmup_ratio);
-        if !values.total.is_finite() {
-            return Err(StageError::NonFinite {
-                step,
-                value: values.total,
-                lr,
-            });
+        let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
+        let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
+        let mut mean = LossValues::default();
+        // Batch `step * micro + k` of the cycle, for each micro-batch `k` of this step.
+        for index in (step * micro..(step + 1) * micro).map(|i| i % batches.len()) {
+            let batch = &batches[index];
+            let out = model.forward(batch.input.clone(), task)?;
+            let ce = causal_lm_loss(out.logits, batch.labels.clone())
+                .ok_or(StageError::NoLabels(index))?;
+            let layers = out.routing.len().max(1) as f64;
+            let aux = out
+                .routing
+                .into_iter()
+                .map(|r| r.aux_loss)
+                .reduce(|a, b| a + b)
+                .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
+            let (kl, rec) = match &vae {
+                Some(fit) => {
+                    let loss = fit.vae.loss(fit.features[index].clone(), fit.config.n_rep);
+                    (loss.kl, loss.rec)
+                }
+                None => (ce.zeros_like(), ce.zeros_like()),
+            };
+            let terms = LossTerms::new(ce, kl, rec, aux, config.loss);
+            let values = terms.values();
+            if !values.total.is_finite() {
+                return Err(StageError::NonFinite {
+                    step,
+                    value: values.total,
+                    lr,
+                });
+            }
+            mean.add_scaled(&values, 1.0 / micro as f64);
+            // The step's loss is the mean over its micro-batches.
+            let total = if micro > 1 {
+                terms.total / micro as f64
+            } else {
+                terms.total
+            };
+            let mut grads = total.backward();
+            model_grads.accumulate(&model, GradientsParams::from_module(&mut grads, &model));
+            if let Some(fit) = &vae {
+                vae_grads.accumulate(&fit.vae, GradientsParams::from_module(&mut grads, &fit.vae));
+            }
         }
-        on_step(step, &values);
-        let mut grads = terms.total.backward();
-        let model_grads = GradientsParams::from_module(&mut grads, &model);
-        model = optim.step(lr, model, model_grads);
+        on_step(step, &mean);
+        model = optim.step(lr, model, model_grads.grads());
         if let Some(mut fit) = vae.take() {
-            let vae_grads = GradientsParams::from_module(&mut grads, &fit.vae);
             let vae_lr = fit.config.lr.map_or(lr, |peak| {
                 learning_rate(step, config.steps, peak, config.warmup_ratio)
             });
-            fit.vae = vae_optim.step(vae_lr, fit.vae, vae_grads);
+            fit.vae = vae_optim.step(vae_lr, fit.vae, vae_grads.grads());
             vae = Some(fit);
         }
     }
@@ -282,8 +305,9 @@ pub fn base_features<B: Backend>(
 }
 
 /// The primitive-bank entry of a task: statistics of its VAE's scores (with the fixed scoring
-/// draws) on the last `config.bank_instances` training instances of a `steps`-step stage over
-/// `features` (one entry per batch, visited cyclically as [`train_stage`] does).
+/// draws) on the last `config.bank_instances` training instances of a stage that went through
+/// `steps` batches of `features` (one entry per batch, visited cyclically as [`train_stage`]
+/// does: optimiser steps x accumulation).
 pub fn bank_entry<B: Backend>(
     vae: &TaskVae<B>,
     features: &[Tensor<B, 2>],

@@ -84,6 +84,7 @@ fn recipe() -> TaskRecipe {
         lr: 1e-2,
         warmup_ratio: 0.03,
         steps: 4,
+        accumulation: 1,
         weight_decay: 0.01,
         loss: Default::default(),
     };

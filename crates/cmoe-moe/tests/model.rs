@@ -10,6 +10,7 @@ use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::stages::{StageConfig, TrainBatch, train_stage};
 
 fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
@@ -102,6 +103,68 @@ fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
     );
 }
 
+/// Stage steps over `batches`, `accumulation` micro-batches per step, from a fixed start;
+/// returns the logits of the trained model on `input` and the loss each step reported.
+fn train_from_fixed_start<AD: AutodiffBackend>(
+    batches: &[TrainBatch<AD>],
+    accumulation: usize,
+) -> (Vec<f32>, Vec<f64>) {
+    let device = Default::default();
+    AD::seed(&device, 11);
+    let model = CmoeModel::new(tiny::<AD>(&device), &config(), &device);
+    let stage = StageConfig {
+        lr: 1e-2,
+        warmup_ratio: 0.0,
+        steps: 2,
+        accumulation,
+        weight_decay: 0.0,
+        loss: Default::default(),
+    };
+    let mut losses = Vec::new();
+    let model = train_stage(model, 0, batches, &stage, |_, v| losses.push(v.ce)).unwrap();
+    let logits = model.forward(input(&device), 0).unwrap().logits;
+    (logits.into_data().iter::<f32>().collect(), losses)
+}
+
+fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
+    let device = Default::default();
+    let batch = |shift: i64| {
+        let x = input::<AD>(&device);
+        let x = LlavaInput {
+            pixel_values: x.pixel_values.map(|p| p + shift as f64 * 0.2),
+            ..x
+        };
+        TrainBatch {
+            labels: x.input_ids.clone(),
+            input: x,
+        }
+    };
+    let (a, b) = (batch(0), batch(1));
+    let (alone_a, losses_a) = train_from_fixed_start(std::slice::from_ref(&a), 1);
+    let (_, losses_b) = train_from_fixed_start(std::slice::from_ref(&b), 1);
+    let (ab, losses_ab) = train_from_fixed_start(&[a.clone(), b.clone()], 2);
+    let (ba, _) = train_from_fixed_start(&[b, a], 2);
+    // Two optimiser steps either way, each reporting the mean over its micro-batches.
+    assert_eq!(losses_ab.len(), 2);
+    let mean = (losses_a[0] + losses_b[0]) / 2.0;
+    assert!(
+        (losses_ab[0] - mean).abs() < 1e-6,
+        "{losses_ab:?} vs {mean}"
+    );
+    // The micro-batches' gradients are combined symmetrically, and both count.
+    let max_diff = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(max_diff(&ab, &ba) < 1e-6, "order changed the step");
+    assert!(
+        max_diff(&ab, &alone_a) > 1e-4,
+        "the second micro-batch did not count"
+    );
+}
+
 macro_rules! on_backend {
     ($name:ident, $backend:ty) => {
         mod $name {
@@ -116,6 +179,11 @@ macro_rules! on_backend {
             #[test]
             fn gradients_reach_only_the_experts_and_router() {
                 super::gradients_reach_only_the_experts_and_router::<AD>();
+            }
+
+            #[test]
+            fn accumulated_micro_batches_make_one_step() {
+                super::accumulated_micro_batches_make_one_step::<AD>();
             }
 
             #[test]

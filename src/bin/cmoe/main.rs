@@ -153,21 +153,21 @@ enum Command {
         /// Who learns the stream.
         #[arg(long, value_enum, default_value = "cmoe")]
         method: Method,
-        /// Inference routing (cmoe).
-        #[arg(long, value_enum, default_value = "ptl")]
-        router: RouterChoice,
-        /// Expansion placement (cmoe).
-        #[arg(long, value_enum, default_value = "pgke")]
-        plan: PlanChoice,
-        /// Task order.
-        #[arg(long, value_enum, default_value = "normal")]
-        task_order: TaskOrder,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// The small LLaVA (HF layout).
-        #[arg(long, default_value = "assets/llava-mini")]
-        model: PathBuf,
+        /// Inference routing (cmoe) [default: ptl].
+        #[arg(long, value_enum)]
+        router: Option<RouterChoice>,
+        /// Expansion placement (cmoe) [default: pgke].
+        #[arg(long, value_enum)]
+        plan: Option<PlanChoice>,
+        /// Task order [default: normal].
+        #[arg(long, value_enum)]
+        task_order: Option<TaskOrder>,
+        /// Seed [default: 0].
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The LLaVA to learn on, in HF layout [default: assets/llava-mini].
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// Run name (folder under --runs); default: built from the settings.
         #[arg(long)]
         name: Option<String>,
@@ -191,9 +191,13 @@ enum Command {
         #[arg(long)]
         image_root: Option<PathBuf>,
         /// Samples with a malformed record or a missing / unreadable image: skip and count
-        /// them, or stop with an error.
-        #[arg(long, value_enum, default_value = "skip")]
-        bad_samples: BadSamples,
+        /// them, or stop with an error [default: skip].
+        #[arg(long, value_enum)]
+        bad_samples: Option<BadSamples>,
+        /// A TOML file of settings over the preset's (e.g. configs/llava-1.5-7b-coin.toml);
+        /// flags given on the command line win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Answer a question about an image with a trained run; PTL picks the task's router.
     Ask {
@@ -407,16 +411,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_root,
             image_root,
             bad_samples,
+            config: file,
         } => {
             let mut config = RunConfig::preset(preset, method);
-            config.data_root = data_root;
-            config.image_root = image_root;
-            config.bad_samples = bad_samples;
-            config.router = router;
-            config.plan = plan;
-            config.order = task_order;
-            config.seed = seed;
-            config.model = model;
+            if let Some(file) = file {
+                config = config.with_file(&file)?;
+            }
+            // Flags given on the command line win over the preset and the file.
+            config.data_root = data_root.or(config.data_root);
+            config.image_root = image_root.or(config.image_root);
+            config.bad_samples = bad_samples.unwrap_or(config.bad_samples);
+            config.router = router.unwrap_or(config.router);
+            config.plan = plan.unwrap_or(config.plan);
+            config.order = task_order.unwrap_or(config.order);
+            config.seed = seed.unwrap_or(config.seed);
+            config.model = model.unwrap_or(config.model);
             let name = name.unwrap_or_else(|| config.default_name(preset));
             let dir = runs.join(name);
             let report = run_on(

@@ -1,0 +1,64 @@
+//! Run settings from TOML files: the shipped LLaVA-1.5-7B / CoIN file carries the paper's
+//! settings, and a key that is not a setting is an error naming it.
+
+use std::path::Path;
+
+use llava_cmoe::continual::{Method, Preset, RunConfig};
+
+fn preset() -> RunConfig {
+    RunConfig::preset(Preset::Default, Method::Cmoe)
+}
+
+#[test]
+fn the_7b_coin_file_carries_the_paper_settings() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/llava-1.5-7b-coin.toml");
+    let c = preset().with_file(&path).unwrap();
+    assert_eq!(
+        (c.moe.rank, c.moe.alpha, c.moe.initial_experts, c.moe.top_k),
+        (64, 128.0, 8, 2)
+    );
+    assert_eq!(c.batch * c.accumulation, 128, "global batch");
+    assert_eq!((c.lr, c.probe_lr), (2e-4, 3e-4));
+    assert_eq!((c.alpha, c.probe_fraction, c.epochs), (0.8, 0.1, 1));
+    assert_eq!(c.model, Path::new("models/llava-1.5-7b-hf"));
+    assert_eq!(c.data_root.as_deref(), Some(Path::new("data/CoIN")));
+    // What the file does not name keeps the preset's value.
+    assert_eq!(c.moe.targets, preset().moe.targets);
+    assert_eq!(c.order, preset().order);
+}
+
+#[test]
+fn unknown_or_mistyped_settings_are_errors_naming_them() {
+    let dir = std::env::temp_dir().join(format!("cmoe-run-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let typo = write("typo.toml", "[moe]\nrnak = 8\n");
+    let err = format!("{:#}", preset().with_file(&typo).unwrap_err());
+    assert!(
+        err.contains("typo.toml") && err.contains("`moe.rnak`"),
+        "{err}"
+    );
+    let mistyped = write("mistyped.toml", "batch = \"eight\"\n");
+    let err = format!("{:#}", preset().with_file(&mistyped).unwrap_err());
+    assert!(
+        err.contains("mistyped.toml") && err.contains("bad setting"),
+        "{err}"
+    );
+    let broken = write("broken.toml", "batch = \n");
+    let err = format!("{:#}", preset().with_file(&broken).unwrap_err());
+    assert!(
+        err.contains("broken.toml") && err.contains("malformed TOML"),
+        "{err}"
+    );
+    let ok = write("ok.toml", "batch = 2\n[ptl]\nlatent = 4\n");
+    let c = preset().with_file(&ok).unwrap();
+    assert_eq!(
+        (c.batch, c.ptl.latent, c.ptl.hidden),
+        (2, 4, preset().ptl.hidden)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
