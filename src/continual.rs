@@ -339,6 +339,19 @@ pub struct Progress {
     /// The backend the run trains on.
     #[serde(default)]
     pub backend: String,
+    /// The task whose PGKE expansion is done and saved in `state/` but whose training is not:
+    /// a resumed run continues with its training stage.
+    #[serde(default)]
+    pub expanded: Option<ExpandedTask>,
+}
+
+/// A task checkpointed between PGKE's expansion and its training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpandedTask {
+    /// Its position in the run.
+    pub task: usize,
+    /// Per layer, the index of its first new expert.
+    pub first: Vec<usize>,
 }
 
 /// The run's report (`report.json`).
@@ -402,6 +415,8 @@ pub struct TrainTask {
     pub backend: String,
     /// Stop after this many tasks, as if the run were killed there (to exercise `--resume`).
     pub stop_after: Option<usize>,
+    /// Stop once task `n` (1-based) has been expanded and checkpointed, before its training.
+    pub stop_after_expansion: Option<usize>,
 }
 
 impl BackendTask for TrainTask {
@@ -421,6 +436,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         resume,
         backend,
         stop_after,
+        stop_after_expansion,
     } = task;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let run_json = dir.join("run.json");
@@ -435,8 +451,21 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
                 run_json.display()
             );
         }
-        serde_json::from_str(&std::fs::read_to_string(&progress_json)?)
-            .with_context(|| format!("{}: malformed progress", progress_json.display()))?
+        // The checkpoint's own copy (saved with the state, in one swap) is the resume point.
+        let state_dir = dir.join("state");
+        let previous = state_dir.with_extension("old");
+        if !state_dir.exists() && previous.exists() {
+            // Killed in the middle of a swap: the previous checkpoint is whole.
+            std::fs::rename(&previous, &state_dir)
+                .with_context(|| format!("cannot restore {}", previous.display()))?;
+        }
+        let checkpoint = state_dir.join("progress.json");
+        let path = if checkpoint.exists() {
+            checkpoint
+        } else {
+            progress_json.clone()
+        };
+        read_run_file(&path)?
     } else {
         if progress_json.exists() {
             anyhow::bail!(
@@ -487,7 +516,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
 
     let state_dir = dir.join("state");
     AD::<B>::seed(device, config.seed); // the first task's fresh experts
-    let mut learner = if progress.completed > 0 {
+    let mut learner = if progress.completed > 0 || progress.expanded.is_some() {
         eprintln!(
             "resuming after task {} of {}",
             progress.completed,
@@ -552,7 +581,39 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         learner = if shared {
             learner.learn_shared(&data, &recipe.stage, |e| observer.event(e))?
         } else {
-            learner.learn_task(&data, &recipe, |e| observer.event(e))?
+            // PGKE's expansion, checkpointed (state swap-in, then progress) for every task
+            // after the first; a resumed run finds it and goes on with the training stage.
+            let (expanded, first) = match progress.expanded.take() {
+                Some(done) if done.task == t => {
+                    eprintln!("  resuming after the expansion of task {}", t + 1);
+                    (learner, done.first)
+                }
+                _ => {
+                    let (expanded, first) =
+                        learner.expand_for_task(&data, &recipe, |e| observer.event(e))?;
+                    if t > 0 {
+                        progress.expanded = Some(ExpandedTask {
+                            task: t,
+                            first: first.clone(),
+                        });
+                        save_checkpoint(&expanded, &progress, &state_dir)?;
+                        write_json(&progress_json, &progress)?;
+                        progress.expanded = None;
+                        if stop_after_expansion == Some(t + 1) {
+                            anyhow::bail!(
+                                "stopped after the expansion of task {} as asked; continue \
+                                 with --resume",
+                                t + 1
+                            );
+                        }
+                    }
+                    (expanded, first)
+                }
+            };
+            // The training stage's randomness (dropout, new VAE) depends on (seed, t) only,
+            // whether or not the run was resumed at the checkpoint above.
+            AD::<B>::seed(device, task_seed ^ 0x7EA1);
+            expanded.train_task(first, &data, &recipe, |e| observer.event(e))?
         };
         observer.finish();
         progress.final_loss.push(observer.final_loss());
@@ -562,7 +623,6 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         progress
             .experts_per_layer
             .push(learner.model.experts_per_layer());
-        save_state(&learner, &state_dir)?;
 
         // Evaluate every task seen so far.
         let (model, locator) = learner.valid();
@@ -598,6 +658,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             .seconds_per_task
             .push(started.elapsed().as_secs_f64());
         progress.completed = t + 1;
+        save_checkpoint(&learner, &progress, &state_dir)?;
         write_json(&progress_json, &progress)?;
     }
 
@@ -934,16 +995,18 @@ impl BackendTask for AskTask {
     }
 }
 
-/// Saves the learner next to the previous state and swaps it in, so that a crash leaves one
-/// complete state.
-fn save_state<B: burn::tensor::backend::AutodiffBackend>(
+/// Saves the learner and the progress it belongs to next to the previous checkpoint and swaps
+/// them in together, so that a crash leaves one complete, consistent checkpoint.
+fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     learner: &ContinualLearner<B>,
+    progress: &Progress,
     state_dir: &Path,
 ) -> anyhow::Result<()> {
     let next = state_dir.with_extension("next");
     let old = state_dir.with_extension("old");
     let _ = std::fs::remove_dir_all(&next);
     learner.save(&next)?;
+    write_json(&next.join("progress.json"), progress)?;
     if state_dir.exists() {
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(state_dir, &old)?;

@@ -1,6 +1,8 @@
 //! The main job end to end at smoke size: `cmoe pretrain` makes a small LLaVA (a few steps),
 //! `cmoe train --preset smoke` runs all eight Mini-CoIN tasks on it and writes the report, and
-//! a run killed after three tasks and resumed ends bit-identical to an unbroken run.
+//! a run killed after three tasks, resumed, killed again between task 5's PGKE expansion and its
+//! training (and in the middle of a checkpoint swap), and resumed again ends bit-identical to an
+//! unbroken run.
 
 use std::path::Path;
 use std::process::Command;
@@ -74,13 +76,30 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         "a fresh run must not overwrite a started one"
     );
     assert!(String::from_utf8_lossy(&fresh.stderr).contains("already holds a run"));
+    // Resumed after task 3, killed again between task 5's expansion and its training.
+    let stopped = train("broken", &["--resume", "--stop-after-expansion", "5"]);
+    assert!(!stopped.status.success());
+    let message = String::from_utf8_lossy(&stopped.stderr);
+    assert!(message.contains("resuming after task 3"), "{message}");
+    assert!(
+        message.contains("after the expansion of task 5"),
+        "{message}"
+    );
+    // ... and as if killed in the middle of swapping a checkpoint in (only the previous one
+    // is left, under its temporary name).
+    let state = runs.join("broken/state");
+    std::fs::rename(&state, state.with_extension("old")).unwrap();
     let resumed = train("broken", &["--resume"]);
     assert!(
         resumed.status.success(),
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming after task 3"));
+    let message = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        message.contains("resuming after the expansion of task 5"),
+        "{message}"
+    );
 
     let a = report(&runs.join("whole"));
     let b = report(&runs.join("broken"));
@@ -92,6 +111,11 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     ] {
         assert_eq!(a[key], b[key], "{key} differs after resuming");
     }
+    let state = |run: &str| std::fs::read(runs.join(run).join("state/state.safetensors")).unwrap();
+    assert!(
+        state("whole") == state("broken"),
+        "the final states differ after resuming"
+    );
     // The report's shape.
     let tasks = a["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 8);

@@ -162,46 +162,84 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     /// Learns the next task: the first trains the initial experts; every later one runs PGKE
     /// (probes, statistics, plan, expansion). Then the task's experts, router and VAE train on
     /// `CE + lambda KL + eta rec + kappa aux`, and its bank entry is recorded. Nothing that
-    /// belongs to an earlier task changes.
+    /// belongs to an earlier task changes. The same as [`Self::expand_for_task`] then
+    /// [`Self::train_task`], between which a caller may checkpoint.
     pub fn learn_task(
         self,
         data: &TaskData<B>,
         recipe: &TaskRecipe,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
+        let (learner, first) = self.expand_for_task(data, recipe, &mut observe)?;
+        learner.train_task(first, data, recipe, observe)
+    }
+
+    /// The first half of [`Self::learn_task`]: for a task after the first, PGKE's probe stage,
+    /// statistics, plan and expansion (the plan is recorded); the first task has nothing to
+    /// expand. Returns the learner and, per layer, the index of the task's first new expert.
+    /// The learner can be saved and reloaded here; [`Self::train_task`] continues.
+    pub fn expand_for_task(
+        self,
+        data: &TaskData<B>,
+        recipe: &TaskRecipe,
+        mut observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<(Self, Vec<usize>), StageError> {
         let Self {
-            mut model,
+            model,
+            vaes,
+            mut meta,
+        } = self;
+        let task = meta.first_expert.len();
+        if task == 0 {
+            let first = vec![0; model.moe.len()];
+            return Ok((Self { model, vaes, meta }, first));
+        }
+        let (probed, before) = add_probes(model, task, recipe.probe_experts);
+        let probes = new_expert_ranges(&probed, &before);
+        let probed = set_trainable(probed, task, &probes);
+        let stage = &recipe.probe_stage;
+        observe(LearnEvent::StageStarted {
+            stage: Stage::Probe,
+            steps: stage.steps,
+        });
+        let probed = train_stage(probed, task, &data.probe_train, stage, |step, loss| {
+            observe(LearnEvent::Step {
+                stage: Stage::Probe,
+                step,
+                loss,
+            })
+        })?;
+        let stats = activation_stats(&probed, task, &data.probe_eval)?;
+        let plan = place(recipe, task, &stats, &before);
+        observe(LearnEvent::Planned(&plan));
+        let model = expand(probed, task, &before, &plan);
+        meta.plans.push(plan);
+        Ok((Self { model, vaes, meta }, before))
+    }
+
+    /// The second half of [`Self::learn_task`]: the experts from `first` on (per layer), the
+    /// task's router and its VAE train together, then the task's bank entry is recorded.
+    pub fn train_task(
+        self,
+        first: Vec<usize>,
+        data: &TaskData<B>,
+        recipe: &TaskRecipe,
+        mut observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        let Self {
+            model,
             mut vaes,
             mut meta,
         } = self;
         let task = meta.first_expert.len();
-        let first = if task == 0 {
-            vec![0; model.moe.len()]
-        } else {
-            let (probed, before) = add_probes(model, task, recipe.probe_experts);
-            let probes = new_expert_ranges(&probed, &before);
-            let probed = set_trainable(probed, task, &probes);
-            let stage = &recipe.probe_stage;
-            observe(LearnEvent::StageStarted {
-                stage: Stage::Probe,
-                steps: stage.steps,
-            });
-            let probed = train_stage(probed, task, &data.probe_train, stage, |step, loss| {
-                observe(LearnEvent::Step {
-                    stage: Stage::Probe,
-                    step,
-                    loss,
-                })
-            })?;
-            let stats = activation_stats(&probed, task, &data.probe_eval)?;
-            let plan = place(recipe, task, &stats, &before);
-            observe(LearnEvent::Planned(&plan));
-            model = expand(probed, task, &before, &plan);
-            meta.plans.push(plan);
-            before
-        };
+        let experts = model.experts_per_layer();
+        if first.len() != experts.len() || first.iter().zip(&experts).any(|(f, n)| f > n) {
+            return Err(StageError::Model(LlavaError::Input(format!(
+                "first new experts {first:?} do not fit a model with experts {experts:?}"
+            ))));
+        }
         let trainable = new_expert_ranges(&model, &first);
-        model = set_trainable(model, task, &trainable);
+        let model = set_trainable(model, task, &trainable);
 
         let features = base_features(&model, &data.train)?;
         let width = features[0].dims()[1];

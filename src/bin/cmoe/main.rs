@@ -180,6 +180,9 @@ enum Command {
         /// Stop after this many tasks, as if killed there (exercises --resume).
         #[arg(long, hide = true)]
         stop_after_tasks: Option<usize>,
+        /// Stop once task N (1-based) is expanded and checkpointed (exercises --resume).
+        #[arg(long, hide = true)]
+        stop_after_expansion: Option<usize>,
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
@@ -407,6 +410,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             resume,
             stop_after_tasks,
+            stop_after_expansion,
             backend,
             data_root,
             image_root,
@@ -436,6 +440,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     resume,
                     backend: backend.name().to_string(),
                     stop_after: stop_after_tasks,
+                    stop_after_expansion,
                 },
             )??;
             println!("{}", report_markdown(&report));
