@@ -262,7 +262,10 @@ fn build_cmoe(backend: &str) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building cmoe with --features {backend} failed");
     }
-    Ok(PathBuf::from("target/release/cmoe"))
+    // Cargo puts it under CARGO_TARGET_DIR when that is set (relative paths: to this root).
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    Ok(target.join("release").join("cmoe"))
 }
 
 fn run_json(mut command: Command) -> anyhow::Result<serde_json::Value> {
