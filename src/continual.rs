@@ -486,10 +486,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         eprintln!("generating Mini-CoIN in {}", data_dir.display());
         mini::generate(&config.data, &data_dir, |_| {})?;
     }
-    let image_root = config
-        .image_root
-        .clone()
-        .unwrap_or_else(|| data_dir.join("images"));
+    let image_root = image_root(&config, &data_dir);
     let order = config.task_order();
     let names: Vec<String> = order.iter().map(|&i| TASKS[i].0.to_string()).collect();
     let types: Vec<TaskType> = order.iter().map(|&i| TASKS[i].1).collect();
@@ -716,6 +713,22 @@ fn data_dir(config: &RunConfig, run_dir: &Path) -> PathBuf {
         .unwrap_or_else(|| run_dir.join("data"))
 }
 
+/// The folder the records' image paths are relative to (default: `<data>/images`).
+fn image_root(config: &RunConfig, data_dir: &Path) -> PathBuf {
+    config
+        .image_root
+        .clone()
+        .unwrap_or_else(|| data_dir.join("images"))
+}
+
+/// Share of questions routed to their own task: the diagonal of `confusion[true][chosen]`
+/// over its total (0 when nothing was routed).
+fn location_accuracy(confusion: &[Vec<usize>]) -> f64 {
+    let routed: usize = confusion.iter().flatten().sum();
+    let right: usize = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+    right as f64 / routed.max(1) as f64
+}
+
 /// Accuracy of a run's latest state on every task it has learned (`eval.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -747,16 +760,12 @@ impl BackendTask for EvalTask {
         let dir = self.dir;
         let config: RunConfig = read_run_file(&dir.join("run.json"))?;
         let data = data_dir(&config, &dir);
-        let image_root = config
-            .image_root
-            .clone()
-            .unwrap_or_else(|| data.join("images"));
         let Runtime {
             base,
             pad,
             generation,
             encoder,
-        } = Runtime::<B>::load(&config, image_root, &device)?;
+        } = Runtime::<B>::load(&config, image_root(&config, &data), &device)?;
         let learner = ContinualLearner::load(base, &dir.join("state"), &device)?;
         let learned = learner.tasks_learned();
         if learned == 0 {
@@ -801,9 +810,7 @@ impl BackendTask for EvalTask {
             report.test_problems.push(problems);
         }
         report.mean = report.accuracy.iter().sum::<f64>() / learned as f64;
-        let routed: usize = report.ptl_confusion.iter().flatten().sum();
-        let right: usize = (0..learned).map(|i| report.ptl_confusion[i][i]).sum();
-        report.ptl_accuracy = right as f64 / routed.max(1) as f64;
+        report.ptl_accuracy = location_accuracy(&report.ptl_confusion);
         write_json(&dir.join("eval.json"), &report)?;
         Ok(report)
     }
@@ -1240,14 +1247,6 @@ pub fn make_report(config: &RunConfig, progress: &Progress, tasks: Vec<String>) 
     let forgetting: f64 = (0..t.saturating_sub(1))
         .map(|i| a(t - 1, i) - a(i, i))
         .sum();
-    let routed: usize = progress
-        .ptl_confusion
-        .iter()
-        .map(|r| r.iter().sum::<usize>())
-        .sum();
-    let right: usize = (0..progress.ptl_confusion.len())
-        .map(|i| progress.ptl_confusion[i][i])
-        .sum();
     Report {
         method: config.method,
         router: config.router,
@@ -1267,11 +1266,7 @@ pub fn make_report(config: &RunConfig, progress: &Progress, tasks: Vec<String>) 
         trainable_params_per_task: progress.trainable_params_per_task.clone(),
         experts_per_layer: progress.experts_per_layer.clone(),
         ptl_confusion: progress.ptl_confusion.clone(),
-        ptl_accuracy: if routed == 0 {
-            0.0
-        } else {
-            right as f64 / routed as f64
-        },
+        ptl_accuracy: location_accuracy(&progress.ptl_confusion),
         wall_seconds: progress.seconds_per_task.iter().sum(),
         backend: progress.backend.clone(),
         seed: config.seed,
