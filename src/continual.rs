@@ -16,22 +16,23 @@ use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_data::prompt::Conversation;
 use cmoe_llava::{GenerationConfig, Sampling};
-use cmoe_moe::learner::{
-    ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskLocator, TaskRecipe,
-};
+use cmoe_moe::checkpoint::{self, StageCheckpoints};
+use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskLocator, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::pgke::ExpansionMode;
 use cmoe_moe::ptl::PtlConfig;
-use cmoe_moe::stages::{StageConfig, TrainBatch};
+use cmoe_moe::source::TaskSource;
+use cmoe_moe::stages::{StageConfig, StageError};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
-use crate::dataset::{CoinEncoder, Encoded, collate_prompts, collate_train};
+use crate::dataset::{CoinEncoder, Encoded, collate_prompts};
 use crate::loader::{
-    BadSamples, LoadReport, SampleProblem, default_workers, load_test_set, load_train_set,
+    BadSamples, LoadReport, SampleProblem, StreamSettings, StreamedTask, default_workers,
+    load_test_set,
 };
 use crate::pipeline::LlavaPipeline;
 use crate::plots::heatmap;
@@ -114,8 +115,11 @@ pub struct RunConfig {
     pub router: RouterChoice,
     /// Expansion placement (cmoe).
     pub plan: PlanChoice,
-    /// Task order.
+    /// Task order (applied to `tasks`).
     pub order: TaskOrder,
+    /// The tasks to learn, in their normal order; empty: CoIN's eight ([`TASKS`]).
+    #[serde(default)]
+    pub tasks: Vec<TaskSpec>,
     /// Seed of batching, ablation choices and the model's fresh parameters.
     pub seed: u64,
     /// Expert settings (for lora: one expert, top-1).
@@ -128,6 +132,10 @@ pub struct RunConfig {
     /// `batch x accumulation`.
     #[serde(default = "one")]
     pub accumulation: usize,
+    /// Every how many optimiser steps a task's training stage checkpoints (0: only after the
+    /// expansion and after the task). A resumed run continues from the last one.
+    #[serde(default)]
+    pub checkpoint_every: usize,
     /// Passes over each task's training set.
     pub epochs: usize,
     /// Peak learning rate of a task's training.
@@ -188,6 +196,7 @@ impl RunConfig {
             router: RouterChoice::Ptl,
             plan: PlanChoice::Pgke,
             order: TaskOrder::Normal,
+            tasks: Vec::new(),
             seed: 0,
             moe,
             ptl: PtlConfig {
@@ -197,10 +206,12 @@ impl RunConfig {
                 bank_instances: 200,
                 lr: Some(1e-3),
                 fit_epochs: 20,
+                feature_memory: 4096,
                 seed: 0x5EED,
             },
             batch: 8,
             accumulation: 1,
+            checkpoint_every: 25,
             epochs: 2,
             lr: 1e-3,
             probe_lr: 1.5e-3,
@@ -248,13 +259,20 @@ impl RunConfig {
         serde_json::from_value(merged).with_context(|| format!("{}: bad setting", path.display()))
     }
 
-    /// The default run name: the preset and method, then every setting that differs from
-    /// the method's defaults (`default-cmoe`, `default-cmoe-plan-every-layer`, ...).
+    /// The default run name: the data folder's name (or else the preset) and the method, then
+    /// every setting that differs from the method's defaults (`default-cmoe`,
+    /// `default-cmoe-plan-every-layer`, `CoIN-cmoe`, ...).
     pub fn default_name(&self, preset: Preset) -> String {
         let word = |v: serde_json::Value| v.as_str().unwrap_or("?").to_string();
+        // A user's data folder names the run (`CoIN-cmoe`), else the preset (`default-cmoe`).
+        let data = self
+            .data_root
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(|f| f.to_string_lossy().into_owned());
         let mut name = format!(
             "{}-{}",
-            word(serde_json::json!(preset)),
+            data.unwrap_or_else(|| word(serde_json::json!(preset))),
             word(serde_json::json!(self.method))
         );
         if self.router != RouterChoice::Ptl {
@@ -272,16 +290,54 @@ impl RunConfig {
         name
     }
 
-    /// The task positions in training order (indices into [`TASKS`]).
-    pub fn task_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..TASKS.len()).collect();
+    /// The tasks' names and scoring types in training order: `tasks` (or CoIN's eight) put in
+    /// `order`. A task without a type must be one of CoIN's names.
+    pub fn task_list(&self) -> anyhow::Result<Vec<(String, TaskType)>> {
+        let mut tasks: Vec<(String, TaskType)> = if self.tasks.is_empty() {
+            TASKS.iter().map(|&(n, t)| (n.to_string(), t)).collect()
+        } else {
+            self.tasks
+                .iter()
+                .map(|spec| {
+                    let coin = TASKS.iter().find(|(n, _)| *n == spec.name).map(|t| t.1);
+                    spec.kind
+                        .or(coin)
+                        .map(|t| (spec.name.clone(), t))
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "task `{}` is not one of CoIN's ({}): give its `type`",
+                                spec.name,
+                                TASKS.map(|t| t.0).join(", ")
+                            )
+                        })
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        if let Some((name, _)) = tasks
+            .iter()
+            .enumerate()
+            .find(|(i, (name, _))| tasks[..*i].iter().any(|(n, _)| n == name))
+            .map(|(_, task)| task)
+        {
+            anyhow::bail!("task `{name}` is listed twice");
+        }
         match self.order {
             TaskOrder::Normal => {}
-            TaskOrder::Reverse => order.reverse(),
-            TaskOrder::Random => order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ 0x0DE)),
+            TaskOrder::Reverse => tasks.reverse(),
+            TaskOrder::Random => tasks.shuffle(&mut StdRng::seed_from_u64(self.seed ^ 0x0DE)),
         }
-        order
+        Ok(tasks)
     }
+}
+
+/// A task of the stream: its folder under `Instructions/` and how its answers are scored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The folder name under `Instructions/`.
+    pub name: String,
+    /// The scoring type; default: that of the CoIN task of this name.
+    #[serde(rename = "type", default)]
+    pub kind: Option<TaskType>,
 }
 
 /// Writes every value of `overrides` over `settings`, recursing into tables; a key that
@@ -417,6 +473,9 @@ pub struct TrainTask {
     pub stop_after: Option<usize>,
     /// Stop once task `n` (1-based) has been expanded and checkpointed, before its training.
     pub stop_after_expansion: Option<usize>,
+    /// Stop while writing the training-stage checkpoint of (task, step) (1-based task), before
+    /// it replaces the previous one, as if killed there.
+    pub stop_at_step: Option<(usize, usize)>,
 }
 
 impl BackendTask for TrainTask {
@@ -437,6 +496,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         backend,
         stop_after,
         stop_after_expansion,
+        stop_at_step,
     } = task;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let run_json = dir.join("run.json");
@@ -487,9 +547,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         mini::generate(&config.data, &data_dir, |_| {})?;
     }
     let image_root = image_root(&config, &data_dir);
-    let order = config.task_order();
-    let names: Vec<String> = order.iter().map(|&i| TASKS[i].0.to_string()).collect();
-    let types: Vec<TaskType> = order.iter().map(|&i| TASKS[i].1).collect();
+    let (names, types): (Vec<String>, Vec<TaskType>) = config.task_list()?.into_iter().unzip();
 
     let Runtime {
         base,
@@ -512,6 +570,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     progress.test_problems = test_problems;
 
     let state_dir = dir.join("state");
+    let stage_dir = dir.join("stage");
     AD::<B>::seed(device, config.seed); // the first task's fresh experts
     let mut learner = if progress.completed > 0 || progress.expanded.is_some() {
         eprintln!(
@@ -535,17 +594,23 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         let mut rng = StdRng::seed_from_u64(task_seed);
         let name = &names[t];
         eprintln!("task {}/{}: {name}", t + 1, names.len());
-        let (data, load_report) =
-            task_data::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
-        progress.train_data.truncate(t);
-        progress.train_data.push(load_report);
+        let data = open_task::<AD<B>>(&config, &encoder, &data_dir, name, pad, &mut rng, device)?;
+        // A training stage of this task that stopped at a checkpoint: the problems its
+        // loading had met (the batches before the checkpoint are not read again).
+        if let Some((found, at)) = checkpoint::find(&stage_dir)?
+            && at.task == t
+            && !shared
+        {
+            eprintln!("  resuming the training stage at step {}", at.step);
+            data.restore(read_run_file(&found.join("train_data.json"))?)?;
+        }
         // Optimiser steps of `epochs` passes over `batches` micro-batches.
         let steps = |batches: usize| {
             (config.epochs * batches)
                 .div_ceil(config.accumulation.max(1))
                 .max(1)
         };
-        let train_steps = steps(data.train.len());
+        let train_steps = steps(data.train().len());
         let stage = StageConfig {
             lr: config.lr,
             warmup_ratio: 0.03,
@@ -553,6 +618,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             accumulation: config.accumulation.max(1),
             weight_decay: 0.0,
             loss: Default::default(),
+            seed: Some(task_seed ^ 0x57A6E),
         };
         let recipe = TaskRecipe {
             probe_experts: config.probe_experts,
@@ -569,7 +635,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             },
             probe_stage: StageConfig {
                 lr: config.probe_lr,
-                steps: steps(data.probe_train.len()),
+                steps: steps(data.probe_train().len()),
                 ..stage
             },
             stage,
@@ -607,12 +673,33 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
                     (expanded, first)
                 }
             };
-            // The training stage's randomness (dropout, new VAE) depends on (seed, t) only,
-            // whether or not the run was resumed at the checkpoint above.
+            // The training stage's randomness (dropout, new VAE) depends on (seed, t, step)
+            // only, whether or not the run was resumed at a checkpoint.
             AD::<B>::seed(device, task_seed ^ 0x7EA1);
-            expanded.train_task(first, &data, &recipe, |e| observer.event(e))?
+            let mut extra = |next: &Path, step: usize| -> Result<(), StageError> {
+                write_json(&next.join("train_data.json"), &data.report())
+                    .map_err(|e| StageError::Data(format!("{e:#}")))?;
+                if stop_at_step == Some((t + 1, step)) {
+                    return Err(StageError::Data(format!(
+                        "stopped while checkpointing step {step} of task {} as asked; \
+                         continue with --resume",
+                        t + 1
+                    )));
+                }
+                Ok(())
+            };
+            let checkpoints = StageCheckpoints {
+                dir: &stage_dir,
+                every: config.checkpoint_every,
+                extra: &mut extra,
+            };
+            expanded.train_task_checkpointed(first, &data, &recipe, Some(checkpoints), |e| {
+                observer.event(e)
+            })?
         };
         observer.finish();
+        progress.train_data.truncate(t);
+        progress.train_data.push(data.report());
         progress.final_loss.push(observer.final_loss());
         progress
             .trainable_params_per_task
@@ -657,6 +744,8 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         progress.completed = t + 1;
         save_checkpoint(&learner, &progress, &state_dir)?;
         write_json(&progress_json, &progress)?;
+        // The task's stage checkpoints are behind it now.
+        let _ = std::fs::remove_dir_all(&stage_dir);
     }
 
     if progress.completed < names.len() {
@@ -695,10 +784,10 @@ pub fn rebuild_report(dir: &Path) -> anyhow::Result<Report> {
         anyhow::bail!("{}: no task has been completed yet", dir.display());
     }
     let names = config
-        .task_order()
-        .iter()
+        .task_list()?
+        .into_iter()
         .take(progress.completed)
-        .map(|&i| TASKS[i].0.to_string())
+        .map(|(name, _)| name)
         .collect();
     let report = make_report(&config, &progress, names);
     write_report(&report, dir)?;
@@ -771,7 +860,8 @@ impl BackendTask for EvalTask {
         if learned == 0 {
             anyhow::bail!("{}: no task has been learned yet", dir.display());
         }
-        let order: Vec<usize> = config.task_order().into_iter().take(learned).collect();
+        let tasks: Vec<(String, TaskType)> =
+            config.task_list()?.into_iter().take(learned).collect();
         let (model, locator) = learner.valid();
         let evaluator = Evaluator {
             model: &model,
@@ -791,9 +881,8 @@ impl BackendTask for EvalTask {
             ptl_accuracy: 0.0,
             test_problems: Vec::new(),
         };
-        for (i, &task) in order.iter().enumerate() {
-            let (name, task_type) = TASKS[task];
-            let path = data.join("Instructions").join(name).join("test.json");
+        for (i, (name, task_type)) in tasks.into_iter().enumerate() {
+            let path = data.join("Instructions").join(&name).join("test.json");
             let (records, prompts, problems) = load_test_set(&encoder, &path, config.bad_samples)?;
             let (accuracy, chosen, predictions) =
                 evaluator.evaluate(learned - 1, i, &(records, prompts), task_type, &mut rng)?;
@@ -805,7 +894,7 @@ impl BackendTask for EvalTask {
                 &predictions,
             )?;
             eprintln!("  {name:<10} {accuracy:6.2}");
-            report.tasks.push(name.to_string());
+            report.tasks.push(name);
             report.accuracy.push(accuracy);
             report.test_problems.push(problems);
         }
@@ -962,10 +1051,10 @@ impl BackendTask for AskTask {
             anyhow::bail!("{}: no task has been learned yet", self.dir.display());
         }
         let names: Vec<String> = config
-            .task_order()
-            .iter()
+            .task_list()?
+            .into_iter()
             .take(learned)
-            .map(|&i| TASKS[i].0.to_string())
+            .map(|(name, _)| name)
             .collect();
         let (model, locator) = learner.valid();
         let record = TestRecord {
@@ -1023,8 +1112,9 @@ fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
     Ok(())
 }
 
-/// A task's training batches (shuffled) and its two disjoint PGKE subsets.
-fn task_data<B: Backend>(
+/// A task's training set, streamed from its file (`train.json`, else `train.jsonl`) in an
+/// order drawn from `rng`.
+fn open_task<B: Backend>(
     config: &RunConfig,
     encoder: &Arc<CoinEncoder>,
     data_dir: &Path,
@@ -1032,7 +1122,7 @@ fn task_data<B: Backend>(
     pad: u32,
     rng: &mut StdRng,
     device: &B::Device,
-) -> anyhow::Result<(TaskData<B>, LoadReport)> {
+) -> anyhow::Result<StreamedTask<B>> {
     let task_dir = data_dir.join("Instructions").join(name);
     let path = match task_dir.join("train.json") {
         json if !json.exists() && task_dir.join("train.jsonl").exists() => {
@@ -1040,52 +1130,20 @@ fn task_data<B: Backend>(
         }
         json => json,
     };
-    let bar = progress(0, "encode");
-    let (encoded, report) = load_train_set(
-        encoder.clone(),
-        &path,
-        config.bad_samples,
-        default_workers(),
-        |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        },
-    )?;
-    bar.finish_and_clear();
+    let settings = StreamSettings {
+        batch: config.batch,
+        probe_fraction: config.probe_fraction,
+        workers: default_workers(),
+        pad,
+        policy: config.bad_samples,
+        seed: rng.random(),
+    };
+    let task = StreamedTask::open(encoder.clone(), &path, settings, device)?;
+    let report = task.report();
     if !report.problems.is_empty() {
         eprintln!("  {}: {}", path.display(), report.summary());
     }
-    let mut order: Vec<usize> = (0..encoded.len()).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(rng.random()));
-    let batches = |idx: &[usize]| -> Vec<TrainBatch<B>> {
-        idx.chunks(config.batch)
-            .map(|chunk| {
-                let samples: Vec<Encoded> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-                collate_train::<B>(&samples, pad, device)
-            })
-            .collect()
-    };
-    let subset =
-        ((encoded.len() as f64 * config.probe_fraction).ceil() as usize).clamp(1, encoded.len());
-    let probe_eval_end = (2 * subset).min(encoded.len());
-    let probe_train = batches(&order[..subset]);
-    // With too few samples for two disjoint subsets, the statistics reuse the probe subset.
-    let probe_eval: Vec<_> = if probe_eval_end > subset {
-        batches(&order[subset..probe_eval_end])
-            .into_iter()
-            .map(|b| b.input)
-            .collect()
-    } else {
-        probe_train.iter().map(|b| b.input.clone()).collect()
-    };
-    Ok((
-        TaskData {
-            train: batches(&order),
-            probe_train,
-            probe_eval,
-        },
-        report,
-    ))
+    Ok(task)
 }
 
 /// What answering test questions with a learned state needs.
@@ -1182,23 +1240,29 @@ impl<B: Backend> Evaluator<'_, B> {
 #[derive(Default)]
 struct StageBars {
     bar: Option<indicatif::ProgressBar>,
-    losses: Vec<f64>,
+    /// `(step, cross-entropy)` of the current stage's steps run by this process.
+    losses: Vec<(usize, f64)>,
+    /// The current stage's length.
+    steps: usize,
 }
 
 impl StageBars {
     fn event(&mut self, event: LearnEvent<'_>) {
         match event {
-            LearnEvent::StageStarted { stage, steps } => {
+            LearnEvent::StageStarted { stage, steps, done } => {
                 self.finish();
                 let name = match stage {
                     Stage::Probe => "probe",
                     Stage::Train => "train",
                 };
                 self.losses.clear();
-                self.bar = Some(progress(steps as u64, name));
+                self.steps = steps;
+                let bar = progress(steps as u64, name);
+                bar.set_position(done as u64);
+                self.bar = Some(bar);
             }
-            LearnEvent::Step { loss, .. } => {
-                self.losses.push(loss.ce);
+            LearnEvent::Step { step, loss, .. } => {
+                self.losses.push((step, loss.ce));
                 if let Some(bar) = &self.bar {
                     let message =
                         format!("ce {:.3} aux {:.3} rec {:.2}", loss.ce, loss.aux, loss.rec);
@@ -1229,10 +1293,16 @@ impl StageBars {
         }
     }
 
-    /// Mean cross-entropy of the last 10 % of the training stage's steps.
+    /// Mean cross-entropy of the last 10 % of the training stage's steps (of those this
+    /// process ran, when the stage was resumed inside them).
     fn final_loss(&self) -> f64 {
-        let n = (self.losses.len() / 10).max(1);
-        let tail = &self.losses[self.losses.len().saturating_sub(n)..];
+        let from = self.steps - (self.steps / 10).max(1).min(self.steps);
+        let tail: Vec<f64> = self
+            .losses
+            .iter()
+            .filter(|(step, _)| *step >= from)
+            .map(|(_, ce)| *ce)
+            .collect();
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
     }
 }

@@ -1,18 +1,25 @@
 //! The multi-worker sample loader: CoIN training records are turned into [`Encoded`] samples
 //! (image decoded and preprocessed, conversation tokenised) by worker threads, batch by batch,
 //! a bounded number of batches ahead of the consumer, so that only the batches in flight sit in
-//! memory. Bad samples (a missing or unreadable image, a conversation that does not fit the
+//! memory. [`StreamedTask`] feeds them to the learner's stages as they train. Bad samples (a missing or unreadable image, a conversation that does not fit the
 //! template) are skipped and counted, or stop the run, as [`BadSamples`] says; never a panic.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
+use burn::tensor::backend::Backend;
 use cmoe_coin::format::{BadRecord, TestRecord, TrainRecord, read_test};
+use cmoe_moe::source::{BatchSource, TaskSource};
+use cmoe_moe::stages::{StageError, TrainBatch};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{CoinEncoder, Encoded};
+use crate::dataset::{CoinEncoder, Encoded, collate_train};
 
 /// What to do with a sample that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -154,29 +161,32 @@ pub struct BatchStream {
     workers: Vec<JoinHandle<()>>,
     next: usize,
     batches: usize,
+    first: usize,
 }
 
 impl BatchStream {
-    /// Starts `workers` threads encoding `records[order[..]]` in chunks of `batch_size`.
+    /// Starts `workers` threads encoding `records[order[..]]` in chunks of `batch_size`, from
+    /// chunk `first` on.
     pub fn new(
         encoder: Arc<CoinEncoder>,
         records: Arc<Vec<TrainRecord>>,
-        order: Vec<usize>,
+        order: Arc<Vec<usize>>,
+        first: usize,
         batch_size: usize,
         workers: usize,
         prefetch: usize,
     ) -> Self {
         let batch_size = batch_size.max(1);
         let workers = workers.max(1);
-        let order = Arc::new(order);
         let batches = order.len().div_ceil(batch_size);
         let mut receivers = Vec::new();
         let mut handles = Vec::new();
-        for w in 0..workers.min(batches.max(1)) {
+        let first = first.min(batches);
+        for w in 0..workers.min((batches - first).max(1)) {
             let (tx, rx) = sync_channel(prefetch.max(1));
             let (encoder, records, order) = (encoder.clone(), records.clone(), order.clone());
             handles.push(std::thread::spawn(move || {
-                for b in (w..batches).step_by(workers) {
+                for b in (first + w..batches).step_by(workers) {
                     let end = ((b + 1) * batch_size).min(order.len());
                     let mut loaded: LoadedBatch = (Vec::new(), Vec::new());
                     for &i in &order[b * batch_size..end] {
@@ -195,19 +205,20 @@ impl BatchStream {
         Self {
             receivers,
             workers: handles,
-            next: 0,
+            next: first,
             batches,
+            first,
         }
     }
 
     /// Number of batches the stream yields.
     pub fn len(&self) -> usize {
-        self.batches
+        self.batches - self.first
     }
 
     /// Whether the stream yields no batch.
     pub fn is_empty(&self) -> bool {
-        self.batches == 0
+        self.len() == 0
     }
 }
 
@@ -219,7 +230,7 @@ impl Iterator for BatchStream {
             return None;
         }
         let batch = self.next;
-        let worker = batch % self.receivers.len();
+        let worker = (batch - self.first) % self.receivers.len();
         self.next += 1;
         // A worker only stops early if the consumer is gone, or if it panicked.
         Some(self.receivers[worker].recv().map_err(|_| {
@@ -239,41 +250,207 @@ impl Drop for BatchStream {
     }
 }
 
-/// Reads a task's training file leniently and encodes every sample with `workers` threads,
-/// in file order; returns the samples and what was left out (or the first problem as an
-/// error under [`BadSamples::Error`]). `on_progress(done, total)` follows the records.
-pub fn load_train_set(
+/// A task's training set read from disk as the learner's stages need it (a [`TaskSource`]):
+/// only the records sit in memory; samples are encoded by worker threads a few batches ahead
+/// of training and dropped once trained on. Records that cannot be parsed and samples whose
+/// image does not exist are found when the task is opened; unreadable images and conversations
+/// that do not fit the template when their batch is loaded. Each is recorded once in the
+/// task's [`LoadReport`] (or stops the run, by [`BadSamples`]).
+pub struct StreamedTask<B: Backend> {
     encoder: Arc<CoinEncoder>,
-    path: &Path,
-    policy: BadSamples,
-    workers: usize,
-    mut on_progress: impl FnMut(usize, usize),
-) -> anyhow::Result<(Vec<Encoded>, LoadReport)> {
-    let (records, bad) = cmoe_coin::format::read_train_lenient(path)?;
-    let mut report = LoadReport::from_bad_records(bad);
-    report.check(policy)?;
-    let total = records.len();
-    let order: Vec<usize> = (0..total).collect();
-    let stream = BatchStream::new(encoder, Arc::new(records), order, 16, workers, 2);
-    let mut samples = Vec::new();
-    let mut done = 0;
-    for loaded in stream {
-        let (encoded, problems) = loaded?;
-        done += encoded.len() + problems.len();
-        on_progress(done, total);
-        samples.extend(encoded);
-        report.problems.extend(problems);
-        report.check(policy)?;
+    records: Arc<Vec<TrainRecord>>,
+    /// Record indices in training order, and PGKE's two disjoint subsets.
+    train: Arc<Vec<usize>>,
+    probe_train: Arc<Vec<usize>>,
+    probe_eval: Arc<Vec<usize>>,
+    settings: StreamSettings,
+    device: B::Device,
+    report: RefCell<LoadReport>,
+}
+
+/// How a [`StreamedTask`] batches and loads.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// Samples per batch.
+    pub batch: usize,
+    /// Fraction of the samples in each PGKE subset (probe training, statistics).
+    pub probe_fraction: f64,
+    /// Worker threads.
+    pub workers: usize,
+    /// Padding token id.
+    pub pad: u32,
+    /// What to do with bad samples.
+    pub policy: BadSamples,
+    /// Seed of the training order.
+    pub seed: u64,
+}
+
+impl<B: Backend> StreamedTask<B> {
+    /// Reads the training file at `path` (JSON array or JSONL, leniently), checks that every
+    /// record's image exists, and shuffles the usable records with `settings.seed`. PGKE's
+    /// subsets are the first `probe_fraction` of that order and the next as many (the
+    /// statistics reuse the probe subset when there are too few samples for two).
+    pub fn open(
+        encoder: Arc<CoinEncoder>,
+        path: &Path,
+        settings: StreamSettings,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        let (records, bad) = cmoe_coin::format::read_train_lenient(path)?;
+        let mut report = LoadReport::from_bad_records(bad);
+        report.check(settings.policy)?;
+        let mut usable = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            match image_problem(&encoder, &record.image, &record.id) {
+                Some(problem) => {
+                    report.problems.push(problem);
+                    report.check(settings.policy)?;
+                }
+                None => usable.push(i),
+            }
+        }
+        if usable.is_empty() {
+            anyhow::bail!(
+                "{}: no usable training sample ({})",
+                path.display(),
+                report.summary()
+            );
+        }
+        report.used = usable.len();
+        usable.shuffle(&mut StdRng::seed_from_u64(settings.seed));
+        let n = usable.len();
+        let subset = ((n as f64 * settings.probe_fraction).ceil() as usize).clamp(1, n);
+        let probe_train = usable[..subset].to_vec();
+        let probe_eval = if 2 * subset <= n {
+            usable[subset..2 * subset].to_vec()
+        } else {
+            probe_train.clone()
+        };
+        Ok(Self {
+            encoder,
+            records: Arc::new(records),
+            train: Arc::new(usable),
+            probe_train: Arc::new(probe_train),
+            probe_eval: Arc::new(probe_eval),
+            settings,
+            device: device.clone(),
+            report: RefCell::new(report),
+        })
     }
-    report.used = samples.len();
-    if samples.is_empty() {
-        anyhow::bail!(
-            "{}: no usable training sample ({})",
-            path.display(),
-            report.summary()
-        );
+
+    /// What loading met so far: usable samples (those with an image, less those found bad
+    /// while loading) and every problem.
+    pub fn report(&self) -> LoadReport {
+        self.report.borrow().clone()
     }
-    Ok((samples, report))
+
+    /// Records `problems` met while loading (each once) and applies the policy.
+    fn note(&self, problems: Vec<SampleProblem>) -> anyhow::Result<()> {
+        let mut report = self.report.borrow_mut();
+        for problem in problems {
+            if !report.problems.contains(&problem) {
+                report.used = report.used.saturating_sub(1);
+                report.problems.push(problem);
+            }
+        }
+        report.check(self.settings.policy)
+    }
+
+    /// Adds problems recorded before a restart (a resumed stage does not read the batches it
+    /// skips again).
+    pub fn restore(&self, saved: LoadReport) -> anyhow::Result<()> {
+        self.note(saved.problems)
+    }
+
+    /// Loading of `order`'s batches from batch `first` on.
+    fn stream(&self, order: Arc<Vec<usize>>, first: usize) -> BatchStream {
+        BatchStream::new(
+            self.encoder.clone(),
+            self.records.clone(),
+            order,
+            first,
+            self.settings.batch,
+            self.settings.workers,
+            2,
+        )
+    }
+
+    fn source(&self, order: &Arc<Vec<usize>>) -> Box<dyn BatchSource<B> + '_> {
+        Box::new(Stream {
+            task: self,
+            order: order.clone(),
+            stream: None,
+            position: 0,
+        })
+    }
+}
+
+impl<B: Backend> TaskSource<B> for StreamedTask<B> {
+    fn train(&self) -> Box<dyn BatchSource<B> + '_> {
+        self.source(&self.train)
+    }
+
+    fn probe_train(&self) -> Box<dyn BatchSource<B> + '_> {
+        self.source(&self.probe_train)
+    }
+
+    fn probe_eval(&self) -> Box<dyn BatchSource<B> + '_> {
+        self.source(&self.probe_eval)
+    }
+}
+
+/// Passes over some of a [`StreamedTask`]'s records, a [`BatchStream`] each.
+struct Stream<'a, B: Backend> {
+    task: &'a StreamedTask<B>,
+    order: Arc<Vec<usize>>,
+    stream: Option<BatchStream>,
+    position: usize,
+}
+
+impl<B: Backend> BatchSource<B> for Stream<'_, B> {
+    fn len(&self) -> usize {
+        self.order.len().div_ceil(self.task.settings.batch.max(1))
+    }
+
+    fn next_batch(&mut self) -> Result<(usize, TrainBatch<B>), StageError> {
+        let data_error = |e: anyhow::Error| StageError::Data(format!("{e:#}"));
+        let task = self.task;
+        let mut empty = 0;
+        loop {
+            let (order, position) = (&self.order, self.position);
+            let stream = self
+                .stream
+                .get_or_insert_with(|| task.stream(order.clone(), position));
+            let Some(loaded) = stream.next() else {
+                // The pass is over: the next starts from the first batch.
+                self.stream = None;
+                self.position = 0;
+                continue;
+            };
+            let position = self.position;
+            self.position += 1;
+            let (samples, problems) = loaded.map_err(data_error)?;
+            task.note(problems).map_err(data_error)?;
+            if samples.is_empty() {
+                empty += 1;
+                if empty > self.len() {
+                    return Err(StageError::Data(
+                        "no sample of a whole pass could be loaded".into(),
+                    ));
+                }
+                continue;
+            }
+            let batch = collate_train::<B>(&samples, task.settings.pad, &task.device);
+            return Ok((position, batch));
+        }
+    }
+
+    fn skip(&mut self, batches: usize) -> Result<(), StageError> {
+        // Loading restarts at the batch the skip lands on; nothing before it is read.
+        self.position = (self.position + batches) % self.len().max(1);
+        self.stream = None;
+        Ok(())
+    }
 }
 
 /// A task's test questions and their prompts; questions whose image is missing or unreadable

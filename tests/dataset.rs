@@ -11,7 +11,7 @@ use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
 use llava_cmoe::data::prompt::{Conversation, IGNORE_INDEX};
 use llava_cmoe::dataset::{CoinEncoder, collate_prompts, collate_train};
 use llava_cmoe::moe::model::{CmoeModel, MoeConfig};
-use llava_cmoe::moe::stages::base_features;
+use llava_cmoe::moe::stages::batch_features;
 use llava_cmoe::pipeline::LlavaPipeline;
 
 type B = burn_flex::Flex;
@@ -105,9 +105,7 @@ fn coin_records_become_batches_and_ptl_features_match_inference() {
         },
         &device,
     );
-    let inside = base_features(&model, std::slice::from_ref(&batch))
-        .unwrap()
-        .remove(0);
+    let inside = batch_features(&model, &batch, 0).unwrap();
     let prompts: Vec<_> = train
         .iter()
         .map(|r| encoder.encode_prompt(&as_question(r)).unwrap())

@@ -62,3 +62,62 @@ fn unknown_or_mistyped_settings_are_errors_naming_them() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_config_names_the_task_list() {
+    let dir = std::env::temp_dir().join(format!("cmoe-task-list-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    // CoIN's eight by default, in its order.
+    let coin = preset().task_list().unwrap();
+    assert_eq!(coin.len(), 8);
+    assert_eq!(
+        (coin[0].0.as_str(), coin[7].0.as_str()),
+        ("ScienceQA", "OCRVQA")
+    );
+
+    let listed = write(
+        "tasks.toml",
+        "order = \"reverse\"\n[[tasks]]\nname = \"GQA\"\n\
+         [[tasks]]\nname = \"Charts\"\ntype = \"vqav2\"\n",
+    );
+    let c = preset().with_file(&listed).unwrap();
+    let tasks: Vec<(String, String)> = c
+        .task_list()
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| (n, t.name().to_string()))
+        .collect();
+    assert_eq!(
+        tasks,
+        [
+            ("Charts".to_string(), "vqav2".to_string()),
+            ("GQA".to_string(), "gqa".to_string())
+        ]
+    );
+
+    let untyped = write("untyped.toml", "[[tasks]]\nname = \"Charts\"\n");
+    let err = format!(
+        "{:#}",
+        preset()
+            .with_file(&untyped)
+            .unwrap()
+            .task_list()
+            .unwrap_err()
+    );
+    assert!(err.contains("`Charts`") && err.contains("type"), "{err}");
+    let twice = write(
+        "twice.toml",
+        "[[tasks]]\nname = \"GQA\"\n[[tasks]]\nname = \"GQA\"\n",
+    );
+    let err = format!(
+        "{:#}",
+        preset().with_file(&twice).unwrap().task_list().unwrap_err()
+    );
+    assert!(err.contains("`GQA` is listed twice"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,8 @@
 //! The main job end to end at smoke size: `cmoe pretrain` makes a small LLaVA (a few steps),
 //! `cmoe train --preset smoke` runs all eight Mini-CoIN tasks on it and writes the report, and
 //! a run killed after three tasks, resumed, killed again between task 5's PGKE expansion and its
-//! training (and in the middle of a checkpoint swap), and resumed again ends bit-identical to an
+//! training (and in the middle of a checkpoint swap), resumed, killed inside task 6's training
+//! stage (while writing its step-3 checkpoint), and resumed again ends bit-identical to an
 //! unbroken run.
 
 use std::path::Path;
@@ -54,9 +55,14 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         assert!(model.join(file).is_file(), "{file}");
     }
 
+    // Two passes over each task's two batches: four steps, checkpointed after each.
+    let settings = root.join("smoke.toml");
+    std::fs::write(&settings, "epochs = 2\ncheckpoint_every = 1\n").unwrap();
+    let settings = settings.to_str().unwrap();
     let train = |name: &str, extra: &[&str]| {
         let mut args = vec![
-            "train", "--preset", "smoke", "--model", m, "--runs", r, "--name", name,
+            "train", "--preset", "smoke", "--config", settings, "--model", m, "--runs", r,
+            "--name", name,
         ];
         args.extend_from_slice(extra);
         cmoe(&args)
@@ -89,6 +95,18 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     // is left, under its temporary name).
     let state = runs.join("broken/state");
     std::fs::rename(&state, state.with_extension("old")).unwrap();
+    let stopped = train("broken", &["--resume", "--stop-at-step", "6:3"]);
+    assert!(!stopped.status.success());
+    let message = String::from_utf8_lossy(&stopped.stderr);
+    assert!(
+        message.contains("resuming after the expansion of task 5"),
+        "{message}"
+    );
+    assert!(
+        message.contains("stopped while checkpointing step 3 of task 6"),
+        "{message}"
+    );
+    // Task 6's training continues from its step-2 checkpoint.
     let resumed = train("broken", &["--resume"]);
     assert!(
         resumed.status.success(),
@@ -97,7 +115,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     );
     let message = String::from_utf8_lossy(&resumed.stderr);
     assert!(
-        message.contains("resuming after the expansion of task 5"),
+        message.contains("resuming the training stage at step 2"),
         "{message}"
     );
 

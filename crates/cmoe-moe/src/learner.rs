@@ -10,13 +10,15 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use cmoe_llava::{Llava, LlavaError, LlavaInput};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, StageCheckpoints};
 use crate::loss::LossValues;
 use crate::model::{CmoeModel, MoeConfig};
 use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats};
 use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
+pub use crate::source::{TaskData, TaskSource};
 use crate::stages::{
-    StageConfig, StageError, TrainBatch, VaeFit, activation_stats, add_probes, bank_entry,
-    base_features, expand, fit_vae, new_expert_ranges, set_trainable, train_stage,
+    SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit, activation_stats,
+    add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable, train_stage,
     train_stage_with,
 };
 use crate::state::{ContinualMeta, ContinualTensors};
@@ -68,6 +70,7 @@ impl TaskRecipe {
             accumulation: 1,
             weight_decay: 0.0,
             loss: Default::default(),
+            seed: None,
         };
         Self {
             probe_experts: 4,
@@ -81,17 +84,6 @@ impl TaskRecipe {
             stage,
         }
     }
-}
-
-/// One task's data, already tokenised and batched.
-#[derive(Debug, Clone)]
-pub struct TaskData<B: Backend> {
-    /// The full training set.
-    pub train: Vec<TrainBatch<B>>,
-    /// PGKE's probe-training subset (unused for the first task).
-    pub probe_train: Vec<TrainBatch<B>>,
-    /// PGKE's statistics subset, disjoint from `probe_train`.
-    pub probe_eval: Vec<LlavaInput<B>>,
 }
 
 /// The two training stages of a task.
@@ -113,6 +105,8 @@ pub enum LearnEvent<'a> {
         stage: Stage,
         /// Its length.
         steps: usize,
+        /// Steps already done (a stage resumed from a checkpoint).
+        done: usize,
     },
     /// One optimiser step's loss terms.
     Step {
@@ -166,7 +160,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     /// [`Self::train_task`], between which a caller may checkpoint.
     pub fn learn_task(
         self,
-        data: &TaskData<B>,
+        data: &impl TaskSource<B>,
         recipe: &TaskRecipe,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
@@ -180,7 +174,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     /// The learner can be saved and reloaded here; [`Self::train_task`] continues.
     pub fn expand_for_task(
         self,
-        data: &TaskData<B>,
+        data: &impl TaskSource<B>,
         recipe: &TaskRecipe,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<(Self, Vec<usize>), StageError> {
@@ -201,15 +195,22 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         observe(LearnEvent::StageStarted {
             stage: Stage::Probe,
             steps: stage.steps,
+            done: 0,
         });
-        let probed = train_stage(probed, task, &data.probe_train, stage, |step, loss| {
-            observe(LearnEvent::Step {
-                stage: Stage::Probe,
-                step,
-                loss,
-            })
-        })?;
-        let stats = activation_stats(&probed, task, &data.probe_eval)?;
+        let probed = train_stage(
+            probed,
+            task,
+            &mut *data.probe_train(),
+            stage,
+            |step, loss| {
+                observe(LearnEvent::Step {
+                    stage: Stage::Probe,
+                    step,
+                    loss,
+                })
+            },
+        )?;
+        let stats = activation_stats(&probed, task, &mut *data.probe_eval())?;
         let plan = place(recipe, task, &stats, &before);
         observe(LearnEvent::Planned(&plan));
         let model = expand(probed, task, &before, &plan);
@@ -222,12 +223,30 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     pub fn train_task(
         self,
         first: Vec<usize>,
-        data: &TaskData<B>,
+        data: &impl TaskSource<B>,
         recipe: &TaskRecipe,
+        observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        self.train_task_checkpointed(first, data, recipe, None, observe)
+    }
+
+    /// [`Self::train_task`] with checkpoints of the stage in flight: it continues from the
+    /// checkpoint in `checkpoints.dir` if that belongs to this task, and writes one every
+    /// `checkpoints.every` steps (see [`crate::checkpoint`]). The checkpoint folder is left in
+    /// place; a later task ignores it.
+    pub fn train_task_checkpointed(
+        self,
+        first: Vec<usize>,
+        data: &impl TaskSource<B>,
+        recipe: &TaskRecipe,
+        checkpoints: Option<StageCheckpoints<'_>>,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
+        // The VAE reads the base's last hidden state.
+        let width = self.widths().first().map_or(0, |w| w.0);
+        let device = self.model.devices().into_iter().next().unwrap_or_default();
         let Self {
-            model,
+            mut model,
             mut vaes,
             mut meta,
         } = self;
@@ -238,33 +257,51 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                 "first new experts {first:?} do not fit a model with experts {experts:?}"
             ))));
         }
+        let stage = &recipe.stage;
+        let mut fit = Some(VaeFit::new(meta.ptl, width, &device));
+        let resume = match &checkpoints {
+            Some(c) => checkpoint::load(c.dir, task, &first, stage, &mut model, &mut fit)?,
+            None => None,
+        };
         let trainable = new_expert_ranges(&model, &first);
         let model = set_trainable(model, task, &trainable);
-
-        let features = base_features(&model, &data.train)?;
-        let width = features[0].dims()[1];
-        let fit = VaeFit {
-            vae: meta.ptl.init_vae(width, &features[0].device()),
-            features,
-            config: meta.ptl,
-        };
-        let stage = &recipe.stage;
         observe(LearnEvent::StageStarted {
             stage: Stage::Train,
             steps: stage.steps,
+            done: resume.as_ref().map_or(0, |r| r.step),
         });
-        let (model, fit) =
-            train_stage_with(model, Some(fit), task, &data.train, stage, |step, loss| {
+        let first_new = &first;
+        let mut saver = checkpoints.map(|StageCheckpoints { dir, every, extra }| {
+            let save = move |snapshot: StageSnapshot<'_, B>| {
+                checkpoint::save(dir, task, first_new, stage, snapshot, &mut *extra)
+            };
+            (every, save)
+        });
+        let control = StageControl {
+            resume,
+            every: saver.as_ref().map_or(0, |(every, _)| *every),
+            save: saver
+                .as_mut()
+                .map(|(_, save)| save as &mut SaveSnapshot<'_, B>),
+        };
+        let (model, fit) = train_stage_with(
+            model,
+            fit,
+            task,
+            &mut *data.train(),
+            stage,
+            control,
+            |step, loss| {
                 observe(LearnEvent::Step {
                     stage: Stage::Train,
                     step,
                     loss,
                 })
-            })?;
+            },
+        )?;
         let fit = fit.expect("train_stage_with returns the VAE it was given");
         let fit = fit_vae(fit, stage.lr, &stage.loss);
-        let visited = stage.steps * stage.accumulation.max(1); // batches the stage went through
-        let entry = bank_entry(&fit.vae, &fit.features, visited, &meta.ptl);
+        let entry = bank_entry(&fit.vae, &fit.memory, &meta.ptl)?;
         meta.bank.entries.push(entry);
         meta.first_expert.push(first);
         vaes.push(fit.vae);
@@ -275,7 +312,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     /// router (router 0) train on the task with `CE + kappa aux`; nothing grows, no VAE.
     pub fn learn_shared(
         self,
-        data: &TaskData<B>,
+        data: &impl TaskSource<B>,
         stage: &StageConfig,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
@@ -289,8 +326,9 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         observe(LearnEvent::StageStarted {
             stage: Stage::Train,
             steps: stage.steps,
+            done: 0,
         });
-        let model = train_stage(model, 0, &data.train, stage, |step, loss| {
+        let model = train_stage(model, 0, &mut *data.train(), stage, |step, loss| {
             observe(LearnEvent::Step {
                 stage: Stage::Train,
                 step,

@@ -8,6 +8,9 @@
 //! densities under/overflow at d = 4096). Scoring uses a fixed set of `eps` so that a decision
 //! is reproducible. All tasks' VAEs are stacked and scored in one batched computation.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Distribution, Tensor, TensorData, activation, backend::Backend};
@@ -36,6 +39,11 @@ pub struct PtlConfig {
     /// model is not run again.
     #[serde(default)]
     pub fit_epochs: usize,
+    /// Rows of base features kept from a training stage, the most recent ones: the bank takes
+    /// its last `bank_instances` from them and the VAE-only passes run over them. Bounds the
+    /// memory a large task's features take (at least `bank_instances` are kept).
+    #[serde(default = "default_feature_memory")]
+    pub feature_memory: usize,
     /// Seed of the fixed draws used for scoring (bank entries and inference).
     pub seed: u64,
 }
@@ -49,9 +57,14 @@ impl Default for PtlConfig {
             bank_instances: 256,
             lr: None,
             fit_epochs: 0,
+            feature_memory: default_feature_memory(),
             seed: 0x5EED,
         }
     }
+}
+
+fn default_feature_memory() -> usize {
+    4096
 }
 
 impl PtlConfig {
@@ -211,6 +224,93 @@ impl BankEntry {
             std: var.sqrt().max(1e-6),
             count: scores.len(),
         }
+    }
+}
+
+/// The frozen base's features of the batches a training stage went through, the most recent
+/// last, keeping at least `capacity` rows and no older batch than needed. A batch seen again
+/// (the same position of the next pass) is moved to the end, not stored twice.
+#[derive(Debug, Clone)]
+pub struct FeatureMemory<B: Backend> {
+    capacity: usize,
+    rows: usize,
+    batches: VecDeque<(usize, Tensor<B, 2>)>,
+}
+
+impl<B: Backend> FeatureMemory<B> {
+    /// An empty memory keeping `capacity` rows.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            rows: 0,
+            batches: VecDeque::new(),
+        }
+    }
+
+    /// The features of the batch at `position` of its pass: the stored ones if it is still
+    /// held, else `compute()`'s, stored as the most recent.
+    pub fn features<E>(
+        &mut self,
+        position: usize,
+        compute: impl FnOnce() -> Result<Tensor<B, 2>, E>,
+    ) -> Result<Tensor<B, 2>, E> {
+        let features = match self.batches.iter().position(|(p, _)| *p == position) {
+            Some(index) => {
+                let (_, features) = self.batches.remove(index).expect("index is in range");
+                self.rows -= features.dims()[0];
+                features
+            }
+            None => compute()?,
+        };
+        self.rows += features.dims()[0];
+        self.batches.push_back((position, features.clone()));
+        while let Some((_, oldest)) = self.batches.front() {
+            let rows = oldest.dims()[0];
+            if self.rows - rows < self.capacity {
+                break;
+            }
+            self.rows -= rows;
+            self.batches.pop_front();
+        }
+        Ok(features)
+    }
+
+    /// The batches held, oldest first.
+    pub fn batches(&self) -> impl Iterator<Item = &Tensor<B, 2>> {
+        self.batches.iter().map(|(_, features)| features)
+    }
+
+    /// The batches held with their positions, oldest first (for a checkpoint).
+    pub fn entries(&self) -> impl Iterator<Item = &(usize, Tensor<B, 2>)> {
+        self.batches.iter()
+    }
+
+    /// A memory holding `entries` (as [`Self::entries`] gave them).
+    pub fn from_entries(capacity: usize, entries: Vec<(usize, Tensor<B, 2>)>) -> Self {
+        let mut memory = Self::new(capacity);
+        for (position, features) in entries {
+            let Ok(_) = memory.features(position, || Ok::<_, Infallible>(features));
+        }
+        memory
+    }
+
+    /// The last `rows` rows (fewer if fewer are held), `None` when empty.
+    pub fn recent(&self, rows: usize) -> Option<Tensor<B, 2>> {
+        let mut taken = 0;
+        let mut recent = Vec::new();
+        for (_, features) in self.batches.iter().rev() {
+            if taken >= rows.max(1) {
+                break;
+            }
+            taken += features.dims()[0];
+            recent.push(features.clone());
+        }
+        recent.reverse();
+        (!recent.is_empty()).then(|| {
+            let all = Tensor::cat(recent, 0);
+            let n = all.dims()[0];
+            all.slice(n.saturating_sub(rows.max(1))..n)
+        })
     }
 }
 

@@ -10,22 +10,23 @@
 //!    activated expert), router_t = router_{t-1} + random columns; only those train.
 //!
 //! The main stage of every task also fits the task's VAE in the same loss ([`train_stage_with`]),
-//! on the frozen base's features ([`base_features`]), and [`bank_entry`] then scores the task's
-//! last training instances for the primitive bank.
+//! on the frozen base's features ([`batch_features`]), and [`bank_entry`] then scores the task's
+//! last training instances for the primitive bank. Batches come from a [`BatchSource`].
 
-use std::ops::Range;
-
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
+use std::ops::Range;
 
 use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
 use crate::pgke::{ActivationStats, ExpansionPlan};
-use crate::ptl::{BankEntry, PtlConfig, StackedVaes, TaskVae};
+use crate::ptl::{BankEntry, FeatureMemory, PtlConfig, StackedVaes, TaskVae};
+use crate::source::BatchSource;
 
 /// Model inputs and per-position labels (`-100`: no loss).
 #[derive(Debug, Clone)]
@@ -75,6 +76,64 @@ pub struct StageConfig {
     pub weight_decay: f32,
     /// Weights of the auxiliary terms.
     pub loss: LossWeights,
+    /// When set, the backend is reseeded from (seed, step) before every step, so that a stage
+    /// resumed at a step draws (dropout, the VAE's reparameterisation) what an unbroken one
+    /// would.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// The AdamW state of a set of parameters, keyed by the parameters' order in their module
+/// (not by their ids, which a reloaded module does not keep), see [`StageState`].
+/// (Burn's own record type: a map from ids to [`burn::optim::record::AdaptorRecord`]s.)
+pub type OptimState<B> =
+    <OptimizerAdaptor<AdamW, TaskVae<B>, B> as Optimizer<TaskVae<B>, B>>::Record;
+
+/// What a stage in flight holds besides the model and the VAE: the optimiser steps done and
+/// both optimisers' state. With the model, the VAE and its feature memory it is everything
+/// [`train_stage_with`] needs to continue as if it had not stopped.
+pub struct StageState<B: AutodiffBackend> {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// The experts' and routers' AdamW state.
+    pub optim: OptimState<B>,
+    /// The VAE's AdamW state.
+    pub vae_optim: OptimState<B>,
+}
+
+/// A stage in flight at a checkpoint.
+pub struct StageSnapshot<'a, B: AutodiffBackend> {
+    /// The model after `state.step` steps.
+    pub model: &'a CmoeModel<B>,
+    /// The VAE and its feature memory, for a stage that fits one.
+    pub vae: Option<&'a VaeFit<B>>,
+    /// Steps and optimiser state.
+    pub state: StageState<B>,
+}
+
+/// Where a stage starts and when it checkpoints.
+pub struct StageControl<'a, B: AutodiffBackend> {
+    /// A stage to continue (its model and VAE are the ones passed in); `None`: from step 0.
+    pub resume: Option<StageState<B>>,
+    /// Every how many steps `save` gets a [`StageSnapshot`] (0: never; never after the last
+    /// step, which the caller saves as it likes).
+    pub every: usize,
+    /// Receives the snapshots.
+    pub save: Option<&'a mut SaveSnapshot<'a, B>>,
+}
+
+/// A receiver of [`StageSnapshot`]s.
+pub type SaveSnapshot<'a, B> = dyn FnMut(StageSnapshot<'_, B>) -> Result<(), StageError> + 'a;
+
+impl<B: AutodiffBackend> StageControl<'_, B> {
+    /// From step 0, no checkpoints.
+    pub fn none() -> Self {
+        Self {
+            resume: None,
+            every: 0,
+            save: None,
+        }
+    }
 }
 
 /// Why a stage stopped.
@@ -99,6 +158,9 @@ pub enum StageError {
     /// Nothing to train on.
     #[error("a stage needs at least one batch")]
     NoData,
+    /// The batch source failed (a sample could not be read, or the loader stopped).
+    #[error("{0}")]
+    Data(String),
 }
 
 /// Learning rate at `step` of `total`: linear warmup to `peak`, then cosine to zero.
@@ -155,60 +217,95 @@ fn require_grad<B: Backend, M: Module<B>>(module: M, on: bool) -> M {
 pub struct VaeFit<B: AutodiffBackend> {
     /// The VAE being fitted.
     pub vae: TaskVae<B>,
-    /// Per batch (same order as the stage's batches), the base features `[rows, d]`.
-    pub features: Vec<Tensor<B, 2>>,
+    /// The base features of the batches the stage went through ([`batch_features`], computed
+    /// when a batch is first met), the most recent ones.
+    pub memory: FeatureMemory<B>,
     /// Its settings (draws per feature, learning rate).
     pub config: PtlConfig,
 }
 
-/// Optimises the trainable parameters for `config.steps` steps over `batches` (cycled) with
+impl<B: AutodiffBackend> VaeFit<B> {
+    /// A fresh VAE for features of width `width`, with an empty feature memory.
+    pub fn new(config: PtlConfig, width: usize, device: &B::Device) -> Self {
+        Self {
+            vae: config.init_vae(width, device),
+            memory: FeatureMemory::new(config.feature_memory.max(config.bank_instances)),
+            config,
+        }
+    }
+}
+
+/// Optimises the trainable parameters for `config.steps` steps over `source`'s batches with
 /// task `task`'s routers on `CE + kappa * aux`; `on_step` sees every step's loss terms.
 pub fn train_stage<B: AutodiffBackend>(
     model: CmoeModel<B>,
     task: usize,
-    batches: &[TrainBatch<B>],
+    source: &mut dyn BatchSource<B>,
     config: &StageConfig,
     on_step: impl FnMut(usize, &LossValues),
 ) -> Result<CmoeModel<B>, StageError> {
-    train_stage_with(model, None, task, batches, config, on_step).map(|(model, _)| model)
+    let control = StageControl::none();
+    train_stage_with(model, None, task, source, config, control, on_step).map(|(model, _)| model)
 }
 
 /// [`train_stage`] on the full objective `CE + lambda KL + eta rec + kappa aux` when `vae` is
 /// given: the VAE's parameters are disjoint from the experts', each set has its own AdamW
-/// state, and both step on the gradients of one backward pass.
+/// state, and both step on the gradients of one backward pass. Batches are read from `source`
+/// as the steps need them: step `s` takes the next `config.accumulation` micro-batches.
+/// `control` says where to start (a resumed stage skips the batches its steps consumed) and
+/// when to checkpoint.
 pub fn train_stage_with<B: AutodiffBackend>(
     mut model: CmoeModel<B>,
     mut vae: Option<VaeFit<B>>,
     task: usize,
-    batches: &[TrainBatch<B>],
+    source: &mut dyn BatchSource<B>,
     config: &StageConfig,
+    mut control: StageControl<'_, B>,
     mut on_step: impl FnMut(usize, &LossValues),
 ) -> Result<(CmoeModel<B>, Option<VaeFit<B>>), StageError> {
-    if batches.is_empty() {
+    if source.is_empty() {
         return Err(StageError::NoData);
-    }
-    if let Some(fit) = &vae {
-        assert_eq!(
-            fit.features.len(),
-            batches.len(),
-            "one feature batch per batch"
-        );
     }
     let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay);
     let mut optim = adamw.init();
     let mut vae_optim = adamw.init();
     let micro = config.accumulation.max(1);
-    for step in 0..config.steps {
+    let mut start = 0;
+    if let Some(state) = control.resume.take() {
+        optim = optim.load_record(by_id(state.optim, &model));
+        if let Some(fit) = &vae {
+            vae_optim = vae_optim.load_record(by_id(state.vae_optim, &fit.vae));
+        }
+        source.skip(state.step * micro)?;
+        start = state.step;
+    }
+    let device = model.devices().into_iter().next().unwrap_or_default();
+    for step in start..config.steps {
+        if let Some(seed) = config.seed {
+            B::seed(
+                &device,
+                seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
+        }
         let lr = learning_rate(step, config.steps, config.lr, config.warmup_ratio);
         let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
         let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
         let mut mean = LossValues::default();
-        // Batch `step * micro + k` of the cycle, for each micro-batch `k` of this step.
-        for index in (step * micro..(step + 1) * micro).map(|i| i % batches.len()) {
-            let batch = &batches[index];
-            let out = model.forward(batch.input.clone(), task)?;
-            let ce = causal_lm_loss(out.logits, batch.labels.clone())
-                .ok_or(StageError::NoLabels(index))?;
+        for _ in 0..micro {
+            let (position, batch) = source.next_batch()?;
+            let (kl, rec) = match &mut vae {
+                Some(fit) => {
+                    let features = fit
+                        .memory
+                        .features(position, || batch_features(&model, &batch, position))?;
+                    let loss = fit.vae.loss(features, fit.config.n_rep);
+                    (Some(loss.kl), Some(loss.rec))
+                }
+                None => (None, None),
+            };
+            let out = model.forward(batch.input, task)?;
+            let ce =
+                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
             let layers = out.routing.len().max(1) as f64;
             let aux = out
                 .routing
@@ -216,13 +313,8 @@ pub fn train_stage_with<B: AutodiffBackend>(
                 .map(|r| r.aux_loss)
                 .reduce(|a, b| a + b)
                 .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
-            let (kl, rec) = match &vae {
-                Some(fit) => {
-                    let loss = fit.vae.loss(fit.features[index].clone(), fit.config.n_rep);
-                    (loss.kl, loss.rec)
-                }
-                None => (ce.zeros_like(), ce.zeros_like()),
-            };
+            let kl = kl.unwrap_or_else(|| ce.zeros_like());
+            let rec = rec.unwrap_or_else(|| ce.zeros_like());
             let terms = LossTerms::new(ce, kl, rec, aux, config.loss);
             let values = terms.values();
             if !values.total.is_finite() {
@@ -254,13 +346,67 @@ pub fn train_stage_with<B: AutodiffBackend>(
             fit.vae = vae_optim.step(vae_lr, fit.vae, vae_grads.grads());
             vae = Some(fit);
         }
+        let done = step + 1;
+        if let Some(save) = control.save.as_mut()
+            && control.every > 0
+            && done % control.every == 0
+            && done < config.steps
+        {
+            let state = StageState {
+                step: done,
+                optim: by_order(optim.to_record(), &model),
+                vae_optim: vae
+                    .as_ref()
+                    .map(|fit| by_order(vae_optim.to_record(), &fit.vae))
+                    .unwrap_or_default(),
+            };
+            save(StageSnapshot {
+                model: &model,
+                vae: vae.as_ref(),
+                state,
+            })?;
+        }
     }
     Ok((model, vae))
 }
 
-/// Trains the VAE alone for `fit.config.fit_epochs` passes over its cached features (AdamW,
-/// constant learning rate: `fit.config.lr`, else `lr`), minimising `rec + (lambda / eta) KL`
-/// (the objective's VAE terms with their relative weight).
+/// The ids of `module`'s float parameters, in the module's order.
+fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {
+    struct Ids(Vec<ParamId>);
+    impl<B: Backend> ModuleVisitor<B> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push(param.id);
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    module.visit(&mut ids);
+    ids.0
+}
+
+/// `record` keyed by each parameter's position in `module` instead of its id.
+fn by_order<B: AutodiffBackend, M: Module<B>>(
+    mut record: OptimState<B>,
+    module: &M,
+) -> OptimState<B> {
+    param_ids(module)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, id)| record.remove(&id).map(|r| (ParamId::from(i as u64), r)))
+        .collect()
+}
+
+/// The inverse of [`by_order`] for `module` (with the same structure).
+fn by_id<B: AutodiffBackend, M: Module<B>>(mut record: OptimState<B>, module: &M) -> OptimState<B> {
+    param_ids(module)
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, id)| record.remove(&ParamId::from(i as u64)).map(|r| (id, r)))
+        .collect()
+}
+
+/// Trains the VAE alone for `fit.config.fit_epochs` passes over the features in its memory
+/// (AdamW, constant learning rate: `fit.config.lr`, else `lr`), minimising
+/// `rec + (lambda / eta) KL` (the objective's VAE terms with their relative weight).
 pub fn fit_vae<B: AutodiffBackend>(
     mut fit: VaeFit<B>,
     lr: f64,
@@ -273,8 +419,9 @@ pub fn fit_vae<B: AutodiffBackend>(
     } else {
         1.0
     };
+    let batches: Vec<_> = fit.memory.batches().cloned().collect();
     for _ in 0..fit.config.fit_epochs {
-        for features in fit.features.clone() {
+        for features in batches.iter().cloned() {
             let loss = fit.vae.loss(features, fit.config.n_rep);
             let total = loss.rec + loss.kl * kl_weight;
             let grads = GradientsParams::from_grads(total.backward(), &fit.vae);
@@ -284,55 +431,39 @@ pub fn fit_vae<B: AutodiffBackend>(
     fit
 }
 
-/// PTL's inputs for a stage: per batch, the frozen base model's feature at each row's last
-/// prompt token (equal, with a causal decoder, to the feature of the prompt alone), detached.
-pub fn base_features<B: Backend>(
+/// PTL's input for one batch (at `position` of its pass, for errors): the frozen base model's
+/// feature at each row's last prompt token (equal, with a causal decoder, to the feature of the
+/// prompt alone), detached.
+pub fn batch_features<B: Backend>(
     model: &CmoeModel<B>,
-    batches: &[TrainBatch<B>],
-) -> Result<Vec<Tensor<B, 2>>, StageError> {
-    batches
-        .iter()
-        .enumerate()
-        .map(|(i, batch)| {
-            let positions = batch
-                .last_prompt_positions()
-                .ok_or(StageError::NoLabels(i))?;
-            Ok(model
-                .task_features_at(batch.input.clone(), &positions)?
-                .detach())
-        })
-        .collect()
+    batch: &TrainBatch<B>,
+    position: usize,
+) -> Result<Tensor<B, 2>, StageError> {
+    let positions = batch
+        .last_prompt_positions()
+        .ok_or(StageError::NoLabels(position))?;
+    Ok(model
+        .task_features_at(batch.input.clone(), &positions)?
+        .detach())
 }
 
 /// The primitive-bank entry of a task: statistics of its VAE's scores (with the fixed scoring
-/// draws) on the last `config.bank_instances` training instances of a stage that went through
-/// `steps` batches of `features` (one entry per batch, visited cyclically as [`train_stage`]
-/// does: optimiser steps x accumulation).
+/// draws) on the last `config.bank_instances` training instances in `memory`.
 pub fn bank_entry<B: Backend>(
     vae: &TaskVae<B>,
-    features: &[Tensor<B, 2>],
-    steps: usize,
+    memory: &FeatureMemory<B>,
     config: &PtlConfig,
-) -> BankEntry {
-    let device = features[0].device();
-    let scorer = StackedVaes::new(&[vae], config.scoring_draws(&device));
-    let mut recent = Vec::new();
-    let mut rows = 0;
-    for step in (0..steps.max(1)).rev() {
-        let batch = features[step % features.len()].clone();
-        rows += batch.dims()[0];
-        recent.push(batch);
-        if rows >= config.bank_instances || recent.len() >= features.len() {
-            break;
-        }
-    }
+) -> Result<BankEntry, StageError> {
+    let recent = memory
+        .recent(config.bank_instances)
+        .ok_or(StageError::NoData)?;
+    let scorer = StackedVaes::new(&[vae], config.scoring_draws(&recent.device()));
     let scores: Vec<f64> = scorer
-        .log_likelihoods(Tensor::cat(recent, 0))
+        .log_likelihoods(recent)
         .into_data()
         .iter::<f64>()
-        .take(config.bank_instances.max(1))
         .collect();
-    BankEntry::from_scores(&scores)
+    Ok(BankEntry::from_scores(&scores))
 }
 
 /// PGKE step 1: `n_probe` probe experts per layer (each the mean of the layer's experts) and
@@ -361,14 +492,16 @@ pub fn add_probes<B: Backend>(
 }
 
 /// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router.
+/// Reads one pass of `source` (labels unused).
 pub fn activation_stats<B: Backend>(
     model: &CmoeModel<B>,
     task: usize,
-    inputs: &[LlavaInput<B>],
-) -> Result<ActivationStats, LlavaError> {
+    source: &mut dyn BatchSource<B>,
+) -> Result<ActivationStats, StageError> {
     let mut stats = ActivationStats::default();
-    for input in inputs {
-        let out = model.forward(input.clone(), task)?;
+    for _ in 0..source.len() {
+        let (_, batch) = source.next_batch()?;
+        let out = model.forward(batch.input, task)?;
         for (layer, routing) in out.routing.iter().enumerate() {
             stats.record(layer, &routing.selections, routing.tokens);
         }

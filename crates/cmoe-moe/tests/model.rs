@@ -10,6 +10,7 @@ use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{StageConfig, TrainBatch, train_stage};
 
 fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
@@ -117,9 +118,14 @@ fn train_from<AD: AutodiffBackend>(
         accumulation,
         weight_decay: 0.0,
         loss: Default::default(),
+        seed: None,
     };
     let mut losses = Vec::new();
-    let model = train_stage(start.clone(), 0, batches, &stage, |_, v| losses.push(v.ce)).unwrap();
+    let mut source = Cycle::new(batches);
+    let model = train_stage(start.clone(), 0, &mut source, &stage, |_, v| {
+        losses.push(v.ce)
+    })
+    .unwrap();
     let logits = model.forward(input(&Default::default()), 0).unwrap().logits;
     (logits.into_data().iter::<f32>().collect(), losses)
 }

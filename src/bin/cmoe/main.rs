@@ -183,6 +183,13 @@ enum Command {
         /// Stop once task N (1-based) is expanded and checkpointed (exercises --resume).
         #[arg(long, hide = true)]
         stop_after_expansion: Option<usize>,
+        /// Stop while writing the stage checkpoint of TASK:STEP (1-based task), before it
+        /// replaces the previous one (exercises --resume).
+        #[arg(long, hide = true, value_parser = task_step)]
+        stop_at_step: Option<(usize, usize)>,
+        /// Checkpoint a task's training stage every N optimiser steps (0: only between stages).
+        #[arg(long)]
+        checkpoint_every: Option<usize>,
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
@@ -411,6 +418,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_tasks,
             stop_after_expansion,
+            stop_at_step,
+            checkpoint_every,
             backend,
             data_root,
             image_root,
@@ -430,6 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.order = task_order.unwrap_or(config.order);
             config.seed = seed.unwrap_or(config.seed);
             config.model = model.unwrap_or(config.model);
+            config.checkpoint_every = checkpoint_every.unwrap_or(config.checkpoint_every);
             let name = name.unwrap_or_else(|| config.default_name(preset));
             let dir = runs.join(name);
             let report = run_on(
@@ -441,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     backend: backend.name().to_string(),
                     stop_after: stop_after_tasks,
                     stop_after_expansion,
+                    stop_at_step,
                 },
             )??;
             println!("{}", report_markdown(&report));
@@ -765,4 +776,13 @@ fn inspect(model: &Path, json: bool) -> anyhow::Result<()> {
         None => println!("checkpoint: none (config only)"),
     }
     Ok(())
+}
+
+/// Parses `TASK:STEP`.
+fn task_step(text: &str) -> Result<(usize, usize), String> {
+    let (task, step) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not TASK:STEP"))?;
+    let number = |s: &str| s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((number(task)?, number(step)?))
 }
