@@ -34,7 +34,7 @@ use crate::loader::{
     BadSamples, LoadReport, SampleProblem, StreamSettings, StreamedTask, default_workers,
     load_test_set,
 };
-use crate::pipeline::LlavaPipeline;
+use crate::pipeline::{LlavaPipeline, Precision};
 use crate::plots::heatmap;
 use crate::progress::{progress, tick};
 
@@ -132,6 +132,10 @@ pub struct RunConfig {
     /// `batch x accumulation`.
     #[serde(default = "one")]
     pub accumulation: usize,
+    /// The dtype of the frozen base model (bf16 for a 7B base on one GPU); experts, routers
+    /// and VAEs train in f32 whatever it is.
+    #[serde(default)]
+    pub base_dtype: Precision,
     /// Every how many optimiser steps a task's training stage checkpoints (0: only after the
     /// expansion and after the task). A resumed run continues from the last one.
     #[serde(default)]
@@ -211,6 +215,7 @@ impl RunConfig {
             },
             batch: 8,
             accumulation: 1,
+            base_dtype: Precision::F32,
             checkpoint_every: 25,
             epochs: 2,
             lr: 1e-3,
@@ -990,7 +995,7 @@ struct Runtime<B: Backend> {
 
 impl<B: Backend> Runtime<B> {
     fn load(config: &RunConfig, image_root: PathBuf, device: &B::Device) -> anyhow::Result<Self> {
-        let pipe = LlavaPipeline::<AD<B>>::load(&config.model, device)?;
+        let pipe = LlavaPipeline::<AD<B>>::load_in(&config.model, config.base_dtype, device)?;
         let pad = pipe.config.pad_token_id.unwrap_or(0);
         Ok(Self {
             generation: GenerationConfig {

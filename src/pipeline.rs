@@ -39,10 +39,42 @@ pub struct Generation {
     pub text: String,
 }
 
+/// The dtype a frozen base model is held in. Trainable experts, routers and VAEs are f32
+/// whatever this is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats (4 bytes a parameter).
+    #[default]
+    F32,
+    /// bfloat16 (2 bytes; LLaVA-1.5's own dtype, for a 7B base on one GPU).
+    Bf16,
+    /// IEEE half (2 bytes).
+    F16,
+}
+
+impl Precision {
+    /// Burn's dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
 impl<B: Backend> LlavaPipeline<B> {
     /// Loads config, weights (as f32), tokenizer and image processor from `dir`.
     pub fn load(dir: &Path, device: &B::Device) -> anyhow::Result<Self> {
-        let (config, model) = cmoe_llava::load_llava::<B>(dir, DType::F32, device)?;
+        Self::load_in(dir, Precision::F32, device)
+    }
+
+    /// [`Self::load`] with the weights in `precision`.
+    pub fn load_in(dir: &Path, precision: Precision, device: &B::Device) -> anyhow::Result<Self> {
+        let (config, model) = cmoe_llava::load_llava::<B>(dir, precision.dtype(), device)?;
         let tokenizer = LlavaTokenizer::from_model_dir(
             dir,
             config.image_token_index,
@@ -217,6 +249,8 @@ pub struct ImportCheck {
 pub struct ImportTask {
     /// The model directory.
     pub dir: PathBuf,
+    /// The dtype to load the weights in.
+    pub precision: Precision,
 }
 
 impl crate::backend::BackendTask for ImportTask {
@@ -230,7 +264,7 @@ impl crate::backend::BackendTask for ImportTask {
                 self.dir.display()
             );
         }
-        let pipe = LlavaPipeline::<B>::load(&self.dir, &device)?;
+        let pipe = LlavaPipeline::<B>::load_in(&self.dir, self.precision, &device)?;
         Ok(ImportCheck {
             tokenizer_vocab: pipe.tokenizer.inner().get_vocab_size(true),
             loaded_parameters: burn::module::Module::num_params(&pipe.model),

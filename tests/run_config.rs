@@ -21,6 +21,8 @@ fn the_7b_coin_file_carries_the_paper_settings() {
     assert_eq!((c.lr, c.probe_lr), (2e-4, 3e-4));
     assert_eq!((c.alpha, c.probe_fraction, c.epochs), (0.8, 0.1, 1));
     assert_eq!(c.model, Path::new("models/llava-1.5-7b-hf"));
+    assert_eq!(c.base_dtype, llava_cmoe::pipeline::Precision::Bf16);
+    assert_eq!(c.checkpoint_every, 50);
     assert_eq!(c.data_root.as_deref(), Some(Path::new("data/CoIN")));
     // What the file does not name keeps the preset's value.
     assert_eq!(c.moe.targets, preset().moe.targets);

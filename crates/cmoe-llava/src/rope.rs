@@ -30,12 +30,14 @@ impl<B: Backend> RopeTables<B> {
         }
     }
 
-    /// Rotates `x` `[batch, heads, seq, head_dim]`.
+    /// Rotates `x` `[batch, heads, seq, head_dim]` (the tables, computed in f32, are cast to
+    /// `x`'s dtype).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, h, s, d] = x.dims();
+        let dtype = x.dtype();
         let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
         let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone() + rotated * self.sin.clone()
+        x * self.cos.clone().cast(dtype) + rotated * self.sin.clone().cast(dtype)
     }
 }

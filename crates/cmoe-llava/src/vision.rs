@@ -26,6 +26,8 @@ impl<B: Backend> ClipVisionEmbeddings<B> {
     /// `[batch, channels, size, size]` pixels to `[batch, 1 + patches, hidden]` tokens.
     pub fn forward(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
         let [batch, ..] = pixel_values.dims();
+        // Pixels come as f32; the tower may hold bf16 / f16 weights.
+        let pixel_values = pixel_values.cast(self.patch_embedding.weight.val().dtype());
         let patches = self.patch_embedding.forward(pixel_values); // [b, d, g, g]
         let [_, hidden, gh, gw] = patches.dims();
         let patches = patches.reshape([batch, hidden, gh * gw]).swap_dims(1, 2);

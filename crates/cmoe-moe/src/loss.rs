@@ -1,7 +1,7 @@
 //! The training objective `L = CE + lambda * KL + eta * rec + kappa * aux` (paper Sec. 3.4),
 //! with each term kept for logging.
 
-use burn::tensor::{ElementConversion, Int, Tensor, activation, backend::Backend};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 /// Label value of positions without loss.
@@ -111,7 +111,9 @@ pub fn causal_lm_loss<B: Backend>(
     if s < 2 {
         return None;
     }
+    // In f32 whatever the model's dtype (a bf16 base gives bf16 logits).
     let logits = logits
+        .cast(DType::F32)
         .slice([0..b, 0..s - 1, 0..v])
         .reshape([b * (s - 1), v]);
     let labels = labels.slice([0..b, 1..s]).reshape([b * (s - 1)]);

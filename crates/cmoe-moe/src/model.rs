@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use cmoe_llava::llama::{LlamaMlp, MlpOverride};
 use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with};
 use serde::{Deserialize, Serialize};
@@ -151,7 +151,7 @@ impl<B: Backend> CmoeModel<B> {
     /// the last position, `[batch, hidden]` (prompts are left-padded, so it is the last prompt
     /// token of every row).
     pub fn task_features(&self, input: LlavaInput<B>) -> Result<Tensor<B, 2>, LlavaError> {
-        let hidden = self.base.forward_hidden(input, None)?;
+        let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
         let [b, s, d] = hidden.dims();
         Ok(hidden.slice([0..b, s - 1..s, 0..d]).reshape([b, d]))
     }
@@ -163,7 +163,7 @@ impl<B: Backend> CmoeModel<B> {
         input: LlavaInput<B>,
         positions: &[usize],
     ) -> Result<Tensor<B, 2>, LlavaError> {
-        let hidden = self.base.forward_hidden(input, None)?;
+        let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
         let [b, s, d] = hidden.dims();
         if positions.len() != b || positions.iter().any(|&p| p >= s) {
             return Err(LlavaError::Input(format!(

@@ -9,7 +9,9 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend};
+use burn::tensor::{
+    DType, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend,
+};
 use cmoe_llava::llama::LlamaMlp;
 use serde::{Deserialize, Serialize};
 
@@ -220,7 +222,8 @@ impl<B: Backend> MoeLoraFfn<B> {
                 .select(0, slots)
                 .unsqueeze_dim::<2>(1)
                 * self.scale;
-            out = out.select_assign(0, rows, lora.delta(x) * w, IndexingUpdateOp::Add);
+            let delta = (lora.delta(x) * w).cast(out.dtype());
+            out = out.select_assign(0, rows, delta, IndexingUpdateOp::Add);
         }
         out
     }
@@ -235,17 +238,23 @@ impl<B: Backend> MoeLoraFfn<B> {
     ) -> (Tensor<B, 3>, LayerRouting<B>) {
         let [b, s, d] = x.dims();
         let flat = x.reshape([b * s, d]);
-        let (routes, routing) = self.route(self.routers.get(task), flat.clone());
-        let gate = self.add_experts(base.gate_proj.forward(flat.clone()), &flat, &routes, |e| {
-            e.gate.as_ref()
-        });
-        let up = self.add_experts(base.up_proj.forward(flat.clone()), &flat, &routes, |e| {
+        // Routers and experts compute in f32 whatever the frozen base's dtype (bf16 / f16 for
+        // a large model); their contributions are cast back to it.
+        let flat32 = flat.clone().cast(DType::F32);
+        let (routes, routing) = self.route(self.routers.get(task), flat32.clone());
+        let gate = self.add_experts(
+            base.gate_proj.forward(flat.clone()),
+            &flat32,
+            &routes,
+            |e| e.gate.as_ref(),
+        );
+        let up = self.add_experts(base.up_proj.forward(flat), &flat32, &routes, |e| {
             e.up.as_ref()
         });
         let hidden = base.activation.forward(gate) * up;
         let down = self.add_experts(
             base.down_proj.forward(hidden.clone()),
-            &hidden,
+            &hidden.cast(DType::F32),
             &routes,
             |e| e.down.as_ref(),
         );

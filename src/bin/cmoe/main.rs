@@ -15,7 +15,7 @@ use llava_cmoe::continual::{
 };
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::loader::BadSamples;
-use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline};
+use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline, Precision};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
 
@@ -190,6 +190,9 @@ enum Command {
         /// Checkpoint a task's training stage every N optimiser steps (0: only between stages).
         #[arg(long)]
         checkpoint_every: Option<usize>,
+        /// The frozen base model's dtype (experts, routers and VAEs train in f32).
+        #[arg(long, value_enum)]
+        base_dtype: Option<Precision>,
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
@@ -269,6 +272,9 @@ enum Command {
         /// HF model directory.
         #[arg(long)]
         model: PathBuf,
+        /// The dtype to load the weights in (bf16 halves a 7B model's memory).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -370,10 +376,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Import {
             model,
+            dtype,
             json,
             backend,
         } => {
-            let check = run_on(backend, ImportTask { dir: model.clone() })??;
+            let task = ImportTask {
+                dir: model.clone(),
+                precision: dtype,
+            };
+            let check = run_on(backend, task)??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&check)?);
             } else {
@@ -420,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stop_after_expansion,
             stop_at_step,
             checkpoint_every,
+            base_dtype,
             backend,
             data_root,
             image_root,
@@ -440,6 +452,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.seed = seed.unwrap_or(config.seed);
             config.model = model.unwrap_or(config.model);
             config.checkpoint_every = checkpoint_every.unwrap_or(config.checkpoint_every);
+            config.base_dtype = base_dtype.unwrap_or(config.base_dtype);
             let name = name.unwrap_or_else(|| config.default_name(preset));
             let dir = runs.join(name);
             let report = run_on(
