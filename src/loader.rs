@@ -154,8 +154,9 @@ fn encode_one(encoder: &CoinEncoder, record: &TrainRecord) -> Result<Encoded, Sa
 /// A batch of encoded samples and the samples of that batch that were left out.
 pub type LoadedBatch = (Vec<Encoded>, Vec<SampleProblem>);
 
-/// Batches of encoded samples, produced in order by worker threads (worker `w` encodes
-/// batches `w`, `w + workers`, ...; each keeps at most `prefetch` finished batches).
+/// Batches of encoded samples, produced in order by worker threads (starting at batch `first`,
+/// worker `w` encodes batches `first + w`, `first + w + workers`, ...; each keeps at most
+/// `prefetch` finished batches).
 pub struct BatchStream {
     receivers: Vec<Receiver<LoadedBatch>>,
     workers: Vec<JoinHandle<()>>,

@@ -13,13 +13,14 @@
 //! on the frozen base's features ([`batch_features`]), and [`bank_entry`] then scores the task's
 //! last training instances for the primitive bank. Batches come from a [`BatchSource`].
 
+use std::ops::Range;
+
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
-use std::ops::Range;
 
 use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
 use crate::model::CmoeModel;
@@ -83,9 +84,8 @@ pub struct StageConfig {
     pub seed: Option<u64>,
 }
 
-/// The AdamW state of a set of parameters, keyed by the parameters' order in their module
-/// (not by their ids, which a reloaded module does not keep), see [`StageState`].
-/// (Burn's own record type: a map from ids to [`burn::optim::record::AdaptorRecord`]s.)
+/// Burn's record of an AdamW state: a map from parameter ids to
+/// [`burn::optim::record::AdaptorRecord`]s.
 pub type OptimState<B> =
     <OptimizerAdaptor<AdamW, TaskVae<B>, B> as Optimizer<TaskVae<B>, B>>::Record;
 
@@ -95,9 +95,10 @@ pub type OptimState<B> =
 pub struct StageState<B: AutodiffBackend> {
     /// Optimiser steps done.
     pub step: usize,
-    /// The experts' and routers' AdamW state.
+    /// The experts' and routers' AdamW state, keyed by each parameter's position in the model
+    /// (a reloaded model's parameter ids differ from the saved one's).
     pub optim: OptimState<B>,
-    /// The VAE's AdamW state.
+    /// The VAE's AdamW state, keyed the same way.
     pub vae_optim: OptimState<B>,
 }
 
