@@ -18,8 +18,7 @@ use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
 pub use crate::source::{TaskData, TaskSource};
 use crate::stages::{
     SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit, activation_stats,
-    add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable, train_stage,
-    train_stage_with,
+    add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable, train_stage_with,
 };
 use crate::state::{ContinualMeta, ContinualTensors};
 
@@ -130,6 +129,9 @@ pub struct ContinualLearner<B: AutodiffBackend> {
     pub vaes: Vec<TaskVae<B>>,
     /// Config, bank, plans and where each task's experts start.
     pub meta: ContinualMeta,
+    /// The devices the training stages run on, data-parallel ([`crate::data_parallel`]); the
+    /// first is the model's. Empty: the model's device alone. Not saved.
+    pub devices: Vec<B::Device>,
 }
 
 impl<B: AutodiffBackend> ContinualLearner<B> {
@@ -145,6 +147,21 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                 plans: Vec::new(),
                 first_expert: Vec::new(),
             },
+            devices: Vec::new(),
+        }
+    }
+
+    /// The learner with its stages spread over `devices` (see [`Self::devices`]); the model
+    /// and VAEs move to the first.
+    pub fn on_devices(self, devices: Vec<B::Device>) -> Self {
+        let Some(main) = devices.first() else {
+            return Self { devices, ..self };
+        };
+        Self {
+            model: self.model.fork(main),
+            vaes: self.vaes.into_iter().map(|vae| vae.fork(main)).collect(),
+            meta: self.meta,
+            devices,
         }
     }
 
@@ -182,11 +199,20 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             model,
             vaes,
             mut meta,
+            devices,
         } = self;
         let task = meta.first_expert.len();
         if task == 0 {
             let first = vec![0; model.moe.len()];
-            return Ok((Self { model, vaes, meta }, first));
+            return Ok((
+                Self {
+                    model,
+                    vaes,
+                    meta,
+                    devices,
+                },
+                first,
+            ));
         }
         let (probed, before) = add_probes(model, task, recipe.probe_experts);
         let probes = new_expert_ranges(&probed, &before);
@@ -197,11 +223,13 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             steps: stage.steps,
             done: 0,
         });
-        let probed = train_stage(
+        let (probed, _) = train_stage_with(
             probed,
+            None,
             task,
             &mut *data.probe_train(),
             stage,
+            StageControl::on(&devices),
             |step, loss| {
                 observe(LearnEvent::Step {
                     stage: Stage::Probe,
@@ -215,7 +243,15 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         observe(LearnEvent::Planned(&plan));
         let model = expand(probed, task, &before, &plan);
         meta.plans.push(plan);
-        Ok((Self { model, vaes, meta }, before))
+        Ok((
+            Self {
+                model,
+                vaes,
+                meta,
+                devices,
+            },
+            before,
+        ))
     }
 
     /// The second half of [`Self::learn_task`]: the experts from `first` on (per layer), the
@@ -249,6 +285,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             mut model,
             mut vaes,
             mut meta,
+            devices,
         } = self;
         let task = meta.first_expert.len();
         let experts = model.experts_per_layer();
@@ -279,6 +316,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         });
         let control = StageControl {
             resume,
+            devices: &devices,
             every: saver.as_ref().map_or(0, |(every, _)| *every),
             save: saver
                 .as_mut()
@@ -305,7 +343,12 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         meta.bank.entries.push(entry);
         meta.first_expert.push(first);
         vaes.push(fit.vae);
-        Ok(Self { model, vaes, meta })
+        Ok(Self {
+            model,
+            vaes,
+            meta,
+            devices,
+        })
     }
 
     /// The baselines' step (sequential LoRA, CoIN's MoELoRA): every expert and the one shared
@@ -320,6 +363,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             model,
             vaes,
             mut meta,
+            devices,
         } = self;
         let everything: Vec<_> = model.experts_per_layer().iter().map(|&n| 0..n).collect();
         let model = set_trainable(model, 0, &everything);
@@ -328,15 +372,29 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             steps: stage.steps,
             done: 0,
         });
-        let model = train_stage(model, 0, &mut *data.train(), stage, |step, loss| {
-            observe(LearnEvent::Step {
-                stage: Stage::Train,
-                step,
-                loss,
-            })
-        })?;
+        let control = StageControl::on(&devices);
+        let (model, _) = train_stage_with(
+            model,
+            None,
+            0,
+            &mut *data.train(),
+            stage,
+            control,
+            |step, loss| {
+                observe(LearnEvent::Step {
+                    stage: Stage::Train,
+                    step,
+                    loss,
+                })
+            },
+        )?;
         meta.first_expert.push(vec![0; model.moe.len()]);
-        Ok(Self { model, vaes, meta })
+        Ok(Self {
+            model,
+            vaes,
+            meta,
+            devices,
+        })
     }
 
     /// Parameters task `task` trained: its experts (from `first_expert[task]`, or every expert
@@ -398,6 +456,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             },
             vaes: tensors.vaes,
             meta,
+            devices: Vec::new(),
         };
         let widths = learner.widths();
         let fits = learner.model.moe.len() == widths.len()

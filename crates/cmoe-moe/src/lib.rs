@@ -1,6 +1,7 @@
 //! LLaVA-CMoE's continual core, generic over Burn backends.
 //!
 //! - [`checkpoint`]: checkpoints of a training stage in flight, to resume a crashed stage.
+//! - [`data_parallel`]: a stage's steps spread over several devices.
 //! - [`fingerprint`]: parameter digests for bit-identity checks.
 //! - [`lora`]: a LoRA expert (paper Eq. 1's `B_i A_i`).
 //! - [`learner`]: a continual run task by task (PGKE, VAE, bank), saved and reloaded whole.
@@ -15,6 +16,7 @@
 //! - [`state`]: saving / loading the whole continual state, and per-task adapter packs.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod fingerprint;
 pub mod learner;
 pub mod lora;

@@ -9,7 +9,6 @@
 //! is reproducible. All tasks' VAEs are stacked and scored in one batched computation.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
@@ -248,22 +247,37 @@ impl<B: Backend> FeatureMemory<B> {
     }
 
     /// The features of the batch at `position` of its pass: the stored ones if it is still
-    /// held, else `compute()`'s, stored as the most recent.
+    /// held, else `compute()`'s; either way stored as the most recent.
     pub fn features<E>(
         &mut self,
         position: usize,
         compute: impl FnOnce() -> Result<Tensor<B, 2>, E>,
     ) -> Result<Tensor<B, 2>, E> {
-        let features = match self.batches.iter().position(|(p, _)| *p == position) {
-            Some(index) => {
-                let (_, features) = self.batches.remove(index).expect("index is in range");
-                self.rows -= features.dims()[0];
-                features
-            }
+        let features = match self.get(position) {
+            Some(features) => features,
             None => compute()?,
         };
+        self.insert(position, features.clone());
+        Ok(features)
+    }
+
+    /// The stored features of the batch at `position`, if still held.
+    pub fn get(&self, position: usize) -> Option<Tensor<B, 2>> {
+        self.batches
+            .iter()
+            .find(|(p, _)| *p == position)
+            .map(|(_, features)| features.clone())
+    }
+
+    /// Stores `features` as the batch at `position`'s, the most recent (replacing what was
+    /// held for it), and drops the oldest batches the capacity no longer needs.
+    pub fn insert(&mut self, position: usize, features: Tensor<B, 2>) {
+        let held = self.batches.iter().position(|(p, _)| *p == position);
+        if let Some((_, replaced)) = held.and_then(|index| self.batches.remove(index)) {
+            self.rows -= replaced.dims()[0];
+        }
         self.rows += features.dims()[0];
-        self.batches.push_back((position, features.clone()));
+        self.batches.push_back((position, features));
         while let Some((_, oldest)) = self.batches.front() {
             let rows = oldest.dims()[0];
             if self.rows - rows < self.capacity {
@@ -272,7 +286,6 @@ impl<B: Backend> FeatureMemory<B> {
             self.rows -= rows;
             self.batches.pop_front();
         }
-        Ok(features)
     }
 
     /// The batches held, oldest first.
@@ -289,7 +302,7 @@ impl<B: Backend> FeatureMemory<B> {
     pub fn from_entries(capacity: usize, entries: Vec<(usize, Tensor<B, 2>)>) -> Self {
         let mut memory = Self::new(capacity);
         for (position, features) in entries {
-            let Ok(_) = memory.features(position, || Ok::<_, Infallible>(features));
+            memory.insert(position, features);
         }
         memory
     }

@@ -22,6 +22,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
 
+use crate::data_parallel::Replicas;
 use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
@@ -39,6 +40,23 @@ pub struct TrainBatch<B: Backend> {
 }
 
 impl<B: Backend> TrainBatch<B> {
+    /// The batch on `device`.
+    pub fn to_device(self, device: &B::Device) -> Self {
+        let LlavaInput {
+            input_ids,
+            pixel_values,
+            attention_mask,
+        } = self.input;
+        Self {
+            input: LlavaInput {
+                input_ids: input_ids.to_device(device),
+                pixel_values: pixel_values.map(|p| p.to_device(device)),
+                attention_mask: attention_mask.map(|m| m.to_device(device)),
+            },
+            labels: self.labels.to_device(device),
+        }
+    }
+
     /// Per row, the position of the last prompt token (the one before the first labelled
     /// position): where PTL reads its feature.
     pub fn last_prompt_positions(&self) -> Option<Vec<usize>> {
@@ -112,10 +130,13 @@ pub struct StageSnapshot<'a, B: AutodiffBackend> {
     pub state: StageState<B>,
 }
 
-/// Where a stage starts and when it checkpoints.
+/// Where a stage starts, on which devices it runs and when it checkpoints.
 pub struct StageControl<'a, B: AutodiffBackend> {
     /// A stage to continue (its model and VAE are the ones passed in); `None`: from step 0.
     pub resume: Option<StageState<B>>,
+    /// The devices to train on, data-parallel ([`crate::data_parallel`]); the first must be
+    /// the model's. Empty: the model's device alone.
+    pub devices: &'a [B::Device],
     /// Every how many steps `save` gets a [`StageSnapshot`] (0: never; never after the last
     /// step, which the caller saves as it likes).
     pub every: usize,
@@ -126,11 +147,17 @@ pub struct StageControl<'a, B: AutodiffBackend> {
 /// A receiver of [`StageSnapshot`]s.
 pub type SaveSnapshot<'a, B> = dyn FnMut(StageSnapshot<'_, B>) -> Result<(), StageError> + 'a;
 
-impl<B: AutodiffBackend> StageControl<'_, B> {
-    /// From step 0, no checkpoints.
+impl<'a, B: AutodiffBackend> StageControl<'a, B> {
+    /// From step 0, on the model's device, no checkpoints.
     pub fn none() -> Self {
+        Self::on(&[])
+    }
+
+    /// From step 0, on `devices` (see [`Self::devices`]), no checkpoints.
+    pub fn on(devices: &'a [B::Device]) -> Self {
         Self {
             resume: None,
+            devices,
             every: 0,
             save: None,
         }
@@ -162,6 +189,9 @@ pub enum StageError {
     /// The batch source failed (a sample could not be read, or the loader stopped).
     #[error("{0}")]
     Data(String),
+    /// Settings that cannot work together (e.g. more devices than micro-batches per step).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Learning rate at `step` of `total`: linear warmup to `peak`, then cosine to zero.
@@ -281,72 +311,96 @@ pub fn train_stage_with<B: AutodiffBackend>(
         start = state.step;
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
+    let mut replicas = Replicas::new(&model, vae.as_ref().map(|fit| &fit.vae), control.devices);
+    if replicas.count() > micro {
+        return Err(StageError::Config(format!(
+            "{} devices need at least as many micro-batches per step (accumulation is {micro})",
+            replicas.count()
+        )));
+    }
     for step in start..config.steps {
         if let Some(seed) = config.seed {
-            B::seed(
-                &device,
-                seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
+            let step_seed = seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            B::seed(&device, step_seed);
+            for d in 1..replicas.count() {
+                if let Some(device) = replicas.device(d) {
+                    B::seed(
+                        device,
+                        step_seed ^ (d as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+                    );
+                }
+            }
         }
         let lr = learning_rate(step, config.steps, config.lr, config.warmup_ratio);
-        let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
-        let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
-        let mut mean = LossValues::default();
-        for _ in 0..micro {
+        let mut positions = Vec::with_capacity(micro);
+        let mut shards: Vec<Vec<MicroBatch<B>>> =
+            (0..replicas.count()).map(|_| Vec::new()).collect();
+        for index in 0..micro {
             let (position, batch) = source.next_batch()?;
-            let (kl, rec) = match &mut vae {
-                Some(fit) => {
-                    let features = fit
-                        .memory
-                        .features(position, || batch_features(&model, &batch, position))?;
-                    let loss = fit.vae.loss(features, fit.config.n_rep);
-                    (Some(loss.kl), Some(loss.rec))
-                }
-                None => (None, None),
+            let held = vae.as_ref().and_then(|fit| fit.memory.get(position));
+            positions.push((position, held.clone()));
+            let d = index % replicas.count();
+            let mut item = MicroBatch {
+                index,
+                position,
+                batch,
+                features: held,
             };
-            let out = model.forward(batch.input, task)?;
-            let ce =
-                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
-            let layers = out.routing.len().max(1) as f64;
-            let aux = out
-                .routing
-                .into_iter()
-                .map(|r| r.aux_loss)
-                .reduce(|a, b| a + b)
-                .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
-            let kl = kl.unwrap_or_else(|| ce.zeros_like());
-            let rec = rec.unwrap_or_else(|| ce.zeros_like());
-            let terms = LossTerms::new(ce, kl, rec, aux, config.loss);
-            let values = terms.values();
-            if !values.total.is_finite() {
-                return Err(StageError::NonFinite {
-                    step,
-                    value: values.total,
-                    lr,
-                });
+            if let Some(to) = replicas.device(d).filter(|_| d > 0) {
+                item = item.to_device(to);
             }
-            mean.add_scaled(&values, 1.0 / micro as f64);
-            // The step's loss is the mean over its micro-batches.
-            let total = if micro > 1 {
-                terms.total / micro as f64
-            } else {
-                terms.total
-            };
-            let mut grads = total.backward();
-            model_grads.accumulate(&model, GradientsParams::from_module(&mut grads, &model));
-            if let Some(fit) = &vae {
-                vae_grads.accumulate(&fit.vae, GradientsParams::from_module(&mut grads, &fit.vae));
+            shards[d].push(item);
+        }
+        let n_rep = vae.as_ref().map(|fit| fit.config.n_rep);
+        let shard_context = ShardContext {
+            task,
+            config,
+            micro,
+            step,
+            lr,
+        };
+        let outputs = replicas.run(
+            &model,
+            vae.as_ref().map(|fit| &fit.vae),
+            shards,
+            |model, vae, shard| shard_context.run(model, vae.zip(n_rep), shard),
+        );
+        let mut values = vec![LossValues::default(); micro];
+        let mut computed: Vec<Option<Tensor<B, 2>>> = vec![None; micro];
+        let mut model_grads = Vec::with_capacity(outputs.len());
+        let mut vae_grads = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let output = output?;
+            for (index, v) in output.values {
+                values[index] = v;
+            }
+            for (index, features) in output.features {
+                computed[index] = Some(features.to_device(&device));
+            }
+            model_grads.push(output.model);
+            vae_grads.extend(output.vae);
+        }
+        if let Some(fit) = &mut vae {
+            for ((position, held), computed) in positions.into_iter().zip(computed) {
+                if let Some(features) = held.or(computed) {
+                    fit.memory.insert(position, features);
+                }
             }
         }
+        let mut mean = LossValues::default();
+        for v in &values {
+            mean.add_scaled(v, 1.0 / micro as f64);
+        }
         on_step(step, &mean);
-        model = optim.step(lr, model, model_grads.grads());
+        model = replicas.step(&mut optim, lr, model, model_grads);
         if let Some(mut fit) = vae.take() {
             let vae_lr = fit.config.lr.map_or(lr, |peak| {
                 learning_rate(step, config.steps, peak, config.warmup_ratio)
             });
-            fit.vae = vae_optim.step(vae_lr, fit.vae, vae_grads.grads());
+            fit.vae = replicas.step(&mut vae_optim, vae_lr, fit.vae, vae_grads);
             vae = Some(fit);
         }
+        replicas.refresh(&model, vae.as_ref().map(|fit| &fit.vae));
         let done = step + 1;
         if let Some(save) = control.save.as_mut()
             && control.every > 0
@@ -369,6 +423,127 @@ pub fn train_stage_with<B: AutodiffBackend>(
         }
     }
     Ok((model, vae))
+}
+
+/// One micro-batch of a step, dealt to a device.
+struct MicroBatch<B: AutodiffBackend> {
+    /// Its index in the step.
+    index: usize,
+    /// Its position in the pass (for errors and the feature memory).
+    position: usize,
+    batch: TrainBatch<B>,
+    /// Its PTL features, when the feature memory holds them.
+    features: Option<Tensor<B, 2>>,
+}
+
+impl<B: AutodiffBackend> MicroBatch<B> {
+    fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            batch: self.batch.to_device(device),
+            features: self.features.map(|f| f.to_device(device)),
+            ..self
+        }
+    }
+}
+
+/// What one device's micro-batches of a step gave.
+struct ShardOutput<B: AutodiffBackend> {
+    /// Each micro-batch's loss terms, by index in the step.
+    values: Vec<(usize, LossValues)>,
+    /// PTL features this device computed (the memory did not hold them), by index.
+    features: Vec<(usize, Tensor<B, 2>)>,
+    /// The experts' and routers' gradients, summed over the micro-batches.
+    model: GradientsParams,
+    /// The VAE's, when one is fitted.
+    vae: Option<GradientsParams>,
+}
+
+/// What every device's share of a step needs to know.
+struct ShardContext<'a> {
+    task: usize,
+    config: &'a StageConfig,
+    micro: usize,
+    step: usize,
+    lr: f64,
+}
+
+impl ShardContext<'_> {
+    /// Forward and backward passes of `shard`'s micro-batches, one at a time, each on its share
+    /// `1 / micro` of the step's loss: `CE + kappa aux`, plus `lambda KL + eta rec` when `vae`
+    /// (with its draws per feature) is given.
+    fn run<B: AutodiffBackend>(
+        &self,
+        model: &CmoeModel<B>,
+        vae: Option<(&TaskVae<B>, usize)>,
+        shard: Vec<MicroBatch<B>>,
+    ) -> Result<ShardOutput<B>, StageError> {
+        let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
+        let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
+        let mut values = Vec::with_capacity(shard.len());
+        let mut computed = Vec::new();
+        for item in shard {
+            let MicroBatch {
+                index,
+                position,
+                batch,
+                features,
+            } = item;
+            let (kl, rec) = match vae {
+                Some((vae, n_rep)) => {
+                    let features = match features {
+                        Some(features) => features,
+                        None => {
+                            let features = batch_features(model, &batch, position)?;
+                            computed.push((index, features.clone()));
+                            features
+                        }
+                    };
+                    let loss = vae.loss(features, n_rep);
+                    (Some(loss.kl), Some(loss.rec))
+                }
+                None => (None, None),
+            };
+            let out = model.forward(batch.input, self.task)?;
+            let ce =
+                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
+            let layers = out.routing.len().max(1) as f64;
+            let aux = out
+                .routing
+                .into_iter()
+                .map(|r| r.aux_loss)
+                .reduce(|a, b| a + b)
+                .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
+            let kl = kl.unwrap_or_else(|| ce.zeros_like());
+            let rec = rec.unwrap_or_else(|| ce.zeros_like());
+            let terms = LossTerms::new(ce, kl, rec, aux, self.config.loss);
+            let v = terms.values();
+            if !v.total.is_finite() {
+                return Err(StageError::NonFinite {
+                    step: self.step,
+                    value: v.total,
+                    lr: self.lr,
+                });
+            }
+            values.push((index, v));
+            // The step's loss is the mean over its micro-batches.
+            let total = if self.micro > 1 {
+                terms.total / self.micro as f64
+            } else {
+                terms.total
+            };
+            let mut grads = total.backward();
+            model_grads.accumulate(model, GradientsParams::from_module(&mut grads, model));
+            if let Some((vae, _)) = vae {
+                vae_grads.accumulate(vae, GradientsParams::from_module(&mut grads, vae));
+            }
+        }
+        Ok(ShardOutput {
+            values,
+            features: computed,
+            model: model_grads.grads(),
+            vae: vae.map(|_| vae_grads.grads()),
+        })
+    }
 }
 
 /// The ids of `module`'s float parameters, in the module's order.

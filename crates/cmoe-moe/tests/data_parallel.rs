@@ -1,0 +1,209 @@
+//! Data-parallel stages ([`cmoe_moe::data_parallel`]) on the tiny HF fixture: a stage spread over
+//! two devices equals the one-device stage on the same micro-batches.
+//!
+//! The CPU backends have one device, so "two devices" here are two replicas on it: the whole
+//! data-parallel path runs (dealing micro-batches, replicas in their own threads, Burn's
+//! multi-device optimiser step, copying the updates to the replicas) except the copies between
+//! distinct devices.
+
+use std::path::Path;
+
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use cmoe_llava::{LlavaInput, load_llava};
+use cmoe_moe::fingerprint::fingerprint;
+use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::ptl::PtlConfig;
+use cmoe_moe::source::Cycle;
+use cmoe_moe::stages::{
+    StageConfig, StageControl, StageError, TrainBatch, VaeFit, batch_features, train_stage_with,
+};
+
+fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> CmoeModel<AD> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
+    let base = load_llava::<AD>(&dir, DType::F32, device).unwrap().1;
+    // No dropout: training draws nothing at random, so every run starts and goes alike.
+    let config = MoeConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        top_k: 2,
+        initial_experts: 4,
+        ..MoeConfig::default()
+    };
+    CmoeModel::new(base, &config, device)
+}
+
+/// A one-row batch whose image is shifted by `shift` (so every batch has its own gradient).
+fn batch<AD: AutodiffBackend>(shift: usize, device: &AD::Device) -> TrainBatch<AD> {
+    let mut ids = vec![1i64, 3148, 1001, 29901];
+    ids.extend([32000; 16]);
+    ids.extend([13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
+    let n = ids.len();
+    let input_ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [1, n]), device);
+    let mut labels = vec![-100i64; n - 5];
+    labels.extend([29901, 15317 + shift as i64, 2, 13, 5618]);
+    TrainBatch {
+        input: LlavaInput {
+            input_ids,
+            pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * (0.1 + 0.2 * shift as f64)),
+            attention_mask: None,
+        },
+        labels: Tensor::from_data(TensorData::new(labels, [1, n]), device),
+    }
+}
+
+fn stage(accumulation: usize) -> StageConfig {
+    StageConfig {
+        lr: 1e-2,
+        warmup_ratio: 0.0,
+        steps: 3,
+        accumulation,
+        weight_decay: 0.0,
+        loss: Default::default(),
+        seed: None,
+    }
+}
+
+/// A stage from `start` over `batches` on `devices`: the trained model's logits on the first
+/// batch and each step's loss.
+fn train<AD: AutodiffBackend>(
+    start: &CmoeModel<AD>,
+    batches: &[TrainBatch<AD>],
+    accumulation: usize,
+    devices: &[AD::Device],
+) -> (CmoeModel<AD>, Vec<f32>, Vec<f64>) {
+    let mut losses = Vec::new();
+    let (model, _) = train_stage_with(
+        start.clone(),
+        None,
+        0,
+        &mut Cycle::new(batches),
+        &stage(accumulation),
+        StageControl::on(devices),
+        |_, v| losses.push(v.total),
+    )
+    .unwrap();
+    let logits = model
+        .forward(batches[0].input.clone(), 0)
+        .unwrap()
+        .logits
+        .into_data()
+        .iter::<f32>()
+        .collect();
+    (model, logits, losses)
+}
+
+fn max_diff(x: &[f32], y: &[f32]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
+fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
+    let device = AD::Device::default();
+    let start = tiny_model::<AD>(&device);
+    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let two = [device.clone(), device.clone()];
+    let (one_model, one, one_losses) = train(&start, &batches, 4, &[]);
+    let (two_model, parallel, parallel_losses) = train(&start, &batches, 4, &two);
+    // Three steps of four micro-batches, two on each device: the same updates up to the order
+    // of the float sums. Steps 2 and 3 also need the replica to have received step 1's update.
+    let diff = max_diff(&one, &parallel);
+    assert!(diff < 1e-5, "logits differ by {diff}");
+    for (a, b) in one_losses.iter().zip(&parallel_losses) {
+        assert!(
+            (a - b).abs() < 1e-6,
+            "{one_losses:?} vs {parallel_losses:?}"
+        );
+    }
+    assert_eq!(fingerprint(&two_model.base), fingerprint(&one_model.base));
+    // Both devices' micro-batches count: the first device's alone give another model.
+    let firsts = [batches[0].clone(), batches[2].clone()];
+    let (_, half, _) = train(&start, &firsts, 2, &[]);
+    assert!(
+        max_diff(&half, &parallel) > 1e-4,
+        "the second device's micro-batches did not count"
+    );
+}
+
+fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
+    let device = AD::Device::default();
+    let start = tiny_model::<AD>(&device);
+    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let width = batch_features(&start, &batches[0], 0).unwrap().dims()[1];
+    let run = |devices: &[AD::Device]| {
+        let fit = VaeFit::new(PtlConfig::default(), width, &device);
+        let (_, fit) = train_stage_with(
+            start.clone(),
+            Some(fit),
+            0,
+            &mut Cycle::new(&batches),
+            &stage(2),
+            StageControl::on(devices),
+            |_, v| assert!(v.total.is_finite()),
+        )
+        .unwrap();
+        fit.unwrap().memory
+    };
+    let one = run(&[]);
+    let two = run(&[device.clone(), device.clone()]);
+    // Six micro-batches over a pass of four: every batch's features, the most recent last,
+    // whichever device computed them.
+    let positions =
+        |m: &cmoe_moe::ptl::FeatureMemory<AD>| m.entries().map(|(p, _)| *p).collect::<Vec<_>>();
+    assert_eq!(positions(&one), vec![2, 3, 0, 1]);
+    assert_eq!(positions(&two), positions(&one));
+    for ((_, a), (_, b)) in one.entries().zip(two.entries()) {
+        let a: Vec<f32> = a.to_data().iter().collect();
+        let b: Vec<f32> = b.to_data().iter().collect();
+        assert!(max_diff(&a, &b) < 1e-6);
+    }
+}
+
+fn more_devices_than_micro_batches_is_an_error<AD: AutodiffBackend>() {
+    let device = AD::Device::default();
+    let start = tiny_model::<AD>(&device);
+    let batches = [batch::<AD>(0, &device)];
+    let three = [device.clone(), device.clone(), device.clone()];
+    let error = train_stage_with(
+        start,
+        None,
+        0,
+        &mut Cycle::new(&batches),
+        &stage(2),
+        StageControl::on(&three),
+        |_, _| {},
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert!(matches!(error, StageError::Config(_)), "{error}");
+    assert!(error.to_string().contains("3 devices"), "{error}");
+}
+
+macro_rules! on_backend {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            type AD = burn::backend::Autodiff<$backend>;
+
+            #[test]
+            fn two_devices_make_the_one_device_steps() {
+                super::two_devices_make_the_one_device_steps::<AD>();
+            }
+
+            #[test]
+            fn the_feature_memory_is_the_one_device_one() {
+                super::the_feature_memory_is_the_one_device_one::<AD>();
+            }
+
+            #[test]
+            fn more_devices_than_micro_batches_is_an_error() {
+                super::more_devices_than_micro_batches_is_an_error::<AD>();
+            }
+        }
+    };
+}
+
+on_backend!(flex, burn_flex::Flex);
+on_backend!(ndarray, burn_ndarray::NdArray);
