@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
-use burn::tensor::backend::Backend;
+use burn::prelude::DeviceOps;
+use burn::tensor::backend::{Backend, DeviceId};
 use cmoe_coin::format::{Prediction, TestRecord, write_json, write_jsonl};
 use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
@@ -481,6 +482,9 @@ pub struct TrainTask {
     /// Stop while writing the training-stage checkpoint of (task, step) (1-based task), before
     /// it replaces the previous one, as if killed there.
     pub stop_at_step: Option<(usize, usize)>,
+    /// Indices of the devices to train on, data-parallel (the first holds the model); empty:
+    /// the backend's default device.
+    pub devices: Vec<usize>,
 }
 
 impl BackendTask for TrainTask {
@@ -493,6 +497,42 @@ impl BackendTask for TrainTask {
 
 type AD<B> = Autodiff<B>;
 
+/// The devices `indices` name on backend `B` (`backend` is its name), of the default device's
+/// kind; `[default]` when none are named.
+fn training_devices<B: Backend>(
+    indices: &[usize],
+    backend: &str,
+    default: &B::Device,
+) -> anyhow::Result<Vec<B::Device>> {
+    if indices.is_empty() {
+        return Ok(vec![default.clone()]);
+    }
+    if indices.len() > 1 && backend == "wgpu" {
+        anyhow::bail!(
+            "--devices: Burn 0.21's wgpu backend cannot copy tensors between devices (only its \
+             CUDA backend can), so data-parallel training needs --backend cuda"
+        );
+    }
+    let kind = default.to_id().type_id;
+    let available = B::device_count(kind);
+    let mut seen = Vec::new();
+    for &index in indices {
+        if index >= available {
+            anyhow::bail!(
+                "--devices: there is no device {index}; backend {backend} has {available} device(s)"
+            );
+        }
+        if seen.contains(&index) {
+            anyhow::bail!("--devices: device {index} is named twice");
+        }
+        seen.push(index);
+    }
+    Ok(indices
+        .iter()
+        .map(|&index| B::Device::from_id(DeviceId::new(kind, index as u16)))
+        .collect())
+}
+
 fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report> {
     let TrainTask {
         config,
@@ -502,7 +542,19 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         stop_after,
         stop_after_expansion,
         stop_at_step,
+        devices,
     } = task;
+    let devices = training_devices::<B>(&devices, &backend, device)?;
+    if devices.len() > config.accumulation.max(1) {
+        anyhow::bail!(
+            "--devices: {} devices need at least as many micro-batches per step; set \
+             `accumulation` to {} or more in the config (it is {})",
+            devices.len(),
+            devices.len(),
+            config.accumulation
+        );
+    }
+    let device = &devices[0];
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let run_json = dir.join("run.json");
     let progress_json = dir.join("progress.json");
@@ -587,6 +639,10 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     } else {
         ContinualLearner::new(base, config.moe, config.ptl, device)
     };
+    if devices.len() > 1 {
+        eprintln!("data-parallel over {} devices: {devices:?}", devices.len());
+        learner = learner.on_devices(devices.clone());
+    }
     let shared = config.method != Method::Cmoe;
 
     let end = stop_after.map_or(names.len(), |n| n.min(names.len()));

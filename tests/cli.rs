@@ -156,6 +156,34 @@ fn user_errors_exit_non_zero_with_a_message() {
 }
 
 #[test]
+fn devices_the_backend_lacks_are_refused_before_anything_is_written() {
+    let runs = scratch("devices");
+    for (devices, expected) in [
+        ("0,1", "there is no device 1; backend flex has 1 device(s)"),
+        ("0,0", "device 0 is named twice"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
+            .args([
+                "train",
+                "--preset",
+                "smoke",
+                "--backend",
+                "flex",
+                "--devices",
+                devices,
+            ])
+            .arg("--runs")
+            .arg(&runs)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+    }
+    assert!(!runs.exists(), "a refused run wrote {}", runs.display());
+}
+
+#[test]
 fn score_prints_the_accuracy_and_json_and_names_bad_files() {
     let dir = scratch("score");
     std::fs::create_dir_all(&dir).unwrap();

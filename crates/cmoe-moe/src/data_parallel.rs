@@ -15,9 +15,17 @@
 //! equals a one-device step on the same micro-batches, up to the order of the float sums
 //! (`crates/cmoe-moe/tests/data_parallel.rs` checks it).
 //!
-//! Burn 0.21's in-backward all-reduce (`DistributedBackend`, NCCL) is implemented for CUDA only
-//! (its CubeCL server has no collective for wgpu, flex or ndarray), so it cannot be tested on
-//! a CPU; the multi-device step used here runs on every backend.
+//! Where it runs, with Burn 0.21:
+//! - CUDA: across GPUs (tensors cross devices through CubeCL's CUDA server).
+//! - flex / ndarray: one device, so "several devices" are replicas on it. The tests run the
+//!   whole path that way.
+//! - wgpu: one device only. Burn's wgpu backend cannot copy a tensor between two devices:
+//!   burn-cubecl's `to_device` takes CubeCL's server-to-server path, which only the CUDA server
+//!   implements. Two wgpu devices on lavapipe panicked in `comm_init` ("not implemented").
+//!
+//! Burn 0.21's other multi-GPU path, the all-reduce inside the backward pass
+//! (`DistributedBackend`, NCCL), is implemented for CUDA only, so nothing here could test it;
+//! the multi-device optimiser step used instead runs the same on every backend.
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, MultiGradientsParams, Optimizer};

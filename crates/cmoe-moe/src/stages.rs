@@ -18,6 +18,7 @@ use std::ops::Range;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::DeviceOps;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
@@ -322,10 +323,12 @@ pub fn train_stage_with<B: AutodiffBackend>(
         if let Some(seed) = config.seed {
             let step_seed = seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             B::seed(&device, step_seed);
+            // Every other distinct device its own stream (replicas sharing the first device
+            // share its generator).
             for d in 1..replicas.count() {
-                if let Some(device) = replicas.device(d) {
+                if let Some(other) = replicas.device(d).filter(|o| o.to_id() != device.to_id()) {
                     B::seed(
-                        device,
+                        other,
                         step_seed ^ (d as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
                     );
                 }

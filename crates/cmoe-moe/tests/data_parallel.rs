@@ -1,37 +1,46 @@
 //! Data-parallel stages ([`cmoe_moe::data_parallel`]) on the tiny HF fixture: a stage spread over
 //! two devices equals the one-device stage on the same micro-batches.
 //!
-//! The CPU backends have one device, so "two devices" here are two replicas on it: the whole
+//! The CPU backends have one device, so "two devices" are two replicas on it: the whole
 //! data-parallel path runs (dealing micro-batches, replicas in their own threads, Burn's
-//! multi-device optimiser step, copying the updates to the replicas) except the copies between
-//! distinct devices.
+//! multi-device optimiser step, copying the updates to the replicas) except copies between
+//! distinct devices. Burn 0.21 cannot copy between two wgpu devices (see
+//! `cmoe_moe::data_parallel`), and CUDA cannot run here.
 
 use std::path::Path;
 
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use cmoe_llava::{LlavaInput, load_llava};
+use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
+use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::pgke::ExpansionMode;
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{
     StageConfig, StageControl, StageError, TrainBatch, VaeFit, batch_features, train_stage_with,
 };
 
-fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> CmoeModel<AD> {
+fn tiny_base<AD: AutodiffBackend>(device: &AD::Device) -> Llava<AD> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    let base = load_llava::<AD>(&dir, DType::F32, device).unwrap().1;
-    // No dropout: training draws nothing at random, so every run starts and goes alike.
-    let config = MoeConfig {
+    load_llava::<AD>(&dir, DType::F32, device).unwrap().1
+}
+
+/// No dropout: training draws nothing at random, so every run starts and goes alike.
+fn moe_config() -> MoeConfig {
+    MoeConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
         top_k: 2,
         initial_experts: 4,
         ..MoeConfig::default()
-    };
-    CmoeModel::new(base, &config, device)
+    }
+}
+
+fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> CmoeModel<AD> {
+    CmoeModel::new(tiny_base(device), &moe_config(), device)
 }
 
 /// A one-row batch whose image is shifted by `shift` (so every batch has its own gradient).
@@ -101,11 +110,11 @@ fn max_diff(x: &[f32], y: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
-    let device = AD::Device::default();
+/// A stage on `two` (the model starts on the first) equals the stage on the first alone.
+fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+    let device = two[0].clone();
     let start = tiny_model::<AD>(&device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
-    let two = [device.clone(), device.clone()];
     let (one_model, one, one_losses) = train(&start, &batches, 4, &[]);
     let (two_model, parallel, parallel_losses) = train(&start, &batches, 4, &two);
     // Three steps of four micro-batches, two on each device: the same updates up to the order
@@ -128,8 +137,9 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
     );
 }
 
-fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
-    let device = AD::Device::default();
+/// A stage fitting a VAE on `two` keeps the feature memory the one-device stage keeps.
+fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+    let device = two[0].clone();
     let start = tiny_model::<AD>(&device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
     let width = batch_features(&start, &batches[0], 0).unwrap().dims()[1];
@@ -148,7 +158,7 @@ fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
         fit.unwrap().memory
     };
     let one = run(&[]);
-    let two = run(&[device.clone(), device.clone()]);
+    let two = run(&two);
     // Six micro-batches over a pass of four: every batch's features, the most recent last,
     // whichever device computed them.
     let positions =
@@ -162,6 +172,85 @@ fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
     }
 }
 
+/// A continual learner spread over `two` learns two tasks (probes, plan, expansion, experts,
+/// routers, VAEs) with the one-device learner's plans and experts, and leaves task 0's experts
+/// bit-identical while it learns task 1.
+fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+    let device = two[0].clone();
+    let base = tiny_base::<AD>(&device);
+    let ptl = PtlConfig {
+        hidden: 16,
+        latent: 4,
+        n_rep: 4,
+        bank_instances: 3,
+        lr: Some(1e-2),
+        fit_epochs: 1,
+        seed: 7,
+        ..PtlConfig::default()
+    };
+    let stage = StageConfig {
+        seed: Some(5),
+        ..stage(2)
+    };
+    let recipe = TaskRecipe {
+        probe_experts: 2,
+        // Far below every frequency: every layer grows.
+        alpha: 100.0,
+        placement: Placement::Probe(ExpansionMode::ProbeCount),
+        probe_stage: StageConfig { lr: 3e-2, ..stage },
+        stage,
+    };
+    let data = |first: usize| TaskData {
+        train: (first..first + 4).map(|s| batch(s, &device)).collect(),
+        probe_train: vec![batch(first + 4, &device), batch(first + 5, &device)],
+        probe_eval: vec![batch(first + 6, &device)],
+    };
+    // Per layer, the experts' digests.
+    let experts = |learner: &ContinualLearner<AD>| -> Vec<Vec<u64>> {
+        let layers = learner.model.moe.iter();
+        layers
+            .map(|l| l.experts.iter().map(fingerprint).collect())
+            .collect()
+    };
+    let learn = |devices: &[AD::Device]| {
+        AD::seed(&device, 3);
+        let learner = ContinualLearner::new(base.clone(), moe_config(), ptl, &device)
+            .on_devices(devices.to_vec());
+        let learner = learner.learn_task(&data(0), &recipe, |_| {}).unwrap();
+        let task0 = experts(&learner);
+        let learner = learner.learn_task(&data(8), &recipe, |_| {}).unwrap();
+        for (layer, (old, now)) in task0.iter().zip(experts(&learner)).enumerate() {
+            assert!(now.len() > old.len(), "layer {layer} did not grow");
+            assert_eq!(
+                &now[..old.len()],
+                old,
+                "task 0's experts of layer {layer} changed"
+            );
+        }
+        learner
+    };
+    let one = learn(&[]);
+    let parallel = learn(&two);
+    // The same layers grow from the same experts. (The thresholds themselves, mean - 100 std
+    // of selection counts, move with any float difference that flips a top-k choice.)
+    let grown = |l: &ContinualLearner<AD>| {
+        l.meta
+            .plans
+            .iter()
+            .map(|p| p.layers.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(grown(&parallel), grown(&one));
+    let logits = |learner: &ContinualLearner<AD>| -> Vec<f32> {
+        let input = batch::<AD>(0, &device).input;
+        let out = learner.model.forward(input, 1).unwrap().logits;
+        out.into_data().iter().collect()
+    };
+    let diff = max_diff(&logits(&one), &logits(&parallel));
+    assert!(diff < 1e-6, "task 1's logits differ by {diff}");
+}
+
+/// Three devices for two micro-batches per step is refused.
 fn more_devices_than_micro_batches_is_an_error<AD: AutodiffBackend>() {
     let device = AD::Device::default();
     let start = tiny_model::<AD>(&device);
@@ -181,6 +270,15 @@ fn more_devices_than_micro_batches_is_an_error<AD: AutodiffBackend>() {
     assert!(matches!(error, StageError::Config(_)), "{error}");
     assert!(error.to_string().contains("3 devices"), "{error}");
 }
+/// The CPU backends draw from one generator per process: tests running beside each other would
+/// change each other's draws (fresh experts, new router columns), so these run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 macro_rules! on_backend {
     ($name:ident, $backend:ty) => {
@@ -189,16 +287,28 @@ macro_rules! on_backend {
 
             #[test]
             fn two_devices_make_the_one_device_steps() {
-                super::two_devices_make_the_one_device_steps::<AD>();
+                let _alone = super::alone();
+                let device = burn::tensor::Device::<AD>::default();
+                super::two_devices_make_the_one_device_steps::<AD>([device.clone(), device]);
             }
 
             #[test]
             fn the_feature_memory_is_the_one_device_one() {
-                super::the_feature_memory_is_the_one_device_one::<AD>();
+                let _alone = super::alone();
+                let device = burn::tensor::Device::<AD>::default();
+                super::the_feature_memory_is_the_one_device_one::<AD>([device.clone(), device]);
+            }
+
+            #[test]
+            fn a_learner_on_two_devices_learns_as_on_one() {
+                let _alone = super::alone();
+                let device = burn::tensor::Device::<AD>::default();
+                super::a_learner_on_two_devices_learns_as_on_one::<AD>([device.clone(), device]);
             }
 
             #[test]
             fn more_devices_than_micro_batches_is_an_error() {
+                let _alone = super::alone();
                 super::more_devices_than_micro_batches_is_an_error::<AD>();
             }
         }

@@ -193,6 +193,10 @@ enum Command {
         /// The frozen base model's dtype (experts, routers and VAEs train in f32).
         #[arg(long, value_enum)]
         base_dtype: Option<Precision>,
+        /// Train data-parallel on these devices of the backend (e.g. `0,1,2,3`; the first holds
+        /// the model); each step's micro-batches (`accumulation` of them) are dealt over them.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<usize>,
         /// Backend to run on.
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
@@ -432,6 +436,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stop_at_step,
             checkpoint_every,
             base_dtype,
+            devices,
             backend,
             data_root,
             image_root,
@@ -465,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     stop_after: stop_after_tasks,
                     stop_after_expansion,
                     stop_at_step,
+                    devices,
                 },
             )??;
             println!("{}", report_markdown(&report));
