@@ -48,6 +48,9 @@ pub struct StageManifest {
     pub first: Vec<usize>,
     /// Optimiser steps done.
     pub step: usize,
+    /// Batches of the pass order those steps used up (see
+    /// [`crate::stages::StageState::batches_read`]).
+    pub batches_read: usize,
     /// The stage's settings (a checkpoint only continues the same stage).
     pub stage: StageConfig,
     /// Experts per layer.
@@ -126,6 +129,7 @@ pub(crate) fn save<B: AutodiffBackend>(
         task,
         first: first.to_vec(),
         step: state.step,
+        batches_read: state.batches_read,
         stage: *stage,
         experts: model.experts_per_layer(),
         memory,
@@ -198,6 +202,7 @@ pub(crate) fn load<B: AutodiffBackend>(
     }
     Ok(Some(StageState {
         step: manifest.step,
+        batches_read: manifest.batches_read,
         optim,
         vae_optim,
     }))

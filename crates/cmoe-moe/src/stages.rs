@@ -108,12 +108,16 @@ pub struct StageConfig {
 pub type OptimState<B> =
     <OptimizerAdaptor<AdamW, TaskVae<B>, B> as Optimizer<TaskVae<B>, B>>::Record;
 
-/// What a stage in flight holds besides the model and the VAE: the optimiser steps done and
-/// both optimisers' state. With the model, the VAE and its feature memory it is everything
+/// What a stage in flight holds besides the model and the VAE: the optimiser steps done, how
+/// far its batch source was read, and both optimisers' state. With the model, the VAE and its feature memory it is everything
 /// [`train_stage_with`] needs to continue as if it had not stopped.
 pub struct StageState<B: AutodiffBackend> {
     /// Optimiser steps done.
     pub step: usize,
+    /// Batches of the source's pass order used up by those steps: `step x accumulation`, plus
+    /// any batch a streamed source passed over because none of its samples could be loaded.
+    /// A resumed stage skips these.
+    pub batches_read: usize,
     /// The experts' and routers' AdamW state, keyed by each parameter's position in the model
     /// (a reloaded model's parameter ids differ from the saved one's).
     pub optim: OptimState<B>,
@@ -303,12 +307,14 @@ pub fn train_stage_with<B: AutodiffBackend>(
     let mut vae_optim = adamw.init();
     let micro = config.accumulation.max(1);
     let mut start = 0;
+    let mut batches_read = 0;
     if let Some(state) = control.resume.take() {
         optim = optim.load_record(by_id(state.optim, &model));
         if let Some(fit) = &vae {
             vae_optim = vae_optim.load_record(by_id(state.vae_optim, &fit.vae));
         }
-        source.skip(state.step * micro)?;
+        source.skip(state.batches_read)?;
+        batches_read = state.batches_read;
         start = state.step;
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
@@ -340,6 +346,7 @@ pub fn train_stage_with<B: AutodiffBackend>(
             (0..replicas.count()).map(|_| Vec::new()).collect();
         for index in 0..micro {
             let (position, batch) = source.next_batch()?;
+            batches_read = batches_read_after(batches_read, position, source.len());
             let held = vae.as_ref().and_then(|fit| fit.memory.get(position));
             positions.push((position, held.clone()));
             let d = index % replicas.count();
@@ -412,6 +419,7 @@ pub fn train_stage_with<B: AutodiffBackend>(
         {
             let state = StageState {
                 step: done,
+                batches_read,
                 optim: by_order(optim.to_record(), &model),
                 vae_optim: vae
                     .as_ref()
@@ -426,6 +434,21 @@ pub fn train_stage_with<B: AutodiffBackend>(
         }
     }
     Ok((model, vae))
+}
+
+/// The count of batches of a source's pass order (`len` per pass) used up once the batch at
+/// `position` has been read, `read` before it. Usually `read + 1`; more when the source passed
+/// over batches it could not load, which a resume must skip as well.
+fn batches_read_after(read: usize, position: usize, len: usize) -> usize {
+    let len = len.max(1);
+    let expected = read % len;
+    let pass_start = read - expected;
+    if position >= expected {
+        pass_start + position + 1
+    } else {
+        // The source went on into the next pass.
+        pass_start + len + position + 1
+    }
 }
 
 /// One micro-batch of a step, dealt to a device.
@@ -730,4 +753,24 @@ pub fn new_expert_ranges<B: Backend>(model: &CmoeModel<B>, first: &[usize]) -> V
 /// The inference copy of a model (no autodiff).
 pub fn inference<B: AutodiffBackend>(model: &CmoeModel<B>) -> CmoeModel<B::InnerBackend> {
     model.valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches_read_after;
+
+    #[test]
+    fn batches_read_count_the_batches_a_source_passed_over() {
+        // Passes of 3 batches, read one after another.
+        assert_eq!(batches_read_after(0, 0, 3), 1);
+        assert_eq!(batches_read_after(2, 2, 3), 3);
+        assert_eq!(batches_read_after(3, 0, 3), 4);
+        // Position 1 could not be loaded: asked for the 2nd batch, the source gave position 2.
+        assert_eq!(batches_read_after(1, 2, 3), 3);
+        // Position 2 could not be loaded: the source went on to the next pass's first batch.
+        assert_eq!(batches_read_after(2, 0, 3), 4);
+        assert_eq!(batches_read_after(5, 1, 3), 8);
+        // One batch per pass.
+        assert_eq!(batches_read_after(4, 0, 1), 5);
+    }
 }
