@@ -15,6 +15,7 @@ use crate::loss::LossValues;
 use crate::model::{CmoeModel, MoeConfig};
 use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats};
 use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
+use crate::source::BatchSource;
 pub use crate::source::{TaskData, TaskSource};
 use crate::stages::{
     SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit, activation_stats,
@@ -218,25 +219,14 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let probes = new_expert_ranges(&probed, &before);
         let probed = set_trainable(probed, task, &probes);
         let stage = &recipe.probe_stage;
-        observe(LearnEvent::StageStarted {
-            stage: Stage::Probe,
-            steps: stage.steps,
-            done: 0,
-        });
-        let (probed, _) = train_stage_with(
-            probed,
-            None,
+        let (probed, _) = observed_stage(
+            Stage::Probe,
+            (probed, None),
             task,
             &mut *data.probe_train(),
             stage,
             StageControl::on(&devices),
-            |step, loss| {
-                observe(LearnEvent::Step {
-                    stage: Stage::Probe,
-                    step,
-                    loss,
-                })
-            },
+            &mut observe,
         )?;
         let stats = activation_stats(&probed, task, &mut *data.probe_eval())?;
         let plan = place(recipe, task, &stats, &before);
@@ -302,11 +292,6 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         };
         let trainable = new_expert_ranges(&model, &first);
         let model = set_trainable(model, task, &trainable);
-        observe(LearnEvent::StageStarted {
-            stage: Stage::Train,
-            steps: stage.steps,
-            done: resume.as_ref().map_or(0, |r| r.step),
-        });
         let first_new = &first;
         let mut saver = checkpoints.map(|StageCheckpoints { dir, every, extra }| {
             let save = move |snapshot: StageSnapshot<'_, B>| {
@@ -322,20 +307,14 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                 .as_mut()
                 .map(|(_, save)| save as &mut SaveSnapshot<'_, B>),
         };
-        let (model, fit) = train_stage_with(
-            model,
-            fit,
+        let (model, fit) = observed_stage(
+            Stage::Train,
+            (model, fit),
             task,
             &mut *data.train(),
             stage,
             control,
-            |step, loss| {
-                observe(LearnEvent::Step {
-                    stage: Stage::Train,
-                    step,
-                    loss,
-                })
-            },
+            &mut observe,
         )?;
         let fit = fit.expect("train_stage_with returns the VAE it was given");
         let fit = fit_vae(fit, stage.lr, &stage.loss);
@@ -367,26 +346,14 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         } = self;
         let everything: Vec<_> = model.experts_per_layer().iter().map(|&n| 0..n).collect();
         let model = set_trainable(model, 0, &everything);
-        observe(LearnEvent::StageStarted {
-            stage: Stage::Train,
-            steps: stage.steps,
-            done: 0,
-        });
-        let control = StageControl::on(&devices);
-        let (model, _) = train_stage_with(
-            model,
-            None,
+        let (model, _) = observed_stage(
+            Stage::Train,
+            (model, None),
             0,
             &mut *data.train(),
             stage,
-            control,
-            |step, loss| {
-                observe(LearnEvent::Step {
-                    stage: Stage::Train,
-                    step,
-                    loss,
-                })
-            },
+            StageControl::on(&devices),
+            &mut observe,
         )?;
         meta.first_expert.push(vec![0; model.moe.len()]);
         Ok(Self {
@@ -494,6 +461,32 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let locator = TaskLocator::new(&vaes, &self.meta, &device);
         (model, locator)
     }
+}
+
+/// [`train_stage_with`] on `start` (model and VAE) reported to `observe` as stage `which`: its
+/// start (with the steps a resumed stage has done), then every step's loss terms.
+fn observed_stage<B: AutodiffBackend>(
+    which: Stage,
+    start: (CmoeModel<B>, Option<VaeFit<B>>),
+    task: usize,
+    source: &mut dyn BatchSource<B>,
+    config: &StageConfig,
+    control: StageControl<'_, B>,
+    observe: &mut impl FnMut(LearnEvent<'_>),
+) -> Result<(CmoeModel<B>, Option<VaeFit<B>>), StageError> {
+    observe(LearnEvent::StageStarted {
+        stage: which,
+        steps: config.steps,
+        done: control.resume.as_ref().map_or(0, |r| r.step),
+    });
+    let (model, vae) = start;
+    train_stage_with(model, vae, task, source, config, control, |step, loss| {
+        observe(LearnEvent::Step {
+            stage: which,
+            step,
+            loss,
+        })
+    })
 }
 
 /// The expansion plan the recipe asks for, from the probe statistics.
