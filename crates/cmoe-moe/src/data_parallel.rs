@@ -73,11 +73,6 @@ impl<B: AutodiffBackend> Replicas<B> {
         self.copies.len() + 1
     }
 
-    /// The devices (empty when none were given: the model's own alone).
-    pub fn devices(&self) -> &[B::Device] {
-        &self.devices
-    }
-
     /// Runs `work` on every device at once, `shards[d]` on device `d`: the first on this thread
     /// with `model` and `vae`, the others on their replicas in threads of their own. Returns
     /// the results in device order.

@@ -318,6 +318,13 @@ pub fn train_stage_with<B: AutodiffBackend>(
         start = state.step;
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
+    if let Some(first) = control.devices.first()
+        && first != &device
+    {
+        return Err(StageError::Config(format!(
+            "the model is on {device:?}, not on the first training device {first:?}"
+        )));
+    }
     let mut replicas = Replicas::new(&model, vae.as_ref().map(|fit| &fit.vae), control.devices);
     if replicas.count() > micro {
         return Err(StageError::Config(format!(
