@@ -29,7 +29,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::BackendTask;
+use crate::backend::{BackendKind, BackendTask};
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts};
 use crate::loader::{
     BadSamples, LoadReport, SampleProblem, StreamSettings, StreamedTask, default_workers,
@@ -507,7 +507,7 @@ fn training_devices<B: Backend>(
     if indices.is_empty() {
         return Ok(vec![default.clone()]);
     }
-    if indices.len() > 1 && backend == "wgpu" {
+    if indices.len() > 1 && backend == BackendKind::Wgpu.name() {
         anyhow::bail!(
             "--devices: Burn 0.21's wgpu backend cannot copy tensors between devices (only its \
              CUDA backend can), so data-parallel training needs --backend cuda"

@@ -44,7 +44,6 @@ pub struct Replicas<B: AutodiffBackend> {
 
 /// One extra device's copy.
 struct Replica<B: AutodiffBackend> {
-    device: B::Device,
     model: CmoeModel<B>,
     vae: Option<TaskVae<B>>,
 }
@@ -57,7 +56,6 @@ impl<B: AutodiffBackend> Replicas<B> {
             .iter()
             .skip(1)
             .map(|device| Replica {
-                device: device.clone(),
                 model: model.clone().fork(device),
                 vae: vae.map(|vae| vae.clone().fork(device)),
             })
@@ -110,13 +108,9 @@ impl<B: AutodiffBackend> Replicas<B> {
         })
     }
 
-    /// The device of shard `d`.
+    /// The device of shard `d` (none when no devices were given).
     pub fn device(&self, d: usize) -> Option<&B::Device> {
-        if d == 0 {
-            self.devices.first()
-        } else {
-            self.copies.get(d - 1).map(|copy| &copy.device)
-        }
+        self.devices.get(d)
     }
 
     /// One optimiser step of `module` (on the first device) on `grads`, one entry per device
@@ -152,21 +146,21 @@ impl<B: AutodiffBackend> Replicas<B> {
 
     /// Copies `model`'s trainable experts and routers, and `vae`, to every replica.
     pub fn refresh(&mut self, model: &CmoeModel<B>, vae: Option<&TaskVae<B>>) {
-        for copy in &mut self.copies {
+        for (copy, device) in self.copies.iter_mut().zip(self.devices.iter().skip(1)) {
             for (to, from) in copy.model.moe.iter_mut().zip(&model.moe) {
                 for (to, from) in to.experts.iter_mut().zip(&from.experts) {
                     if takes_gradients(from) {
-                        *to = from.clone().fork(&copy.device);
+                        *to = from.clone().fork(device);
                     }
                 }
                 let routers = to.routers.routers.iter_mut().zip(&from.routers.routers);
                 for (to, from) in routers {
                     if takes_gradients(from) {
-                        *to = from.clone().fork(&copy.device);
+                        *to = from.clone().fork(device);
                     }
                 }
             }
-            copy.vae = vae.map(|vae| vae.clone().fork(&copy.device));
+            copy.vae = vae.map(|vae| vae.clone().fork(device));
         }
     }
 }

@@ -18,7 +18,6 @@ use std::ops::Range;
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::prelude::DeviceOps;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
@@ -339,7 +338,7 @@ pub fn train_stage_with<B: AutodiffBackend>(
             // Every other distinct device its own stream (replicas sharing the first device
             // share its generator).
             for d in 1..replicas.count() {
-                if let Some(other) = replicas.device(d).filter(|o| o.to_id() != device.to_id()) {
+                if let Some(other) = replicas.device(d).filter(|&o| o != &device) {
                     B::seed(
                         other,
                         step_seed ^ (d as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
@@ -363,7 +362,9 @@ pub fn train_stage_with<B: AutodiffBackend>(
                 batch,
                 features: held,
             };
-            if let Some(to) = replicas.device(d).filter(|_| d > 0) {
+            if d > 0
+                && let Some(to) = replicas.device(d)
+            {
                 item = item.to_device(to);
             }
             shards[d].push(item);

@@ -280,6 +280,12 @@ fn alone() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The default device, named twice: two replicas on the one CPU device.
+fn one_device_twice<AD: AutodiffBackend>() -> [AD::Device; 2] {
+    let device = AD::Device::default();
+    [device.clone(), device]
+}
+
 macro_rules! on_backend {
     ($name:ident, $backend:ty) => {
         mod $name {
@@ -288,22 +294,23 @@ macro_rules! on_backend {
             #[test]
             fn two_devices_make_the_one_device_steps() {
                 let _alone = super::alone();
-                let device = burn::tensor::Device::<AD>::default();
-                super::two_devices_make_the_one_device_steps::<AD>([device.clone(), device]);
+                super::two_devices_make_the_one_device_steps::<AD>(super::one_device_twice::<AD>());
             }
 
             #[test]
             fn the_feature_memory_is_the_one_device_one() {
                 let _alone = super::alone();
-                let device = burn::tensor::Device::<AD>::default();
-                super::the_feature_memory_is_the_one_device_one::<AD>([device.clone(), device]);
+                super::the_feature_memory_is_the_one_device_one::<AD>(
+                    super::one_device_twice::<AD>(),
+                );
             }
 
             #[test]
             fn a_learner_on_two_devices_learns_as_on_one() {
                 let _alone = super::alone();
-                let device = burn::tensor::Device::<AD>::default();
-                super::a_learner_on_two_devices_learns_as_on_one::<AD>([device.clone(), device]);
+                super::a_learner_on_two_devices_learns_as_on_one::<AD>(
+                    super::one_device_twice::<AD>(),
+                );
             }
 
             #[test]
