@@ -13,13 +13,14 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, StageCheckpoints};
 use crate::loss::LossValues;
 use crate::model::{CmoeModel, MoeConfig};
-use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats};
-use crate::ptl::{Location, PrimitiveBank, PtlConfig, StackedVaes, TaskVae};
+use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, PlanSource, plan_from_stats};
+use crate::ptl::{Location, PrimitiveBank, PtlConfig, PtlFeature, StackedVaes, TaskVae};
 use crate::source::BatchSource;
 pub use crate::source::{TaskData, TaskSource};
 use crate::stages::{
-    SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit, activation_stats,
-    add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable, train_stage_with,
+    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit,
+    activation_stats, add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable,
+    train_stage_with,
 };
 use crate::state::{ContinualMeta, ContinualTensors};
 
@@ -27,23 +28,21 @@ use crate::state::{ContinualMeta, ContinualTensors};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
-    /// PGKE: the layers whose probes are used, with `N_s` or a fixed number of experts each.
-    Probe(ExpansionMode),
-    /// Ablation: `add` experts in every layer.
-    EveryLayer {
-        /// Experts per layer.
-        add: usize,
-    },
-    /// Ablation: as many layers as PGKE would pick, chosen at random, `add` experts each.
+    /// PGKE: the layers whose probes are used.
+    Probe,
+    /// Ablation: every layer.
+    EveryLayer,
+    /// Ablation: as many layers as PGKE would pick, chosen at random.
     RandomLayers {
-        /// Experts per chosen layer.
-        add: usize,
         /// Seed of the choice (mixed with the task index).
         seed: u64,
     },
+    /// Ablation "w/o extension" (paper Table 2, left): no new experts; every existing expert
+    /// trains again on the task, under the task's own router (a copy of the previous one).
+    Unfrozen,
 }
 
-/// How every task after the first is learned.
+/// How every task is learned.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecipe {
     /// `N_p`: probe experts per layer.
@@ -52,6 +51,10 @@ pub struct TaskRecipe {
     pub alpha: f64,
     /// Where the new experts go.
     pub placement: Placement,
+    /// How many experts each selected layer receives (paper main results: one; Table 4: 1 / 4
+    /// / 8). The ablation placements add the same count per layer; with
+    /// [`ExpansionMode::ProbeCount`] they add the mean `N_s` of PGKE's layers (at least one).
+    pub per_layer: ExpansionMode,
     /// The probe stage's optimiser settings (paper: lr 3e-4).
     pub probe_stage: StageConfig,
     /// The task's main stage (paper: lr 2e-4).
@@ -60,8 +63,8 @@ pub struct TaskRecipe {
 
 impl TaskRecipe {
     /// The paper's settings (AdamW, warmup 0.03 + cosine, lr 3e-4 for probes and 2e-4 after,
-    /// alpha 0.8, N_s experts per selected layer) with N_p = 4 probes (our choice; the paper's
-    /// ablation adds 1 / 4 / 8) and the given step counts (one epoch each in the paper).
+    /// alpha 0.8, one expert per selected layer) with N_p = 4 probes (our choice; the paper
+    /// does not give it) and the given step counts (one epoch each in the paper).
     pub fn paper(probe_steps: usize, steps: usize) -> Self {
         let stage = StageConfig {
             lr: 2e-4,
@@ -75,7 +78,8 @@ impl TaskRecipe {
         Self {
             probe_experts: 4,
             alpha: 0.8,
-            placement: Placement::Probe(ExpansionMode::ProbeCount),
+            placement: Placement::Probe,
+            per_layer: ExpansionMode::Fixed(1),
             probe_stage: StageConfig {
                 lr: 3e-4,
                 steps: probe_steps,
@@ -90,6 +94,8 @@ impl TaskRecipe {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
+    /// The initial experts and their router, before the first task.
+    Initial,
     /// PGKE's probe training.
     Probe,
     /// The task's experts, router and VAE.
@@ -171,11 +177,13 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         self.meta.first_expert.len()
     }
 
-    /// Learns the next task: the first trains the initial experts; every later one runs PGKE
-    /// (probes, statistics, plan, expansion). Then the task's experts, router and VAE train on
-    /// `CE + lambda KL + eta rec + kappa aux`, and its bank entry is recorded. Nothing that
-    /// belongs to an earlier task changes. The same as [`Self::expand_for_task`] then
-    /// [`Self::train_task`], between which a caller may checkpoint.
+    /// Learns the next task. After [`Self::learn_initial`], every task runs PGKE (probes,
+    /// statistics, plan, expansion; paper Alg. 1); without it the first task trains the
+    /// initial experts itself and PGKE starts with the second. Then the task's experts,
+    /// router and VAE train on `CE + lambda KL + eta rec + kappa aux`, and its bank entry is
+    /// recorded. Nothing that belongs to an earlier task changes. The same as
+    /// [`Self::expand_for_task`] then [`Self::train_task`], between which a caller may
+    /// checkpoint.
     pub fn learn_task(
         self,
         data: &impl TaskSource<B>,
@@ -186,10 +194,11 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         learner.train_task(first, data, recipe, observe)
     }
 
-    /// The first half of [`Self::learn_task`]: for a task after the first, PGKE's probe stage,
-    /// statistics, plan and expansion (the plan is recorded); the first task has nothing to
-    /// expand. Returns the learner and, per layer, the index of the task's first new expert.
-    /// The learner can be saved and reloaded here; [`Self::train_task`] continues.
+    /// The first half of [`Self::learn_task`]: PGKE's probe stage, statistics, plan and
+    /// expansion (the plan is recorded), or for [`Placement::Unfrozen`] the task's router
+    /// alone; the first task without an initial phase has nothing to expand. Returns the
+    /// learner and, per layer, the index of the first expert the task trains. The learner can
+    /// be saved and reloaded here; [`Self::train_task`] continues.
     pub fn expand_for_task(
         self,
         data: &impl TaskSource<B>,
@@ -197,14 +206,14 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<(Self, Vec<usize>), StageError> {
         let Self {
-            model,
+            mut model,
             vaes,
             mut meta,
             devices,
         } = self;
         let task = meta.first_expert.len();
-        if task == 0 {
-            let first = vec![0; model.moe.len()];
+        let layers = model.moe.len();
+        if task == 0 && !model.has_initial_router() {
             return Ok((
                 Self {
                     model,
@@ -212,10 +221,24 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                     meta,
                     devices,
                 },
-                first,
+                vec![0; layers],
             ));
         }
-        let (probed, before) = add_probes(model, task, recipe.probe_experts);
+        if recipe.placement == Placement::Unfrozen {
+            let plan = ExpansionPlan::uniform(task, PlanSource::Unfrozen, [], 0, 0);
+            observe(LearnEvent::Planned(&plan));
+            let before = model.experts_per_layer();
+            model = expand(model, task, &before, &plan)?;
+            meta.plans.push(plan);
+            let learner = Self {
+                model,
+                vaes,
+                meta,
+                devices,
+            };
+            return Ok((learner, vec![0; layers]));
+        }
+        let (probed, before) = add_probes(model, task, recipe.probe_experts)?;
         let probes = new_expert_ranges(&probed, &before);
         let probed = set_trainable(probed, task, &probes);
         let stage = &recipe.probe_stage;
@@ -231,7 +254,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let stats = activation_stats(&probed, task, &mut *data.probe_eval())?;
         let plan = place(recipe, task, &stats, &before);
         observe(LearnEvent::Planned(&plan));
-        let model = expand(probed, task, &before, &plan);
+        let model = expand(probed, task, &before, &plan)?;
         meta.plans.push(plan);
         Ok((
             Self {
@@ -242,6 +265,51 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             },
             before,
         ))
+    }
+
+    /// The initial phase (paper: the initial experts are trained first, on initialisation
+    /// data that is none of the tasks): every initial expert and a router train on `data`
+    /// with `CE + kappa aux`; the router is then kept as the layers' initial router, which the
+    /// first task's router extends. Only before the first task.
+    pub fn learn_initial(
+        self,
+        data: &impl TaskSource<B>,
+        stage: &StageConfig,
+        mut observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        if self.tasks_learned() > 0 || self.model.has_initial_router() {
+            return Err(StageError::Config(
+                "the initial phase comes before the first task, once".into(),
+            ));
+        }
+        let Self {
+            model,
+            vaes,
+            meta,
+            devices,
+        } = self;
+        let everything: Vec<_> = model.experts_per_layer().iter().map(|&n| 0..n).collect();
+        let model = set_trainable(model, 0, &everything);
+        let (mut model, _) = observed_stage(
+            Stage::Initial,
+            (model, None),
+            0,
+            &mut *data.train(),
+            stage,
+            StageControl::on(&devices),
+            &mut observe,
+        )?;
+        for layer in &mut model.moe {
+            let router = layer.routers.routers.remove(0);
+            layer.routers.initial = Some(router);
+        }
+        let model = set_trainable(model, 0, &vec![0..0; everything.len()]);
+        Ok(Self {
+            model,
+            vaes,
+            meta,
+            devices,
+        })
     }
 
     /// The second half of [`Self::learn_task`]: the experts from `first` on (per layer), the
@@ -268,8 +336,13 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         checkpoints: Option<StageCheckpoints<'_>>,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
-        // The VAE reads the base's last hidden state.
-        let width = self.widths().first().map_or(0, |w| w.0);
+        // The VAE reads the base's last hidden state (at the last prompt token, pooled, or
+        // both).
+        let width = self
+            .meta
+            .ptl
+            .feature
+            .width(self.widths().first().map_or(0, |w| w.0));
         let device = self.model.devices().into_iter().next().unwrap_or_default();
         let Self {
             mut model,
@@ -306,6 +379,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             save: saver
                 .as_mut()
                 .map(|(_, save)| save as &mut SaveSnapshot<'_, B>),
+            penalty: None,
         };
         let (model, fit) = observed_stage(
             Stage::Train,
@@ -330,38 +404,74 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         })
     }
 
-    /// The baselines' step (sequential LoRA, CoIN's MoELoRA): every expert and the one shared
-    /// router (router 0) train on the task with `CE + kappa aux`; nothing grows, no VAE.
+    /// The baselines' step (sequential LoRA, CoIN's MoELoRA, EWC, LwF): every expert and the
+    /// one shared router (router 0) train on the task with `CE + kappa aux` plus `penalty`
+    /// (EWC's, LwF's); nothing grows, no VAE. The task is recorded as learned.
     pub fn learn_shared(
         self,
         data: &impl TaskSource<B>,
         stage: &StageConfig,
+        penalty: Option<&dyn Penalty<B>>,
+        observe: impl FnMut(LearnEvent<'_>),
+    ) -> Result<Self, StageError> {
+        let mut learner = self.train_shared(Stage::Train, data, stage, penalty, observe)?;
+        learner
+            .meta
+            .first_expert
+            .push(vec![0; learner.model.moe.len()]);
+        Ok(learner)
+    }
+
+    /// [`Self::learn_shared`]'s training without recording a task: a baseline's initial phase
+    /// ([`Stage::Initial`]) or its step on a task.
+    pub fn train_shared(
+        self,
+        which: Stage,
+        data: &impl TaskSource<B>,
+        stage: &StageConfig,
+        penalty: Option<&dyn Penalty<B>>,
         mut observe: impl FnMut(LearnEvent<'_>),
     ) -> Result<Self, StageError> {
         let Self {
             model,
             vaes,
-            mut meta,
+            meta,
             devices,
         } = self;
         let everything: Vec<_> = model.experts_per_layer().iter().map(|&n| 0..n).collect();
         let model = set_trainable(model, 0, &everything);
         let (model, _) = observed_stage(
-            Stage::Train,
+            which,
             (model, None),
             0,
             &mut *data.train(),
             stage,
-            StageControl::on(&devices),
+            StageControl::on(&devices).with_penalty(penalty),
             &mut observe,
         )?;
-        meta.first_expert.push(vec![0; model.moe.len()]);
         Ok(Self {
             model,
             vaes,
             meta,
             devices,
         })
+    }
+
+    /// Parameters the initial phase trained: every initial expert and the initial routers (0
+    /// without an initial phase).
+    pub fn initial_params(&self) -> usize {
+        let first_task = self.meta.first_expert.first();
+        self.model
+            .moe
+            .iter()
+            .enumerate()
+            .filter_map(|(l, layer)| {
+                let router = layer.routers.initial.as_ref()?;
+                let end = first_task.map_or(layer.experts.len(), |f| f[l]);
+                let experts: usize = layer.experts[..end].iter().map(Module::num_params).sum();
+                Some(experts + router.num_params())
+            })
+            .sum()
     }
 
     /// Parameters task `task` trained: its experts (from `first_expert[task]`, or every expert
@@ -496,14 +606,21 @@ fn place(
     stats: &ActivationStats,
     before: &[usize],
 ) -> ExpansionPlan {
-    let probed = |mode| plan_from_stats(task, stats, before, recipe.alpha, mode);
+    let pgke = plan_from_stats(task, stats, before, recipe.alpha, recipe.per_layer);
+    // The ablations add as many experts per layer as PGKE does.
+    let add = match recipe.per_layer {
+        ExpansionMode::Fixed(k) => k,
+        ExpansionMode::ProbeCount => {
+            let layers = pgke.layers.len().max(1);
+            (pgke.total_added() as f64 / layers as f64).round().max(1.0) as usize
+        }
+    };
     let mut plan = match recipe.placement {
-        Placement::Probe(mode) => return probed(mode),
-        Placement::EveryLayer { add } => ExpansionPlan::every_layer(task, before.len(), add, 0),
-        Placement::RandomLayers { add, seed } => {
-            let count = probed(ExpansionMode::ProbeCount).layers.len();
+        Placement::Probe | Placement::Unfrozen => return pgke,
+        Placement::EveryLayer => ExpansionPlan::every_layer(task, before.len(), add, 0),
+        Placement::RandomLayers { seed } => {
             let seed = seed ^ (task as u64).wrapping_mul(0x9E37_79B9);
-            ExpansionPlan::random_layers(task, before.len(), count, add, 0, seed)
+            ExpansionPlan::random_layers(task, before.len(), pgke.layers.len(), add, 0, seed)
         }
     };
     // New experts start from the layer's most activated expert, as in PGKE.
@@ -519,6 +636,7 @@ fn place(
 pub struct TaskLocator<B: Backend> {
     vaes: Option<StackedVaes<B>>,
     bank: PrimitiveBank,
+    feature: PtlFeature,
 }
 
 impl<B: Backend> TaskLocator<B> {
@@ -529,6 +647,7 @@ impl<B: Backend> TaskLocator<B> {
             vaes: (!refs.is_empty())
                 .then(|| StackedVaes::new(&refs, meta.ptl.scoring_draws(device))),
             bank: meta.bank.clone(),
+            feature: meta.ptl.feature,
         }
     }
 
@@ -543,7 +662,7 @@ impl<B: Backend> TaskLocator<B> {
             .vaes
             .as_ref()
             .ok_or_else(|| LlavaError::Input("no task has been learned yet".into()))?;
-        let features = model.task_features(prompts)?;
+        let features = model.task_features(prompts, self.feature)?;
         Ok(vaes.locate(features, &self.bank))
     }
 }

@@ -1,5 +1,6 @@
 //! LLaVA-CMoE's continual core, generic over Burn backends.
 //!
+//! - [`baselines`]: the regularisation baselines EWC and LwF, as penalties on a stage.
 //! - [`checkpoint`]: checkpoints of a training stage in flight, to resume a crashed stage.
 //! - [`data_parallel`]: a stage's steps spread over several devices.
 //! - [`fingerprint`]: parameter digests for bit-identity checks.
@@ -15,6 +16,7 @@
 //! - [`stages`]: freezing, the training loop, and PGKE's probe / statistics / expansion steps.
 //! - [`state`]: saving / loading the whole continual state, and per-task adapter packs.
 
+pub mod baselines;
 pub mod checkpoint;
 pub mod data_parallel;
 pub mod fingerprint;

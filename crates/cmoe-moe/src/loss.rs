@@ -1,5 +1,6 @@
-//! The training objective `L = CE + lambda * KL + eta * rec + kappa * aux` (paper Sec. 3.4),
-//! with each term kept for logging.
+//! The training objective `L = CE + lambda * KL + eta * rec + kappa * aux` (paper Eq. 6), plus
+//! a baseline's regulariser (EWC's penalty, LwF's distillation) when one is trained, with each
+//! term kept for logging.
 
 use burn::tensor::{DType, ElementConversion, Int, Tensor, activation, backend::Backend};
 use serde::{Deserialize, Serialize};
@@ -39,7 +40,9 @@ pub struct LossTerms<B: Backend> {
     pub rec: Tensor<B, 1>,
     /// Load-balancing term (mean over MoE layers).
     pub aux: Tensor<B, 1>,
-    /// `ce + lambda kl + eta rec + kappa aux`.
+    /// A baseline's regulariser, already weighted (zero for LLaVA-CMoE).
+    pub penalty: Tensor<B, 1>,
+    /// `ce + lambda kl + eta rec + kappa aux + penalty`.
     pub total: Tensor<B, 1>,
 }
 
@@ -54,6 +57,9 @@ pub struct LossValues {
     pub rec: f64,
     /// Load balancing.
     pub aux: f64,
+    /// A baseline's regulariser (EWC, LwF), weighted.
+    #[serde(default)]
+    pub penalty: f64,
     /// Weighted total.
     pub total: f64,
 }
@@ -65,25 +71,32 @@ impl LossValues {
         self.kl += scale * other.kl;
         self.rec += scale * other.rec;
         self.aux += scale * other.aux;
+        self.penalty += scale * other.penalty;
         self.total += scale * other.total;
     }
 }
 
 impl<B: Backend> LossTerms<B> {
-    /// Weights and sums the terms.
+    /// Weights and sums the terms (`penalty` is added as it is).
     pub fn new(
         ce: Tensor<B, 1>,
         kl: Tensor<B, 1>,
         rec: Tensor<B, 1>,
         aux: Tensor<B, 1>,
+        penalty: Tensor<B, 1>,
         w: LossWeights,
     ) -> Self {
-        let total = ce.clone() + kl.clone() * w.kl + rec.clone() * w.rec + aux.clone() * w.aux;
+        let total = ce.clone()
+            + kl.clone() * w.kl
+            + rec.clone() * w.rec
+            + aux.clone() * w.aux
+            + penalty.clone();
         Self {
             ce,
             kl,
             rec,
             aux,
+            penalty,
             total,
         }
     }
@@ -96,6 +109,7 @@ impl<B: Backend> LossTerms<B> {
             kl: v(&self.kl),
             rec: v(&self.rec),
             aux: v(&self.aux),
+            penalty: v(&self.penalty),
             total: v(&self.total),
         }
     }

@@ -1,7 +1,7 @@
 //! LLaVA with MoE-LoRA FFNs: the frozen base model plus one [`MoeLoraFfn`] per decoder layer,
 //! run with the router of a chosen task.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
@@ -10,6 +10,7 @@ use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with}
 use serde::{Deserialize, Serialize};
 
 use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn};
+use crate::ptl::PtlFeature;
 
 /// Shape of the experts (paper defaults: rank 64, alpha 128, 8 initial experts, top-2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -104,14 +105,23 @@ impl<B: Backend> CmoeModel<B> {
         self.moe.first().map_or(0, |l| l.routers.num_tasks())
     }
 
+    /// Whether the initial experts were trained in their own phase (every layer then keeps
+    /// that phase's router, which the first task's extends).
+    pub fn has_initial_router(&self) -> bool {
+        self.moe
+            .first()
+            .is_some_and(|l| l.routers.initial.is_some())
+    }
+
     /// Experts per layer.
     pub fn experts_per_layer(&self) -> Vec<usize> {
         self.moe.iter().map(|l| l.experts.len()).collect()
     }
 
-    /// Forward with task `task`'s routers.
+    /// Forward with task `task`'s routers. Padding positions (attention mask 0) are not sent
+    /// to the experts and do not count in the routing statistics or the aux loss.
     pub fn forward(&self, input: LlavaInput<B>, task: usize) -> Result<CmoeOutput<B>, LlavaError> {
-        let routed = self.routed(task, true)?;
+        let routed = self.routed(task, true, real_tokens(&input))?;
         let hidden = self.base.forward_hidden_with(input, None, Some(&routed))?;
         let logits = self.base.language_model.logits(hidden);
         Ok(CmoeOutput {
@@ -127,12 +137,18 @@ impl<B: Backend> CmoeModel<B> {
         task: usize,
         config: &GenerationConfig,
     ) -> Result<Vec<Vec<u32>>, LlavaError> {
-        let routed = self.routed(task, false)?;
+        let routed = self.routed(task, false, real_tokens(&input))?;
         generate_with(&self.base, input, config, Some(&routed))
     }
 
-    /// The MLP hook that runs every layer's MoE with task `task`'s routers.
-    fn routed(&self, task: usize, record: bool) -> Result<RoutedMlp<'_, B>, LlavaError> {
+    /// The MLP hook that runs every layer's MoE with task `task`'s routers; `real` marks the
+    /// first pass's non-padding tokens.
+    fn routed(
+        &self,
+        task: usize,
+        record: bool,
+        real: Option<Vec<bool>>,
+    ) -> Result<RoutedMlp<'_, B>, LlavaError> {
         if task >= self.num_tasks() {
             return Err(LlavaError::Input(format!(
                 "task {task} has no router ({} tasks)",
@@ -144,39 +160,80 @@ impl<B: Backend> CmoeModel<B> {
             task,
             routing: RefCell::new(Vec::new()),
             record,
+            real,
+            first_pass_done: Cell::new(false),
         })
     }
 
-    /// PTL's feature `F_end`: the frozen base model's (no experts) last-layer hidden state at
-    /// the last position, `[batch, hidden]` (prompts are left-padded, so it is the last prompt
-    /// token of every row).
-    pub fn task_features(&self, input: LlavaInput<B>) -> Result<Tensor<B, 2>, LlavaError> {
-        let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
-        let [b, s, d] = hidden.dims();
-        Ok(hidden.slice([0..b, s - 1..s, 0..d]).reshape([b, d]))
+    /// PTL's feature of prompts (image + question, left-padded, no answer), `[batch, width]`:
+    /// from the frozen base model (no experts), at the last position (the last prompt token of
+    /// every row) or pooled over the question ([`PtlFeature`]).
+    pub fn task_features(
+        &self,
+        input: LlavaInput<B>,
+        feature: PtlFeature,
+    ) -> Result<Tensor<B, 2>, LlavaError> {
+        let [b, s] = input.input_ids.dims();
+        self.task_features_at(input, &vec![s - 1; b], feature)
     }
 
-    /// [`Self::task_features`] read at `positions[row]` instead of the last position: with a
-    /// causal decoder, the feature of a training sequence at its last prompt token.
+    /// [`Self::task_features`] with each row's last prompt token at `positions[row]`: with a
+    /// causal decoder, the feature of a training sequence (prompt and answer) equals that of
+    /// its prompt alone.
     pub fn task_features_at(
         &self,
         input: LlavaInput<B>,
         positions: &[usize],
+        feature: PtlFeature,
     ) -> Result<Tensor<B, 2>, LlavaError> {
-        let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
-        let [b, s, d] = hidden.dims();
+        let [b, s] = input.input_ids.dims();
         if positions.len() != b || positions.iter().any(|&p| p >= s) {
             return Err(LlavaError::Input(format!(
                 "feature positions {positions:?} do not fit a batch of {b} x {s}"
             )));
         }
-        let rows: Vec<i64> = positions
-            .iter()
-            .enumerate()
-            .map(|(row, &p)| (row * s + p) as i64)
-            .collect();
-        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &hidden.device());
-        Ok(hidden.reshape([b * s, d]).select(0, index))
+        let ids: Vec<i64> = input.input_ids.to_data().iter::<i64>().collect();
+        let mask: Option<Vec<i64>> = input
+            .attention_mask
+            .as_ref()
+            .map(|m| m.to_data().iter::<i64>().collect());
+        let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
+        let [_, _, d] = hidden.dims();
+        let device = hidden.device();
+        let last = || {
+            let rows: Vec<i64> = positions
+                .iter()
+                .enumerate()
+                .map(|(row, &p)| (row * s + p) as i64)
+                .collect();
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [b]), &device);
+            hidden.clone().reshape([b * s, d]).select(0, index)
+        };
+        let mean = || {
+            // Per row, equal weights on the question's real tokens: after the last image
+            // token (or from the first token) up to the last prompt token.
+            let image = self.base.image_token_index as i64;
+            let mut weights = vec![0f32; b * s];
+            for (row, &end) in positions.iter().enumerate() {
+                let ids = &ids[row * s..(row + 1) * s];
+                let start = ids[..=end]
+                    .iter()
+                    .rposition(|&id| id == image)
+                    .map_or(0, |p| (p + 1).min(end));
+                let real = |p: usize| mask.as_ref().is_none_or(|m| m[row * s + p] != 0);
+                let span: Vec<usize> = (start..=end).filter(|&p| real(p)).collect();
+                for &p in &span {
+                    weights[row * s + p] = 1.0 / span.len() as f32;
+                }
+            }
+            let weights = Tensor::<B, 3>::from_data(TensorData::new(weights, [b, 1, s]), &device);
+            weights.matmul(hidden.clone()).reshape([b, d])
+        };
+        Ok(match feature {
+            PtlFeature::Last => last(),
+            PtlFeature::Mean => mean(),
+            PtlFeature::Both => Tensor::cat(vec![last(), mean()], 1),
+        })
     }
 }
 
@@ -187,14 +244,33 @@ struct RoutedMlp<'a, B: Backend> {
     routing: RefCell<Vec<LayerRouting<B>>>,
     /// Whether to keep each call's routing (training and statistics do; generation does not).
     record: bool,
+    /// Which tokens of the first pass through the decoder (the whole sequence; a generation's
+    /// prompt) are not padding; `None`: all. Later passes (generated tokens) are all real.
+    real: Option<Vec<bool>>,
+    /// Whether the first pass has gone through every layer.
+    first_pass_done: Cell<bool>,
 }
 
 impl<B: Backend> MlpOverride<B> for RoutedMlp<'_, B> {
     fn forward(&self, layer: usize, base: &LlamaMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let (out, routing) = self.layers[layer].forward(base, x, self.task);
+        let real = (!self.first_pass_done.get())
+            .then_some(self.real.as_deref())
+            .flatten();
+        if layer + 1 == self.layers.len() {
+            self.first_pass_done.set(true);
+        }
+        let (out, routing) = self.layers[layer].forward(base, x, self.task, real);
         if self.record {
             self.routing.borrow_mut().push(routing);
         }
         out
     }
+}
+
+/// Per token of `input` (row-major), whether it is real rather than padding; `None` when the
+/// input has no attention mask or no padding.
+fn real_tokens<B: Backend>(input: &LlavaInput<B>) -> Option<Vec<bool>> {
+    let mask = input.attention_mask.as_ref()?;
+    let real: Vec<bool> = mask.to_data().iter::<i64>().map(|m| m != 0).collect();
+    real.iter().any(|&r| !r).then_some(real)
 }

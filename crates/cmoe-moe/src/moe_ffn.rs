@@ -146,16 +146,21 @@ impl<B: Backend> MoeLoraFfn<B> {
             experts: (0..n_experts)
                 .map(|_| FfnExpert::new(hidden, intermediate, rank, targets, device))
                 .collect(),
-            routers: RouterBank {
-                routers: vec![TaskRouter::new(hidden, n_experts, device)],
-            },
+            routers: RouterBank::first(TaskRouter::new(hidden, n_experts, device)),
             dropout: DropoutConfig::new(dropout).init(),
             scale: alpha / rank as f64,
             top_k,
         }
     }
 
-    fn route(&self, router: &TaskRouter<B>, x: Tensor<B, 2>) -> (Routes<B>, LayerRouting<B>) {
+    /// Routes the rows of `x` `[n, d]`; only the rows `real` marks (all when `None`) are sent
+    /// to experts and counted in the statistics and the aux loss: padding takes no part.
+    fn route(
+        &self,
+        router: &TaskRouter<B>,
+        x: Tensor<B, 2>,
+        real: Option<&[bool]>,
+    ) -> (Routes<B>, LayerRouting<B>) {
         let [n, _] = x.dims();
         let n_experts = router.num_experts();
         let k = self.top_k.min(n_experts);
@@ -163,10 +168,14 @@ impl<B: Backend> MoeLoraFfn<B> {
         let (top_logits, top_index) = top_k(logits.clone(), k);
         let weights = activation::softmax(top_logits, 1).reshape([n * k]);
         let index: Vec<i64> = top_index.into_data().iter::<i64>().collect();
+        let is_real = |row: usize| real.is_none_or(|r| r[row]);
         let mut groups = vec![(Vec::new(), Vec::new()); n_experts];
         let mut top1 = vec![0u64; n_experts];
         let mut selections = vec![0u64; n_experts];
         for (slot, &e) in index.iter().enumerate() {
+            if !is_real(slot / k) {
+                continue;
+            }
             let e = e as usize;
             groups[e].0.push((slot / k) as i64);
             groups[e].1.push(slot as i64);
@@ -175,19 +184,34 @@ impl<B: Backend> MoeLoraFfn<B> {
                 top1[e] += 1;
             }
         }
-        // aux = N_e * sum_i f_i * P_i, f from top-1 counts (constant), P the mean router probability.
-        let mean_prob = activation::softmax(logits, 1)
-            .mean_dim(0)
-            .reshape([n_experts]);
-        let f: Vec<f32> = top1.iter().map(|&c| c as f32 / n as f32).collect();
-        let f = Tensor::<B, 1>::from_data(TensorData::new(f, [n_experts]), &mean_prob.device());
-        let aux_loss = (f * mean_prob).sum() * n_experts as f64;
+        // aux = N_e * sum_i f_i * P_i over the real tokens: f from top-1 counts (constant), P
+        // the mean router probability.
+        let device = logits.device();
+        let (logits, tokens) = match real.filter(|r| r.iter().any(|&keep| !keep)) {
+            Some(real) => {
+                let rows: Vec<i64> = (0..n).filter(|&r| real[r]).map(|r| r as i64).collect();
+                let count = rows.len();
+                let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [count]), &device);
+                (logits.select(0, rows), count)
+            }
+            None => (logits, n),
+        };
+        let aux_loss = if tokens == 0 {
+            Tensor::zeros([1], &device)
+        } else {
+            let mean_prob = activation::softmax(logits, 1)
+                .mean_dim(0)
+                .reshape([n_experts]);
+            let f: Vec<f32> = top1.iter().map(|&c| c as f32 / tokens as f32).collect();
+            let f = Tensor::<B, 1>::from_data(TensorData::new(f, [n_experts]), &device);
+            (f * mean_prob).sum() * n_experts as f64
+        };
         (
             Routes { weights, groups },
             LayerRouting {
                 aux_loss,
                 selections,
-                tokens: n as u64,
+                tokens: tokens as u64,
             },
         )
     }
@@ -229,19 +253,25 @@ impl<B: Backend> MoeLoraFfn<B> {
     }
 
     /// The FFN output for `x` `[batch, seq, hidden]` with task `task`'s router, and what the
-    /// routing did.
+    /// routing did. `real` (row-major `[batch * seq]`, `None`: every token) marks the tokens
+    /// that are not padding: only those reach the experts and count in the routing statistics
+    /// and the aux loss; a padding token gets the frozen FFN's output.
     pub fn forward(
         &self,
         base: &LlamaMlp<B>,
         x: Tensor<B, 3>,
         task: usize,
+        real: Option<&[bool]>,
     ) -> (Tensor<B, 3>, LayerRouting<B>) {
         let [b, s, d] = x.dims();
+        if let Some(real) = real {
+            assert_eq!(real.len(), b * s, "one padding flag per token");
+        }
         let flat = x.reshape([b * s, d]);
         // Routers and experts compute in f32 whatever the frozen base's dtype (bf16 / f16 for
         // a large model); their contributions are cast back to it.
         let flat32 = flat.clone().cast(DType::F32);
-        let (routes, routing) = self.route(self.routers.get(task), flat32.clone());
+        let (routes, routing) = self.route(self.routers.get(task), flat32.clone(), real);
         let gate = self.add_experts(
             base.gate_proj.forward(flat.clone()),
             &flat32,

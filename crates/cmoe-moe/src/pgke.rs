@@ -32,6 +32,8 @@ pub enum PlanSource {
     Random,
     /// Supplied by hand.
     Manual,
+    /// No new experts: every existing expert trains again (the "w/o extension" ablation).
+    Unfrozen,
 }
 
 /// Per-layer top-k selection counts gathered on the eval subset.

@@ -20,6 +20,45 @@ use serde::{Deserialize, Serialize};
 /// Softplus floor keeping standard deviations away from zero.
 const MIN_SIGMA: f64 = 1e-4;
 
+/// Which feature of an input PTL models (paper Sec. 3.3 and Table 5 / appendix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PtlFeature {
+    /// The last decoder layer's hidden state at the last prompt token (the paper's `F_end`).
+    #[default]
+    Last,
+    /// The mean of the last decoder layer's hidden states over the question's tokens (the
+    /// prompt after the image; all of the prompt when it has no image): the pooled ablation.
+    Mean,
+    /// `Last` and `Mean` concatenated (width `2 d`).
+    Both,
+}
+
+impl std::str::FromStr for PtlFeature {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "last" => Ok(Self::Last),
+            "mean" => Ok(Self::Mean),
+            "both" => Ok(Self::Both),
+            other => Err(format!(
+                "PTL feature `{other}`: expected last, mean or both"
+            )),
+        }
+    }
+}
+
+impl PtlFeature {
+    /// The feature's width for a decoder of hidden width `hidden`.
+    pub fn width(self, hidden: usize) -> usize {
+        match self {
+            Self::Last | Self::Mean => hidden,
+            Self::Both => 2 * hidden,
+        }
+    }
+}
+
 /// Sizes and settings of the locator. The paper gives no VAE sizes; these defaults are ours.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PtlConfig {
@@ -45,6 +84,9 @@ pub struct PtlConfig {
     pub feature_memory: usize,
     /// Seed of the fixed draws used for scoring (bank entries and inference).
     pub seed: u64,
+    /// The input feature the VAEs model.
+    #[serde(default)]
+    pub feature: PtlFeature,
 }
 
 impl Default for PtlConfig {
@@ -58,6 +100,7 @@ impl Default for PtlConfig {
             fit_epochs: 0,
             feature_memory: default_feature_memory(),
             seed: 0x5EED,
+            feature: PtlFeature::Last,
         }
     }
 }
@@ -105,10 +148,12 @@ pub struct TaskVae<B: Backend> {
     pub dec_sigma: Linear<B>,
 }
 
-/// The two VAE loss terms, averaged over the batch.
+/// The two VAE loss terms of paper Eq. 6, averaged over the batch: with `lambda = eta` their
+/// weighted sum is a standard VAE's negative ELBO (up to the draws' log-mean-exp).
 #[derive(Debug, Clone)]
 pub struct VaeLoss<B: Backend> {
-    /// `-log p_rec(F) / d` (per feature dimension).
+    /// `-log p_rec(F)`, summed over the feature's dimensions (paper Eq. 5, as a
+    /// log-likelihood).
     pub rec: Tensor<B, 1>,
     /// `KL(N(mu, sigma^2) || N(0, 1))`.
     pub kl: Tensor<B, 1>,
@@ -160,7 +205,6 @@ impl<B: Backend> TaskVae<B> {
 
     /// Reconstruction and KL terms on a batch, with fresh draws.
     pub fn loss(&self, features: Tensor<B, 2>, n_rep: usize) -> VaeLoss<B> {
-        let [_, d] = features.dims();
         let (mu, sigma) = self.encode(features.clone());
         let latent = mu.dims()[1];
         let eps = Tensor::random(
@@ -173,7 +217,7 @@ impl<B: Backend> TaskVae<B> {
             .sum_dim(1)
             * 0.5;
         VaeLoss {
-            rec: log_p.mean().neg() / d as f64,
+            rec: log_p.mean().neg(),
             kl: kl.mean(),
         }
     }

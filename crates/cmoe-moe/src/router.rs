@@ -61,9 +61,21 @@ impl<B: Backend> TaskRouter<B> {
 pub struct RouterBank<B: Backend> {
     /// `routers[t]` routes task `t`.
     pub routers: Vec<TaskRouter<B>>,
+    /// The router trained with the initial experts in their own phase, before the first task
+    /// (paper: "2 hours to train the initial eight experts"); the first task's router extends
+    /// it. `None` when the first task trains the initial experts itself.
+    pub initial: Option<TaskRouter<B>>,
 }
 
 impl<B: Backend> RouterBank<B> {
+    /// A bank whose only router is task 0's.
+    pub fn first(router: TaskRouter<B>) -> Self {
+        Self {
+            routers: vec![router],
+            initial: None,
+        }
+    }
+
     /// Number of tasks with a router.
     pub fn num_tasks(&self) -> usize {
         self.routers.len()
@@ -72,5 +84,14 @@ impl<B: Backend> RouterBank<B> {
     /// The router of `task`.
     pub fn get(&self, task: usize) -> &TaskRouter<B> {
         &self.routers[task]
+    }
+
+    /// The router task `task`'s router starts from: task `task - 1`'s, or for the first task
+    /// the initial phase's (`None` when there was no initial phase).
+    pub fn previous(&self, task: usize) -> Option<&TaskRouter<B>> {
+        match task {
+            0 => self.initial.as_ref(),
+            t => self.routers.get(t - 1),
+        }
     }
 }

@@ -1,13 +1,14 @@
 //! The training stages of one task, generic over `B: AutodiffBackend`: freezing, the optimiser
 //! loop, and PGKE's probe / statistics / expansion steps.
 //!
-//! Task 0 trains the initial experts and router_0. Each later task t:
+//! The initial experts and a router are trained first, in their own phase (or by task 0 when
+//! there is no such phase). Then each task t (from task 0 after an initial phase):
 //! 1. [`add_probes`]: `N_p` probe experts per layer (the mean of the layer's experts) and a
-//!    probe router = router_{t-1} + random columns; only probes and that router train
-//!    ([`train_stage`] on the probe subset).
+//!    probe router = the previous router (router_{t-1}, or the initial phase's) + random
+//!    columns; only probes and that router train ([`train_stage`] on the probe subset).
 //! 2. [`activation_stats`] on a disjoint eval subset; [`crate::pgke::plan_from_stats`].
 //! 3. [`expand`]: probes dropped, each selected layer gets its new experts (copies of the most
-//!    activated expert), router_t = router_{t-1} + random columns; only those train.
+//!    activated expert), router_t = the previous router + random columns; only those train.
 //!
 //! The main stage of every task also fits the task's VAE in the same loss ([`train_stage_with`]),
 //! on the frozen base's features ([`batch_features`]), and [`bank_entry`] then scores the task's
@@ -27,7 +28,7 @@ use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
 use crate::pgke::{ActivationStats, ExpansionPlan};
-use crate::ptl::{BankEntry, FeatureMemory, PtlConfig, StackedVaes, TaskVae};
+use crate::ptl::{BankEntry, FeatureMemory, PtlConfig, PtlFeature, StackedVaes, TaskVae};
 use crate::source::BatchSource;
 
 /// Model inputs and per-position labels (`-100`: no loss).
@@ -37,6 +38,25 @@ pub struct TrainBatch<B: Backend> {
     pub input: LlavaInput<B>,
     /// `[batch, seq]` labels.
     pub labels: Tensor<B, 2, Int>,
+}
+
+impl<B: AutodiffBackend> TrainBatch<B> {
+    /// The same batch without autodiff (for inference-mode passes).
+    pub fn inner(self) -> TrainBatch<B::InnerBackend> {
+        let LlavaInput {
+            input_ids,
+            pixel_values,
+            attention_mask,
+        } = self.input;
+        TrainBatch {
+            input: LlavaInput {
+                input_ids: input_ids.inner(),
+                pixel_values: pixel_values.map(Tensor::inner),
+                attention_mask: attention_mask.map(Tensor::inner),
+            },
+            labels: self.labels.inner(),
+        }
+    }
 }
 
 impl<B: Backend> TrainBatch<B> {
@@ -134,7 +154,21 @@ pub struct StageSnapshot<'a, B: AutodiffBackend> {
     pub state: StageState<B>,
 }
 
-/// Where a stage starts, on which devices it runs and when it checkpoints.
+/// An extra term of a stage's objective beside `CE + lambda KL + eta rec + kappa aux`: a
+/// baseline's regulariser (EWC's penalty, LwF's distillation; see [`crate::baselines`]).
+pub trait Penalty<B: AutodiffBackend>: Sync {
+    /// The weighted term for one micro-batch, from the model being trained, the batch and the
+    /// model's logits on it.
+    fn term(
+        &self,
+        model: &CmoeModel<B>,
+        batch: &TrainBatch<B>,
+        logits: &Tensor<B, 3>,
+    ) -> Result<Tensor<B, 1>, StageError>;
+}
+
+/// Where a stage starts, on which devices it runs, when it checkpoints, and any regulariser
+/// added to its objective.
 pub struct StageControl<'a, B: AutodiffBackend> {
     /// A stage to continue (its model and VAE are the ones passed in); `None`: from step 0.
     pub resume: Option<StageState<B>>,
@@ -146,6 +180,8 @@ pub struct StageControl<'a, B: AutodiffBackend> {
     pub every: usize,
     /// Receives the snapshots.
     pub save: Option<&'a mut SaveSnapshot<'a, B>>,
+    /// A regulariser added to every micro-batch's loss (one device only).
+    pub penalty: Option<&'a dyn Penalty<B>>,
 }
 
 /// A receiver of [`StageSnapshot`]s.
@@ -164,7 +200,13 @@ impl<'a, B: AutodiffBackend> StageControl<'a, B> {
             devices,
             every: 0,
             save: None,
+            penalty: None,
         }
+    }
+
+    /// These controls with `penalty` added to the objective.
+    pub fn with_penalty(self, penalty: Option<&'a dyn Penalty<B>>) -> Self {
+        Self { penalty, ..self }
     }
 }
 
@@ -198,6 +240,15 @@ pub enum StageError {
     Config(String),
 }
 
+/// The AdamW every stage uses: PyTorch's defaults (betas 0.9 / 0.999, epsilon 1e-8, which the
+/// paper's trainer used) and `weight_decay`. Burn's default epsilon, 1e-5, would swamp the
+/// VAE's gradients, which the loss scales by `eta = 1e-3`.
+pub fn adamw(weight_decay: f32) -> AdamWConfig {
+    AdamWConfig::new()
+        .with_epsilon(1e-8)
+        .with_weight_decay(weight_decay)
+}
+
 /// Learning rate at `step` of `total`: linear warmup to `peak`, then cosine to zero.
 pub fn learning_rate(step: usize, total: usize, peak: f64, warmup_ratio: f64) -> f64 {
     let warmup = ((total as f64 * warmup_ratio).ceil() as usize).max(1);
@@ -208,8 +259,8 @@ pub fn learning_rate(step: usize, total: usize, peak: f64, warmup_ratio: f64) ->
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
-/// Freezes every expert and router, then makes trainable task `task`'s router and, per layer,
-/// the experts in `trainable[layer]`.
+/// Freezes every expert and router (the initial phase's included), then makes trainable task
+/// `task`'s router and, per layer, the experts in `trainable[layer]`.
 pub fn set_trainable<B: AutodiffBackend>(
     mut model: CmoeModel<B>,
     task: usize,
@@ -228,6 +279,7 @@ pub fn set_trainable<B: AutodiffBackend>(
             .enumerate()
             .map(|(t, r)| require_grad(r, t == task))
             .collect();
+        layer.routers.initial = layer.routers.initial.take().map(|r| require_grad(r, false));
     }
     model
 }
@@ -301,9 +353,9 @@ pub fn train_stage_with<B: AutodiffBackend>(
     if source.is_empty() {
         return Err(StageError::NoData);
     }
-    let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay);
-    let mut optim = adamw.init();
-    let mut vae_optim = adamw.init();
+    let optimizer = adamw(config.weight_decay);
+    let mut optim = optimizer.init();
+    let mut vae_optim = optimizer.init();
     let micro = config.accumulation.max(1);
     let mut start = 0;
     let mut batches_read = 0;
@@ -325,6 +377,11 @@ pub fn train_stage_with<B: AutodiffBackend>(
         )));
     }
     let mut replicas = Replicas::new(&model, vae.as_ref().map(|fit| &fit.vae), control.devices);
+    if control.penalty.is_some() && control.devices.len() > 1 {
+        return Err(StageError::Config(
+            "a regularised baseline (EWC, LwF) trains on one device".into(),
+        ));
+    }
     if replicas.count() > micro {
         return Err(StageError::Config(format!(
             "{} devices need at least as many micro-batches per step (accumulation is {micro})",
@@ -369,19 +426,22 @@ pub fn train_stage_with<B: AutodiffBackend>(
             }
             shards[d].push(item);
         }
-        let n_rep = vae.as_ref().map(|fit| fit.config.n_rep);
+        let vae_settings = vae
+            .as_ref()
+            .map(|fit| (fit.config.n_rep, fit.config.feature));
         let shard_context = ShardContext {
             task,
             config,
             micro,
             step,
             lr,
+            penalty: control.penalty,
         };
         let outputs = replicas.run(
             &model,
             vae.as_ref().map(|fit| &fit.vae),
             shards,
-            |model, vae, shard| shard_context.run(model, vae.zip(n_rep), shard),
+            |model, vae, shard| shard_context.run(model, vae.zip(vae_settings), shard),
         );
         let mut values = vec![LossValues::default(); micro];
         let mut computed: Vec<Option<Tensor<B, 2>>> = vec![None; micro];
@@ -493,22 +553,23 @@ struct ShardOutput<B: AutodiffBackend> {
 }
 
 /// What every device's share of a step needs to know.
-struct ShardContext<'a> {
+struct ShardContext<'a, B: AutodiffBackend> {
     task: usize,
     config: &'a StageConfig,
     micro: usize,
     step: usize,
     lr: f64,
+    penalty: Option<&'a dyn Penalty<B>>,
 }
 
-impl ShardContext<'_> {
+impl<B: AutodiffBackend> ShardContext<'_, B> {
     /// Forward and backward passes of `shard`'s micro-batches, one at a time, each on its share
-    /// `1 / micro` of the step's loss: `CE + kappa aux`, plus `lambda KL + eta rec` when `vae`
-    /// (with its draws per feature) is given.
-    fn run<B: AutodiffBackend>(
+    /// `1 / micro` of the step's loss: `CE + kappa aux` (+ the penalty), plus
+    /// `lambda KL + eta rec` when `vae` (with its draws per feature and its feature) is given.
+    fn run(
         &self,
         model: &CmoeModel<B>,
-        vae: Option<(&TaskVae<B>, usize)>,
+        vae: Option<(&TaskVae<B>, (usize, PtlFeature))>,
         shard: Vec<MicroBatch<B>>,
     ) -> Result<ShardOutput<B>, StageError> {
         let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
@@ -523,11 +584,11 @@ impl ShardContext<'_> {
                 features,
             } = item;
             let (kl, rec) = match vae {
-                Some((vae, n_rep)) => {
+                Some((vae, (n_rep, feature))) => {
                     let features = match features {
                         Some(features) => features,
                         None => {
-                            let features = batch_features(model, &batch, position)?;
+                            let features = batch_features(model, &batch, position, feature)?;
                             computed.push((index, features.clone()));
                             features
                         }
@@ -537,7 +598,11 @@ impl ShardContext<'_> {
                 }
                 None => (None, None),
             };
-            let out = model.forward(batch.input, self.task)?;
+            let out = model.forward(batch.input.clone(), self.task)?;
+            let penalty = match self.penalty {
+                Some(penalty) => Some(penalty.term(model, &batch, &out.logits)?),
+                None => None,
+            };
             let ce =
                 causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
             let layers = out.routing.len().max(1) as f64;
@@ -549,7 +614,8 @@ impl ShardContext<'_> {
                 .map_or_else(|| ce.zeros_like(), |sum| sum / layers);
             let kl = kl.unwrap_or_else(|| ce.zeros_like());
             let rec = rec.unwrap_or_else(|| ce.zeros_like());
-            let terms = LossTerms::new(ce, kl, rec, aux, self.config.loss);
+            let penalty = penalty.unwrap_or_else(|| ce.zeros_like());
+            let terms = LossTerms::new(ce, kl, rec, aux, penalty, self.config.loss);
             let v = terms.values();
             if !v.total.is_finite() {
                 return Err(StageError::NonFinite {
@@ -622,7 +688,7 @@ pub fn fit_vae<B: AutodiffBackend>(
     lr: f64,
     weights: &LossWeights,
 ) -> VaeFit<B> {
-    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    let mut optim = adamw(0.0).init();
     let lr = fit.config.lr.unwrap_or(lr);
     let kl_weight = if weights.rec > 0.0 {
         weights.kl / weights.rec
@@ -642,18 +708,19 @@ pub fn fit_vae<B: AutodiffBackend>(
 }
 
 /// PTL's input for one batch (at `position` of its pass, for errors): the frozen base model's
-/// feature at each row's last prompt token (equal, with a causal decoder, to the feature of the
-/// prompt alone), detached.
+/// `feature` of each row's prompt (equal, with a causal decoder, to the feature of the prompt
+/// alone), detached.
 pub fn batch_features<B: Backend>(
     model: &CmoeModel<B>,
     batch: &TrainBatch<B>,
     position: usize,
+    feature: PtlFeature,
 ) -> Result<Tensor<B, 2>, StageError> {
     let positions = batch
         .last_prompt_positions()
         .ok_or(StageError::NoLabels(position))?;
     Ok(model
-        .task_features_at(batch.input.clone(), &positions)?
+        .task_features_at(batch.input.clone(), &positions, feature)?
         .detach())
 }
 
@@ -677,41 +744,48 @@ pub fn bank_entry<B: Backend>(
 }
 
 /// PGKE step 1: `n_probe` probe experts per layer (each the mean of the layer's experts) and
-/// the probe router for `task` = router_{task-1} + `n_probe` random columns. Returns the model
-/// and the expert counts before probing.
+/// the probe router for `task` = the previous router (task `task - 1`'s, or the initial
+/// phase's for the first task) + `n_probe` random columns. Returns the model and the expert
+/// counts before probing.
 pub fn add_probes<B: Backend>(
     mut model: CmoeModel<B>,
     task: usize,
     n_probe: usize,
-) -> (CmoeModel<B>, Vec<usize>) {
+) -> Result<(CmoeModel<B>, Vec<usize>), StageError> {
     let before = model.experts_per_layer();
     for layer in &mut model.moe {
-        assert_eq!(
-            layer.routers.num_tasks(),
-            task,
-            "probing task {task} needs routers 0..{task}"
-        );
+        if layer.routers.num_tasks() != task {
+            return Err(StageError::Config(format!(
+                "probing task {task} needs routers 0..{task}, the model has {}",
+                layer.routers.num_tasks()
+            )));
+        }
+        let previous = layer.routers.previous(task).ok_or_else(|| {
+            StageError::Config(format!("task {task} has no previous router to probe from"))
+        })?;
+        let probe_router = previous.extended(n_probe);
         let mean = FfnExpert::mean(&layer.experts.iter().collect::<Vec<_>>());
         for _ in 0..n_probe {
             layer.experts.push(mean.duplicate());
         }
-        let probe_router = layer.routers.get(task - 1).extended(n_probe);
         layer.routers.routers.push(probe_router);
     }
-    (model, before)
+    Ok((model, before))
 }
 
-/// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router.
-/// Reads one pass of `source` (labels unused).
-pub fn activation_stats<B: Backend>(
+/// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router,
+/// over one pass of `source` (labels unused). Runs in inference mode (no dropout, no autodiff
+/// graph); padding tokens are not counted.
+pub fn activation_stats<B: AutodiffBackend>(
     model: &CmoeModel<B>,
     task: usize,
     source: &mut dyn BatchSource<B>,
 ) -> Result<ActivationStats, StageError> {
+    let model = model.valid();
     let mut stats = ActivationStats::default();
     for _ in 0..source.len() {
         let (_, batch) = source.next_batch()?;
-        let out = model.forward(batch.input, task)?;
+        let out = model.forward(batch.inner().input, task)?;
         for (layer, routing) in out.routing.iter().enumerate() {
             stats.record(layer, &routing.selections, routing.tokens);
         }
@@ -720,14 +794,14 @@ pub fn activation_stats<B: Backend>(
 }
 
 /// PGKE step 3: drops the probes and the probe router (layers had `before[layer]` experts),
-/// adds each planned layer's experts as copies of `init_from`, and creates router_task =
-/// router_{task-1} + one random column per new expert.
+/// adds each planned layer's experts as copies of `init_from`, and creates router_task = the
+/// previous router + one random column per new expert.
 pub fn expand<B: Backend>(
     mut model: CmoeModel<B>,
     task: usize,
     before: &[usize],
     plan: &ExpansionPlan,
-) -> CmoeModel<B> {
+) -> Result<CmoeModel<B>, StageError> {
     for (index, layer) in model.moe.iter_mut().enumerate() {
         let grow = plan.layers.iter().find(|l| l.layer == index);
         let new: Vec<FfnExpert<B>> = grow
@@ -741,11 +815,17 @@ pub fn expand<B: Backend>(
         if layer.routers.num_tasks() > task {
             layer.routers.routers.truncate(task); // the probe router
         }
-        let router = layer.routers.get(task - 1).extended(new.len());
+        let router = layer
+            .routers
+            .previous(task)
+            .ok_or_else(|| {
+                StageError::Config(format!("task {task} has no previous router to extend"))
+            })?
+            .extended(new.len());
         layer.experts.extend(new);
         layer.routers.routers.push(router);
     }
-    model
+    Ok(model)
 }
 
 /// The experts a task trains: from `first[layer]` (the count before the task) to the end.

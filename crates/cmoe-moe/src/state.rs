@@ -56,6 +56,9 @@ pub struct LayerShape {
     pub experts: usize,
     /// Per task, the experts its router scores.
     pub router_experts: Vec<usize>,
+    /// The experts the initial phase's router scores, when there was one.
+    #[serde(default)]
+    pub initial_router_experts: Option<usize>,
 }
 
 /// The tensors of the continual state.
@@ -125,6 +128,7 @@ fn layer_shape<B: Backend>(
             .iter()
             .map(TaskRouter::num_experts)
             .collect(),
+        initial_router_experts: layer.routers.initial.as_ref().map(TaskRouter::num_experts),
     }
 }
 
@@ -151,6 +155,9 @@ fn skeleton_layer<B: Backend>(
             .iter()
             .map(|&n| TaskRouter::new(shape.hidden, n, device))
             .collect(),
+        initial: shape
+            .initial_router_experts
+            .map(|n| TaskRouter::new(shape.hidden, n, device)),
     };
     layer
 }

@@ -96,7 +96,8 @@ fn recipe() -> TaskRecipe {
         // A threshold far below every frequency: each layer's probes all count, so the test
         // always grows every layer.
         alpha: 100.0,
-        placement: Placement::Probe(ExpansionMode::ProbeCount),
+        placement: Placement::Probe,
+        per_layer: ExpansionMode::ProbeCount,
         probe_stage: StageConfig { lr: 3e-2, ..stage },
         stage,
     }

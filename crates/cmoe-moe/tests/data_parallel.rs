@@ -16,7 +16,7 @@ use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::pgke::ExpansionMode;
-use cmoe_moe::ptl::PtlConfig;
+use cmoe_moe::ptl::{PtlConfig, PtlFeature};
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{
     StageConfig, StageControl, StageError, TrainBatch, VaeFit, batch_features, train_stage_with,
@@ -142,7 +142,9 @@ fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>(two: [AD::Devic
     let device = two[0].clone();
     let start = tiny_model::<AD>(&device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
-    let width = batch_features(&start, &batches[0], 0).unwrap().dims()[1];
+    let width = batch_features(&start, &batches[0], 0, PtlFeature::Last)
+        .unwrap()
+        .dims()[1];
     let run = |devices: &[AD::Device]| {
         let fit = VaeFit::new(PtlConfig::default(), width, &device);
         let (_, fit) = train_stage_with(
@@ -196,7 +198,8 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>(two: [AD::Devi
         probe_experts: 2,
         // Far below every frequency: every layer grows.
         alpha: 100.0,
-        placement: Placement::Probe(ExpansionMode::ProbeCount),
+        placement: Placement::Probe,
+        per_layer: ExpansionMode::ProbeCount,
         probe_stage: StageConfig { lr: 3e-2, ..stage },
         stage,
     };

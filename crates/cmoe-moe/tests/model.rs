@@ -10,6 +10,7 @@ use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{StageConfig, TrainBatch, train_stage};
 
@@ -94,12 +95,20 @@ fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
         input_ids: full.input_ids.clone().slice([0..1, 0..cut]),
         ..full.clone()
     };
-    let alone = model.task_features(prompt).unwrap();
-    let inside = model.task_features_at(full.clone(), &[cut - 1]).unwrap();
-    let diff: f32 = (alone - inside).abs().max().into_scalar().elem();
-    assert!(diff < 1e-5, "max difference {diff}");
+    // Every PTL feature: the last prompt token's state, the question's mean, both.
+    for feature in [PtlFeature::Last, PtlFeature::Mean, PtlFeature::Both] {
+        let alone = model.task_features(prompt.clone(), feature).unwrap();
+        let inside = model
+            .task_features_at(full.clone(), &[cut - 1], feature)
+            .unwrap();
+        assert_eq!(alone.dims()[1], feature.width(64), "{feature:?}");
+        let diff: f32 = (alone - inside).abs().max().into_scalar().elem();
+        assert!(diff < 1e-5, "{feature:?}: max difference {diff}");
+    }
     assert!(
-        model.task_features_at(full, &[n]).is_err(),
+        model
+            .task_features_at(full, &[n], PtlFeature::Last)
+            .is_err(),
         "a position past the end"
     );
 }

@@ -57,7 +57,7 @@ fn sparse_dispatch_equals_the_dense_definition() {
     for (n_experts, k) in [(8, 2), (5, 1), (4, 4), (16, 3)] {
         let layer = layer(n_experts, k, &device);
         let x = Tensor::<B, 3>::random([3, 7, 32], Distribution::Normal(0.0, 1.0), &device);
-        let (sparse, routing) = layer.forward(&base, x.clone(), 0);
+        let (sparse, routing) = layer.forward(&base, x.clone(), 0, None);
         let dense = layer.forward_dense(&base, x, 0);
         sparse
             .into_data()
@@ -73,7 +73,7 @@ fn one_expert_with_top_k_all_is_plain_lora() {
     let base = base_mlp(&device);
     let layer = layer(1, 1, &device);
     let x = Tensor::<B, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
-    let (out, _) = layer.forward(&base, x.clone(), 0);
+    let (out, _) = layer.forward(&base, x.clone(), 0, None);
 
     let e: &FfnExpert<B> = &layer.experts[0];
     let flat = x.reshape([10, 32]);
@@ -95,7 +95,7 @@ fn growing_a_layer_never_changes_an_older_task() {
     let base = base_mlp(&device);
     let mut layer = layer(4, 2, &device);
     let x = Tensor::<B, 3>::random([2, 6, 32], Distribution::Normal(0.0, 1.0), &device);
-    let (before, _) = layer.forward(&base, x.clone(), 0);
+    let (before, _) = layer.forward(&base, x.clone(), 0, None);
     let old_router: TensorData = layer.routers.get(0).weight.val().into_data();
 
     // Task 1: two more experts (copies, then changed), router_1 = router_0 + two random columns.
@@ -124,10 +124,10 @@ fn growing_a_layer_never_changes_an_older_task() {
         old_router
     );
     // Task 0's router never reaches the new experts: its output is bit-identical.
-    let (after, routing) = layer.forward(&base, x.clone(), 0);
+    let (after, routing) = layer.forward(&base, x.clone(), 0, None);
     assert_eq!(after.into_data(), before.into_data());
     assert_eq!(routing.selections.len(), 4);
     // Task 1's router does use them.
-    let (_, routing) = layer.forward(&base, x, 1);
+    let (_, routing) = layer.forward(&base, x, 1, None);
     assert_eq!(routing.selections.len(), 6);
 }

@@ -12,6 +12,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{StageConfig, TrainBatch, set_trainable, train_stage};
 
@@ -99,7 +100,9 @@ fn bf16_base_with_f32_experts_trains_like_f32() {
     };
     let gap = relative_gap(&logits(&full), &logits(&half));
     assert!(gap < 0.05, "bf16 base's logits are {gap} away from f32's");
-    let features = half.task_features(batch.input.clone()).unwrap();
+    let features = half
+        .task_features(batch.input.clone(), PtlFeature::Last)
+        .unwrap();
     assert_eq!(features.dtype(), DType::F32);
 
     let stage = StageConfig {

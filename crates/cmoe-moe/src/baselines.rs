@@ -1,0 +1,297 @@
+//! The regularisation baselines the paper compares against (Table 1, after CoIN): EWC and LwF,
+//! each a [`Penalty`] added to the objective of a shared-router MoELoRA stage.
+//!
+//! - [`Ewc`]: online EWC (Schwarz et al. 2018, "Progress & Compress", the paper's citation):
+//!   after each task the diagonal Fisher of the task's answer log-likelihood is added to a
+//!   running sum `F` (decayed by `gamma`), the parameters are kept as the anchor `theta*`, and
+//!   the next tasks train on `CE + kappa aux + lambda / 2 * sum F (theta - theta*)^2`.
+//! - [`Lwf`]: Learning without Forgetting (Li & Hoiem 2017): the model as it was before the task
+//!   (frozen) answers the new task's inputs, and the model in training is pulled towards those
+//!   outputs by `alpha * T^2 * KL(p_old^T || p_new^T)` over the answer positions, with
+//!   temperature `T`.
+//!
+//! Both cover the MoE layers' parameters (experts and routers; the base is frozen).
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Tensor, activation};
+use cmoe_llava::LlavaError;
+use cmoe_llava::store::{load_module, save_module};
+
+use crate::loss::{IGNORE_INDEX, causal_lm_loss};
+use crate::model::CmoeModel;
+use crate::moe_ffn::MoeLoraFfn;
+use crate::source::BatchSource;
+use crate::stages::{Penalty, StageError, TrainBatch};
+
+/// The float parameters of the MoE layers, flattened, in the modules' order.
+fn flat_params<B: Backend>(moe: &[MoeLoraFfn<B>]) -> Vec<Tensor<B, 1>> {
+    struct Flat<B: Backend>(Vec<Tensor<B, 1>>);
+    impl<B: Backend> ModuleVisitor<B> for Flat<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            let n = value.shape().num_elements();
+            self.0.push(value.reshape([n]));
+        }
+    }
+    let mut flat = Flat(Vec::new());
+    for layer in moe {
+        layer.visit(&mut flat);
+    }
+    flat.0
+}
+
+/// The squared gradients of the MoE layers' parameters, flattened in [`flat_params`]' order
+/// (zeros for a parameter without gradient).
+fn squared_grads<B: AutodiffBackend>(
+    moe: &[MoeLoraFfn<B>],
+    grads: &B::Gradients,
+) -> Vec<Tensor<B::InnerBackend, 1>> {
+    struct Squares<'a, B: AutodiffBackend> {
+        grads: &'a B::Gradients,
+        out: Vec<Tensor<B::InnerBackend, 1>>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Squares<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            let n = value.shape().num_elements();
+            let square = match value.grad(self.grads) {
+                Some(grad) => grad.powi_scalar(2).reshape([n]),
+                None => Tensor::zeros([n], &value.device()),
+            };
+            self.out.push(square);
+        }
+    }
+    let mut squares = Squares::<B> {
+        grads,
+        out: Vec::new(),
+    };
+    for layer in moe {
+        layer.visit(&mut squares);
+    }
+    squares.out
+}
+
+/// The consolidated Fisher diagonal, one flattened tensor per parameter (a module, so that it
+/// is saved and reloaded like any other state).
+#[derive(Module, Debug)]
+pub struct FisherDiagonal<B: Backend> {
+    /// Per parameter of the MoE layers, in their order.
+    pub values: Vec<Param<Tensor<B, 1>>>,
+}
+
+/// Online EWC's state: the consolidated Fisher and the anchor parameters.
+#[derive(Debug)]
+pub struct Ewc<B: AutodiffBackend> {
+    /// `lambda`: the penalty's weight.
+    pub lambda: f64,
+    /// `gamma`: how much of the earlier tasks' Fisher is kept at each consolidation (1: all).
+    pub gamma: f64,
+    fisher: Option<FisherDiagonal<B::InnerBackend>>,
+    anchor: Vec<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> Ewc<B> {
+    /// EWC before any task: no penalty yet.
+    pub fn new(lambda: f64, gamma: f64) -> Self {
+        Self {
+            lambda,
+            gamma,
+            fisher: None,
+            anchor: Vec::new(),
+        }
+    }
+
+    /// Whether a task has been consolidated (the penalty is active).
+    pub fn is_active(&self) -> bool {
+        self.fisher.is_some()
+    }
+
+    /// After a task: the Fisher of `model` on up to `batches` batches of `source` (the task's
+    /// training data; empirical Fisher from each batch's gradient of the answer cross-entropy,
+    /// times the batch's rows, which estimates the per-sample mean) is added to the decayed
+    /// running sum, and `model`'s parameters become the anchor.
+    pub fn consolidate(
+        &mut self,
+        model: &CmoeModel<B>,
+        source: &mut dyn BatchSource<B>,
+        batches: usize,
+    ) -> Result<(), StageError> {
+        let count = batches.min(source.len()).max(1);
+        let mut sum: Option<Vec<Tensor<B::InnerBackend, 1>>> = None;
+        for _ in 0..count {
+            let (position, batch) = source.next_batch()?;
+            let rows = batch.labels.dims()[0] as f64;
+            let out = model.forward(batch.input, 0)?;
+            let ce =
+                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
+            let grads = ce.backward();
+            let squares = squared_grads::<B>(&model.moe, &grads);
+            sum = Some(match sum {
+                None => squares.into_iter().map(|s| s * rows).collect(),
+                Some(sum) => sum
+                    .into_iter()
+                    .zip(squares)
+                    .map(|(a, s)| a + s * rows)
+                    .collect(),
+            });
+        }
+        let new: Vec<_> = sum
+            .expect("at least one batch")
+            .into_iter()
+            .map(|s| s / count as f64)
+            .collect();
+        let values = match self.fisher.take() {
+            Some(old) if old.values.len() == new.len() => old
+                .values
+                .into_iter()
+                .zip(new)
+                .map(|(o, n)| o.val() * self.gamma + n)
+                .collect(),
+            Some(_) => {
+                return Err(StageError::Config(
+                    "EWC: the model's parameters changed shape between tasks".into(),
+                ));
+            }
+            None => new,
+        };
+        self.fisher = Some(FisherDiagonal {
+            values: values.into_iter().map(Param::from_tensor).collect(),
+        });
+        self.anchor = flat_params(&model.valid().moe);
+        Ok(())
+    }
+
+    /// Saves the consolidated Fisher to `path` (the anchor is the saved model itself).
+    pub fn save(&self, path: &Path) -> Result<(), LlavaError> {
+        match &self.fisher {
+            Some(fisher) => save_module(fisher, path),
+            None => Ok(()),
+        }
+    }
+
+    /// Reloads a Fisher saved by [`Self::save`] for `model` (whose parameters, as saved with
+    /// it, are the anchor).
+    pub fn load(&mut self, path: &Path, model: &CmoeModel<B>) -> Result<(), LlavaError> {
+        let anchor = flat_params(&model.valid().moe);
+        let mut fisher = FisherDiagonal {
+            values: anchor
+                .iter()
+                .map(|a| Param::from_tensor(a.zeros_like()))
+                .collect(),
+        };
+        load_module(&mut fisher, path, DType::F32)?;
+        self.fisher = Some(fisher);
+        self.anchor = anchor;
+        Ok(())
+    }
+}
+
+impl<B: AutodiffBackend> Penalty<B> for Ewc<B> {
+    fn term(
+        &self,
+        model: &CmoeModel<B>,
+        _batch: &TrainBatch<B>,
+        logits: &Tensor<B, 3>,
+    ) -> Result<Tensor<B, 1>, StageError> {
+        let device = logits.device();
+        let Some(fisher) = &self.fisher else {
+            return Ok(Tensor::zeros([1], &device));
+        };
+        let params = flat_params(&model.moe);
+        if params.len() != self.anchor.len() {
+            return Err(StageError::Config(
+                "EWC: the model's parameters changed since the last consolidation".into(),
+            ));
+        }
+        let mut total = Tensor::<B, 1>::zeros([1], &device);
+        for ((theta, anchor), f) in params.into_iter().zip(&self.anchor).zip(&fisher.values) {
+            let anchor = Tensor::<B, 1>::from_inner(anchor.clone());
+            let f = Tensor::<B, 1>::from_inner(f.val());
+            total = total + (f * (theta - anchor).powi_scalar(2)).sum();
+        }
+        Ok(total * (self.lambda / 2.0))
+    }
+}
+
+/// LwF's state: the frozen model as it was before the task, and the distillation settings.
+#[derive(Debug)]
+pub struct Lwf<B: AutodiffBackend> {
+    /// `alpha`: the distillation term's weight.
+    pub alpha: f64,
+    /// `T`: the softmax temperature.
+    pub temperature: f64,
+    teacher: CmoeModel<B::InnerBackend>,
+}
+
+impl<B: AutodiffBackend> Lwf<B> {
+    /// Distillation towards `previous` (frozen: its inference copy is kept).
+    pub fn new(previous: &CmoeModel<B>, alpha: f64, temperature: f64) -> Self {
+        Self {
+            alpha,
+            temperature,
+            teacher: previous.valid(),
+        }
+    }
+
+    /// The frozen previous model's logits on `batch` (router 0, no dropout): the distillation
+    /// target.
+    pub fn teacher_logits(
+        &self,
+        batch: &TrainBatch<B>,
+    ) -> Result<Tensor<B::InnerBackend, 3>, StageError> {
+        Ok(self.teacher.forward(batch.clone().inner().input, 0)?.logits)
+    }
+}
+
+impl<B: AutodiffBackend> Penalty<B> for Lwf<B> {
+    fn term(
+        &self,
+        _model: &CmoeModel<B>,
+        batch: &TrainBatch<B>,
+        logits: &Tensor<B, 3>,
+    ) -> Result<Tensor<B, 1>, StageError> {
+        let target = Tensor::<B, 3>::from_inner(self.teacher_logits(batch)?);
+        Ok(distillation(logits.clone(), target, batch, self.temperature) * self.alpha)
+    }
+}
+
+/// `T^2 * KL(softmax(target / T) || softmax(logits / T))`, averaged over the positions that
+/// predict an answer token (logits at `i` predict label `i + 1`, as in the cross-entropy).
+pub fn distillation<B: Backend>(
+    logits: Tensor<B, 3>,
+    target: Tensor<B, 3>,
+    batch: &TrainBatch<B>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let [b, s, v] = logits.dims();
+    let device = logits.device();
+    if s < 2 {
+        return Tensor::zeros([1], &device);
+    }
+    let cut = |x: Tensor<B, 3>| {
+        x.cast(DType::F32)
+            .slice([0..b, 0..s - 1, 0..v])
+            .reshape([b * (s - 1), v])
+            / temperature
+    };
+    let keep = batch
+        .labels
+        .clone()
+        .slice([0..b, 1..s])
+        .reshape([b * (s - 1)])
+        .not_equal_elem(IGNORE_INDEX);
+    let count = keep.clone().int().sum().into_scalar();
+    let count: i64 = burn::tensor::ElementConversion::elem(count);
+    if count == 0 {
+        return Tensor::zeros([1], &device);
+    }
+    let log_p = activation::log_softmax(cut(target).detach(), 1);
+    let log_q = activation::log_softmax(cut(logits), 1);
+    let kl = (log_p.clone().exp() * (log_p - log_q))
+        .sum_dim(1)
+        .reshape([b * (s - 1)]);
+    kl.mask_fill(keep.bool_not(), 0.0).sum() * (temperature * temperature / count as f64)
+}

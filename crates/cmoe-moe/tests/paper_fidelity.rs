@@ -1,0 +1,481 @@
+//! What makes our numbers mean what the paper's mean, on the tiny HF fixture:
+//! - padding takes no part in routing statistics or the aux loss, and PGKE's statistics are
+//!   gathered without dropout;
+//! - the initial experts train in their own phase, and then the first task goes through PGKE
+//!   (its router extends the initial phase's, which stays bit-identical, and reloads);
+//! - PGKE adds the configured number of experts per selected layer, the ablations the same;
+//!   "w/o extension" adds none and retrains every expert;
+//! - EWC's penalty is zero at the consolidated parameters and grows quadratically away from
+//!   them; LwF's target is the frozen previous model's output.
+
+use std::path::Path;
+
+use burn::module::{AutodiffModule, Module, Param};
+use burn::nn::DropoutConfig;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
+use cmoe_llava::{Llava, LlavaInput, load_llava};
+use cmoe_moe::baselines::{Ewc, Lwf, distillation};
+use cmoe_moe::fingerprint::fingerprint;
+use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
+use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::pgke::{ExpansionMode, PlanSource};
+use cmoe_moe::ptl::PtlConfig;
+use cmoe_moe::source::Cycle;
+use cmoe_moe::stages::{Penalty, StageConfig, TrainBatch, activation_stats};
+
+const IMAGE: i64 = 32000;
+const PAD: i64 = 32001;
+
+fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
+    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
+}
+
+/// One row: `[bos, 3 tokens, 16 image tokens, 6 question tokens]`, then a 6-token answer.
+fn row(seed: i64) -> (Vec<i64>, usize) {
+    let mut ids = vec![1i64, 3148, 1001, 29901];
+    ids.extend([IMAGE; 16]);
+    ids.extend((0..12).map(|i| 100 + (seed * 37 + i * 11) % 5000));
+    let prompt = ids.len() - 6;
+    (ids, prompt)
+}
+
+/// Two rows with labels on the answers, each followed by `pad` padding positions (attention
+/// mask 0, no label).
+fn batch<Be: Backend>(seed: i64, pad: usize, device: &Be::Device) -> TrainBatch<Be> {
+    let (mut ids, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n = 0;
+    for s in [seed, seed + 1] {
+        let (r, prompt) = row(s);
+        labels.extend(
+            r.iter()
+                .enumerate()
+                .map(|(i, &t)| if i >= prompt { t } else { -100 }),
+        );
+        mask.extend(std::iter::repeat_n(1i64, r.len()));
+        ids.extend(r.iter().copied());
+        ids.extend(std::iter::repeat_n(PAD, pad));
+        labels.extend(std::iter::repeat_n(-100i64, pad));
+        mask.extend(std::iter::repeat_n(0i64, pad));
+        n = r.len() + pad;
+    }
+    let int = |v: Vec<i64>| Tensor::<Be, 2, Int>::from_data(TensorData::new(v, [2, n]), device);
+    TrainBatch {
+        input: LlavaInput {
+            input_ids: int(ids),
+            pixel_values: Some(Tensor::ones([2, 3, 32, 32], device) * (0.1 + 0.05 * seed as f32)),
+            attention_mask: Some(int(mask)),
+        },
+        labels: int(labels),
+    }
+}
+
+fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
+    TaskData {
+        train: (0..2)
+            .map(|i| batch(first_seed + 2 * i, 0, device))
+            .collect(),
+        probe_train: vec![batch(first_seed + 10, 0, device)],
+        probe_eval: vec![batch(first_seed + 20, 0, device)],
+    }
+}
+
+fn moe(dropout: f64) -> MoeConfig {
+    MoeConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout,
+        top_k: 2,
+        initial_experts: 3,
+        ..MoeConfig::default()
+    }
+}
+
+fn stage(steps: usize) -> StageConfig {
+    StageConfig {
+        lr: 1e-2,
+        warmup_ratio: 0.03,
+        steps,
+        accumulation: 1,
+        weight_decay: 0.0,
+        loss: Default::default(),
+        seed: Some(3),
+    }
+}
+
+fn recipe(placement: Placement, per_layer: ExpansionMode) -> TaskRecipe {
+    TaskRecipe {
+        probe_experts: 2,
+        // A threshold far below every frequency: every layer's probes count.
+        alpha: 100.0,
+        placement,
+        per_layer,
+        probe_stage: stage(2),
+        stage: stage(2),
+    }
+}
+
+fn ptl() -> PtlConfig {
+    PtlConfig {
+        hidden: 16,
+        latent: 4,
+        n_rep: 4,
+        bank_instances: 3,
+        lr: Some(1e-2),
+        seed: 7,
+        ..PtlConfig::default()
+    }
+}
+
+/// Gives every expert a random, non-zero LoRA B (fresh experts contribute nothing, so dropout
+/// on their inputs would change nothing either).
+fn with_active_experts<Be: Backend>(
+    mut model: CmoeModel<Be>,
+    device: &Be::Device,
+) -> CmoeModel<Be> {
+    for layer in &mut model.moe {
+        for expert in &mut layer.experts {
+            for lora in [&mut expert.gate, &mut expert.up, &mut expert.down]
+                .into_iter()
+                .flatten()
+            {
+                let dims = lora.lora_b.dims();
+                lora.lora_b = Param::from_tensor(Tensor::random(
+                    dims,
+                    Distribution::Normal(0.0, 0.5),
+                    device,
+                ));
+            }
+        }
+    }
+    model
+}
+
+fn scalar<Be: Backend>(t: Tensor<Be, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+fn padding_takes_no_part_in_routing<Be: AutodiffBackend>() {
+    let device = Default::default();
+    let model = with_active_experts(
+        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        &device,
+    );
+    let plain = batch::<Be>(0, 0, &device);
+    let padded = batch::<Be>(0, 5, &device);
+    let a = model.forward(plain.input.clone(), 0).unwrap();
+    let b = model.forward(padded.input.clone(), 0).unwrap();
+    for (layer, (ra, rb)) in a.routing.iter().zip(&b.routing).enumerate() {
+        assert_eq!(ra.tokens, rb.tokens, "layer {layer}: padding was counted");
+        assert_eq!(ra.selections, rb.selections, "layer {layer}");
+        let (x, y) = (scalar(ra.aux_loss.clone()), scalar(rb.aux_loss.clone()));
+        assert!((x - y).abs() < 1e-5, "layer {layer}: aux {x} vs {y}");
+    }
+    assert_eq!(a.routing[0].tokens, 2 * 32);
+    // PGKE's statistics over a source: the same with and without padding.
+    let stats = |b: TrainBatch<Be>| {
+        let batches = [b];
+        activation_stats(&model, 0, &mut Cycle::new(&batches)).unwrap()
+    };
+    assert_eq!(stats(plain), stats(padded));
+}
+
+fn probe_statistics_are_gathered_without_dropout<Be: AutodiffBackend>() {
+    let device = Default::default();
+    Be::seed(&device, 1);
+    let model = with_active_experts(
+        CmoeModel::new(tiny::<Be>(&device), &moe(0.5), &device),
+        &device,
+    );
+    let batches = [batch::<Be>(3, 2, &device), batch::<Be>(5, 0, &device)];
+    let stats = |m: &CmoeModel<Be>, seed: u64| {
+        Be::seed(&device, seed);
+        activation_stats(m, 0, &mut Cycle::new(&batches)).unwrap()
+    };
+    let first = stats(&model, 11);
+    assert_eq!(
+        first,
+        stats(&model, 12),
+        "the statistics depend on the draws"
+    );
+    let mut no_dropout = model.clone();
+    for layer in &mut no_dropout.moe {
+        layer.dropout = DropoutConfig::new(0.0).init();
+    }
+    assert_eq!(first, stats(&no_dropout, 13));
+}
+
+fn the_first_task_goes_through_pgke_after_an_initial_phase<Be: AutodiffBackend>() {
+    let device = Default::default();
+    Be::seed(&device, 2);
+    let learner = ContinualLearner::<Be>::new(tiny(&device), moe(0.0), ptl(), &device);
+    let learner = learner
+        .learn_initial(&task_data(500, &device), &stage(2), |_| {})
+        .unwrap();
+    assert!(learner.model.has_initial_router());
+    assert_eq!(learner.model.num_tasks(), 0);
+    assert_eq!(learner.tasks_learned(), 0);
+    let initial: Vec<u64> = learner
+        .model
+        .moe
+        .iter()
+        .map(|l| fingerprint(l.routers.initial.as_ref().unwrap()))
+        .chain(learner.model.moe.iter().map(|l| fingerprint(&l.experts)))
+        .collect();
+    let initial_params = learner.initial_params();
+    assert!(initial_params > 0);
+
+    // Task 0: probes, statistics, one expert in each selected layer (every layer here).
+    let per_layer = ExpansionMode::Fixed(1);
+    let learner = learner
+        .learn_task(
+            &task_data(0, &device),
+            &recipe(Placement::Probe, per_layer),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(learner.meta.plans.len(), 1);
+    assert_eq!(learner.meta.plans[0].task, 0);
+    assert_eq!(learner.meta.plans[0].source, PlanSource::Probe);
+    assert_eq!(learner.model.experts_per_layer(), vec![4, 4]);
+    assert_eq!(learner.meta.first_expert, vec![vec![3, 3]]);
+    // Task 0's router: the initial router's columns, then one for its new expert.
+    for layer in &learner.model.moe {
+        let start = layer.routers.initial.as_ref().unwrap().weight.val();
+        let [d, n] = start.dims();
+        let router0 = layer.routers.get(0).weight.val();
+        assert_eq!(router0.dims(), [d, n + 1]);
+    }
+    // Only the task's expert, router and VAE count as its parameters.
+    let expert = learner.model.moe[0].experts[3].clone();
+    let router = learner.model.moe[0].routers.get(0).clone();
+    let vae = learner.vaes[0].clone();
+    assert_eq!(
+        learner.trainable_params(0, false),
+        2 * (expert.num_params() + router.num_params()) + vae.num_params()
+    );
+
+    // Task 1 grows again; the initial phase's experts and router never change.
+    let learner = learner
+        .learn_task(
+            &task_data(100, &device),
+            &recipe(Placement::Probe, per_layer),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(learner.model.experts_per_layer(), vec![5, 5]);
+    let after: Vec<u64> = learner
+        .model
+        .moe
+        .iter()
+        .map(|l| fingerprint(l.routers.initial.as_ref().unwrap()))
+        .chain(
+            learner
+                .model
+                .moe
+                .iter()
+                .map(|l| fingerprint(&l.experts[..3].to_vec())),
+        )
+        .collect();
+    assert_eq!(
+        after, initial,
+        "the initial phase's experts or router changed"
+    );
+    assert_eq!(learner.initial_params(), initial_params);
+
+    // The state, initial router included, reloads bit for bit.
+    let dir = std::env::temp_dir().join(format!("cmoe-initial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    learner.save(&dir).unwrap();
+    let reloaded = ContinualLearner::<Be>::load(tiny(&device), &dir, &device).unwrap();
+    for (a, b) in learner.model.moe.iter().zip(&reloaded.model.moe) {
+        assert_eq!(fingerprint(a), fingerprint(b));
+    }
+    assert!(reloaded.model.has_initial_router());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn placements_add_the_configured_experts_per_layer<Be: AutodiffBackend>() {
+    let device = Default::default();
+    let grow = |placement, per_layer| {
+        Be::seed(&device, 4);
+        let learner = ContinualLearner::<Be>::new(tiny(&device), moe(0.0), ptl(), &device)
+            .learn_task(
+                &task_data(0, &device),
+                &recipe(placement, per_layer),
+                |_| {},
+            )
+            .unwrap()
+            .learn_task(
+                &task_data(100, &device),
+                &recipe(placement, per_layer),
+                |_| {},
+            )
+            .unwrap();
+        (
+            learner.model.experts_per_layer(),
+            learner.meta.first_expert[1].clone(),
+        )
+    };
+    // PGKE with K = 4 and with N_s (2 probes, both above the threshold).
+    assert_eq!(
+        grow(Placement::Probe, ExpansionMode::Fixed(4)).0,
+        vec![7, 7]
+    );
+    assert_eq!(
+        grow(Placement::Probe, ExpansionMode::ProbeCount).0,
+        vec![5, 5]
+    );
+    // The every-layer ablation adds the same count per layer.
+    assert_eq!(
+        grow(Placement::EveryLayer, ExpansionMode::Fixed(4)).0,
+        vec![7, 7]
+    );
+    // w/o extension: no new experts, and every expert is the task's to train.
+    assert_eq!(
+        grow(Placement::Unfrozen, ExpansionMode::Fixed(1)),
+        (vec![3, 3], vec![0, 0])
+    );
+}
+
+fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend>() {
+    let device = Default::default();
+    Be::seed(&device, 5);
+    // Active experts: with LoRA B at zero, only B would have gradients (and a Fisher).
+    let model = with_active_experts(
+        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        &device,
+    );
+    let model = cmoe_moe::stages::set_trainable(model, 0, &[0..3, 0..3]);
+    let batches = [batch::<Be>(0, 0, &device), batch::<Be>(2, 3, &device)];
+    let mut ewc = Ewc::<Be>::new(10.0, 1.0);
+    let probe = batch::<Be>(4, 0, &device);
+    let logits = model.forward(probe.input.clone(), 0).unwrap().logits;
+    assert_eq!(
+        scalar(ewc.term(&model, &probe, &logits).unwrap()),
+        0.0,
+        "no penalty before a consolidation"
+    );
+    ewc.consolidate(&model, &mut Cycle::new(&batches), 2)
+        .unwrap();
+    assert!(ewc.is_active());
+    let at_anchor = scalar(ewc.term(&model, &probe, &logits).unwrap());
+    assert_eq!(at_anchor, 0.0, "the penalty at the consolidated parameters");
+    // Move the routers (whose Fisher is not zero) by `step`.
+    let moved = |step: f64| {
+        let mut m = model.clone();
+        for layer in &mut m.moe {
+            let w = layer.routers.routers[0].weight.val();
+            layer.routers.routers[0].weight =
+                Param::from_tensor((w.clone().detach() + step).detach());
+        }
+        scalar(ewc.term(&m, &probe, &logits).unwrap())
+    };
+    let (one, two) = (moved(0.01), moved(0.02));
+    assert!(one > 0.0, "the penalty does not grow away from the anchor");
+    assert!(
+        (two / one - 4.0).abs() < 1e-3,
+        "not quadratic: {one} then {two}"
+    );
+    // The penalty has gradients for the parameters (it pulls them back).
+    let mut m = model.clone();
+    for layer in &mut m.moe {
+        let w = layer.routers.routers[0].weight.val();
+        layer.routers.routers[0].weight =
+            Param::from_tensor((w.detach() + 0.01).detach()).set_require_grad(true);
+    }
+    let grads = ewc.term(&m, &probe, &logits).unwrap().backward();
+    assert!(
+        m.moe[0].routers.routers[0]
+            .weight
+            .val()
+            .grad(&grads)
+            .is_some()
+    );
+}
+
+fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
+    let device = Default::default();
+    Be::seed(&device, 6);
+    let previous = with_active_experts(
+        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        &device,
+    );
+    let lwf = Lwf::new(&previous, 1.0, 2.0);
+    let probe = batch::<Be>(8, 2, &device);
+    let expected = previous
+        .valid()
+        .forward(probe.clone().inner().input, 0)
+        .unwrap()
+        .logits;
+    // The model moves on; the target does not.
+    let current = with_active_experts(previous.clone(), &device);
+    let target = lwf.teacher_logits(&probe).unwrap();
+    assert_eq!(target.clone().into_data(), expected.into_data());
+    let own = current.forward(probe.input.clone(), 0).unwrap().logits;
+    assert!(scalar(lwf.term(&current, &probe, &own).unwrap()) > 0.0);
+    let same = previous.forward(probe.input.clone(), 0).unwrap().logits;
+    let kl = scalar(lwf.term(&previous, &probe, &same).unwrap());
+    assert!(
+        kl.abs() < 1e-6,
+        "the distillation of the teacher itself: {kl}"
+    );
+    // Only answer positions count: a target that differs elsewhere changes nothing.
+    let [b, s, v] = same.dims();
+    let mask: Vec<f32> = (0..b * s * v)
+        .map(|i| {
+            let pos = (i / v) % s;
+            // Position p predicts label p + 1; answers start at 26.
+            if pos + 1 >= 26 && pos + 1 < 32 {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let noise = Tensor::<Be, 3>::from_data(TensorData::new(mask, [b, s, v]), &device) * 3.0;
+    let elsewhere = distillation(same.clone() + noise, same.clone(), &probe, 2.0);
+    assert!(scalar(elsewhere).abs() < 1e-6);
+}
+
+macro_rules! on_backend {
+    ($name:ident, $backend:ty) => {
+        mod $name {
+            type AD = burn::backend::Autodiff<$backend>;
+
+            #[test]
+            fn padding_takes_no_part_in_routing() {
+                super::padding_takes_no_part_in_routing::<AD>();
+            }
+
+            #[test]
+            fn probe_statistics_are_gathered_without_dropout() {
+                super::probe_statistics_are_gathered_without_dropout::<AD>();
+            }
+
+            #[test]
+            fn the_first_task_goes_through_pgke_after_an_initial_phase() {
+                super::the_first_task_goes_through_pgke_after_an_initial_phase::<AD>();
+            }
+
+            #[test]
+            fn placements_add_the_configured_experts_per_layer() {
+                super::placements_add_the_configured_experts_per_layer::<AD>();
+            }
+
+            #[test]
+            fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically() {
+                super::ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically::<AD>();
+            }
+
+            #[test]
+            fn lwf_target_is_the_frozen_previous_models_output() {
+                super::lwf_target_is_the_frozen_previous_models_output::<AD>();
+            }
+        }
+    };
+}
+
+on_backend!(flex, burn_flex::Flex);
+on_backend!(ndarray, burn_ndarray::NdArray);
