@@ -231,7 +231,7 @@ impl BackendTask for MoeDispatchTask {
                     &device,
                 );
                 let sparse_s = time::<B>(&device, self.repeats, || {
-                    let _ = layer.forward(&base, x.clone(), 0).0.into_data();
+                    let _ = layer.forward(&base, x.clone(), 0, None).0.into_data();
                 });
                 let dense_s = time::<B>(&device, self.repeats, || {
                     let _ = layer.forward_dense(&base, x.clone(), 0).into_data();

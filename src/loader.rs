@@ -5,7 +5,7 @@
 //! template) are skipped and counted, or stop the run, as [`BadSamples`] says; never a panic.
 
 use std::cell::RefCell;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
@@ -297,7 +297,29 @@ impl<B: Backend> StreamedTask<B> {
         settings: StreamSettings,
         device: &B::Device,
     ) -> anyhow::Result<Self> {
-        let (records, bad) = cmoe_coin::format::read_train_lenient(path)?;
+        Self::open_all(encoder, &[path.to_path_buf()], settings, device)
+    }
+
+    /// [`Self::open`] over the records of several training files together (multitask
+    /// training reads every task's file as one set).
+    pub fn open_all(
+        encoder: Arc<CoinEncoder>,
+        paths: &[PathBuf],
+        settings: StreamSettings,
+        device: &B::Device,
+    ) -> anyhow::Result<Self> {
+        let mut records = Vec::new();
+        let mut bad = Vec::new();
+        for path in paths {
+            let (more, more_bad) = cmoe_coin::format::read_train_lenient(path)?;
+            records.extend(more);
+            bad.extend(more_bad);
+        }
+        let path = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut report = LoadReport::from_bad_records(bad);
         report.check(settings.policy)?;
         let mut usable = Vec::with_capacity(records.len());
@@ -311,11 +333,7 @@ impl<B: Backend> StreamedTask<B> {
             }
         }
         if usable.is_empty() {
-            anyhow::bail!(
-                "{}: no usable training sample ({})",
-                path.display(),
-                report.summary()
-            );
+            anyhow::bail!("{path}: no usable training sample ({})", report.summary());
         }
         report.used = usable.len();
         usable.shuffle(&mut StdRng::seed_from_u64(settings.seed));

@@ -45,7 +45,10 @@ pub fn heatmap(
     for (i, row) in rows.iter().enumerate() {
         let y = 40 + i as u32 * CELL;
         c.text(&short(row), 8, y + CELL / 2 - 4, 1, INK);
-        for (j, v) in values[i].iter().enumerate() {
+        let Some(row_values) = values.get(i) else {
+            continue;
+        };
+        for (j, v) in row_values.iter().enumerate() {
             let x = LABEL + j as u32 * CELL;
             let Some(v) = v else { continue };
             let fill = shade(if max > 0.0 { v / max } else { 0.0 });

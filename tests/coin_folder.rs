@@ -43,6 +43,8 @@ fn damaged_coin_folder(root: &Path) -> String {
         "6",
         "--test-per-task",
         "4",
+        "--init-samples",
+        "8",
     ]);
     let instructions = root.join("Instructions");
     // A missing training image (ScienceQA's first sample).
@@ -78,6 +80,9 @@ fn coin_folder_runs_through_import_train_eval_and_report() {
         .iter()
         .collect();
     let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    // The initial phase's data, a file of the user's (images under the folder's images/).
+    let init = data.join("Initialisation/train.json");
+    let init = init.to_str().unwrap();
     let runs = root.join("runs");
     let r = runs.to_str().unwrap();
 
@@ -85,6 +90,27 @@ fn coin_folder_runs_through_import_train_eval_and_report() {
     let import: Value = serde_json::from_str(&import).unwrap();
     assert_eq!(import["loaded_parameters"], 5_138_432);
     assert_eq!(import["inspection"]["parameters"]["total"], 5_138_432);
+
+    // A CoIN folder has no initialisation data of its own: the initial phase asks for it.
+    let no_init = cmoe(&[
+        "train",
+        "--preset",
+        "smoke",
+        "--model",
+        m,
+        "--data-root",
+        d,
+        "--runs",
+        r,
+        "--name",
+        "no-init",
+    ]);
+    assert!(!no_init.status.success());
+    let message = String::from_utf8_lossy(&no_init.stderr);
+    assert!(
+        message.contains("init_data") && message.contains("--init first-task"),
+        "{message}"
+    );
 
     // A bad sample stops a run that asks for errors, naming the sample and the problem.
     let strict = cmoe(&[
@@ -99,6 +125,8 @@ fn coin_folder_runs_through_import_train_eval_and_report() {
         r,
         "--name",
         "strict",
+        "--init-data",
+        init,
         "--bad-samples",
         "error",
     ]);
@@ -121,6 +149,8 @@ fn coin_folder_runs_through_import_train_eval_and_report() {
         r,
         "--name",
         "coin",
+        "--init-data",
+        init,
     ]);
     let run = runs.join("coin");
     let report = json(&run.join("report.json"));

@@ -11,6 +11,7 @@ use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
 use llava_cmoe::data::prompt::{Conversation, IGNORE_INDEX};
 use llava_cmoe::dataset::{CoinEncoder, collate_prompts, collate_train};
 use llava_cmoe::moe::model::{CmoeModel, MoeConfig};
+use llava_cmoe::moe::ptl::PtlFeature;
 use llava_cmoe::moe::stages::batch_features;
 use llava_cmoe::pipeline::LlavaPipeline;
 
@@ -105,19 +106,22 @@ fn coin_records_become_batches_and_ptl_features_match_inference() {
         },
         &device,
     );
-    let inside = batch_features(&model, &batch, 0).unwrap();
     let prompts: Vec<_> = train
         .iter()
         .map(|r| encoder.encode_prompt(&as_question(r)).unwrap())
         .collect();
-    let alone = model
-        .task_features(collate_prompts::<B>(&prompts, 0, &device))
-        .unwrap();
-    let diff: f32 = (inside - alone).abs().max().into_scalar().elem();
-    assert!(
-        diff < 1e-4,
-        "training-time vs inference-time PTL feature: {diff}"
-    );
+    // Right-padded training rows and left-padded prompts give the same feature, pooled too.
+    for feature in [PtlFeature::Last, PtlFeature::Mean, PtlFeature::Both] {
+        let inside = batch_features(&model, &batch, 0, feature).unwrap();
+        let alone = model
+            .task_features(collate_prompts::<B>(&prompts, 0, &device), feature)
+            .unwrap();
+        let diff: f32 = (inside - alone).abs().max().into_scalar().elem();
+        assert!(
+            diff < 1e-4,
+            "training-time vs inference-time PTL feature {feature:?}: {diff}"
+        );
+    }
 
     // Test questions encode too.
     let test = read_test(&data.join("Instructions/GQA/test.json")).unwrap();

@@ -48,7 +48,7 @@ fn sparse_equals_dense<B: Backend>(device: &B::Device) {
     for (n_experts, k) in [(8, 2), (4, 4), (1, 1)] {
         let layer = layer::<B>(n_experts, k, device);
         let x = Tensor::<B, 3>::random([2, 9, 32], Distribution::Normal(0.0, 1.0), device);
-        let (sparse, routing) = layer.forward(&base, x.clone(), 0);
+        let (sparse, routing) = layer.forward(&base, x.clone(), 0, None);
         let dense = layer.forward_dense(&base, x, 0);
         sparse
             .into_data()

@@ -7,6 +7,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod compare;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "LLaVA-CMoE project tasks")]
 struct Cli {
@@ -62,7 +64,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Runs several methods / ablations with one preset and writes one comparison table.
+    /// Runs several methods / ablations with one preset and writes one comparison table
+    /// (Markdown + JSON under --out). A run whose report exists there is reused, a killed one
+    /// resumed.
     Compare {
         /// Burn backend.
         #[arg(long, default_value = "flex")]
@@ -71,13 +75,21 @@ enum Task {
         #[arg(long, default_value = "default")]
         preset: String,
         /// Runs, each `method[:flag=value...]`, e.g. `cmoe`, `lora`, `cmoe:router=last`,
-        /// `cmoe:plan=every-layer`.
+        /// `cmoe:plan=every-layer`, `cmoe:experts-per-layer=4`.
         #[arg(
             long,
             value_delimiter = ',',
             default_value = "cmoe,lora,moelora,cmoe:plan=every-layer,cmoe:router=last"
         )]
         runs: Vec<String>,
+        /// The paper's Table 1 instead: multitask MoELoRA, LoRA, MoELoRA, EWC, LwF and
+        /// LLaVA-CMoE, Immediate and Last rows, Mean, BWT, trainable parameters per task.
+        #[arg(long, conflicts_with = "ablations")]
+        paper: bool,
+        /// The paper's ablation tables instead (Tables 2 to 5: w/o extension, placement,
+        /// task order, experts per layer, router choice, PTL feature).
+        #[arg(long)]
+        ablations: bool,
         /// Where the runs and the table go.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
@@ -160,8 +172,38 @@ fn main() -> anyhow::Result<()> {
             backend,
             preset,
             runs,
+            paper,
+            ablations,
             out,
-        } => compare(&backend, &preset, &runs, &out),
+        } => {
+            let cmoe = build_cmoe(&backend)?;
+            let train = |flags: &[String]| {
+                let status = Command::new(&cmoe)
+                    .arg("train")
+                    .args(["--backend", &backend])
+                    .args(flags)
+                    .status()
+                    .with_context(|| format!("cannot run {}", cmoe.display()))?;
+                if !status.success() {
+                    bail!("cmoe train {} failed", flags.join(" "));
+                }
+                Ok(())
+            };
+            let runner = compare::Runner {
+                train: &train,
+                preset: &preset,
+                backend: &backend,
+                out: &out,
+            };
+            if paper {
+                runner.paper()
+            } else if ablations {
+                runner.ablations()
+            } else {
+                let specs: Vec<_> = runs.into_iter().map(compare::RunSpec).collect();
+                runner.runs(&specs)
+            }
+        }
     }
 }
 
@@ -178,67 +220,6 @@ fn run_cmoe(backend: &str, command: &str, args: &[String]) -> anyhow::Result<()>
     if !status.success() {
         bail!("cmoe {command} failed");
     }
-    Ok(())
-}
-
-/// One comparison run: `method[:flag=value...]` to a run name and `cmoe train` flags.
-fn compare_run(spec: &str, preset: &str) -> (String, Vec<String>) {
-    let mut parts = spec.split(':');
-    let method = parts.next().unwrap_or("cmoe");
-    let mut name = format!("compare-{preset}-{method}");
-    let mut flags = vec![
-        "--preset".to_string(),
-        preset.to_string(),
-        "--method".to_string(),
-        method.to_string(),
-    ];
-    for part in parts {
-        let (flag, value) = part.split_once('=').unwrap_or((part, ""));
-        name.push_str(&format!("-{flag}-{value}"));
-        flags.push(format!("--{flag}"));
-        flags.push(value.to_string());
-    }
-    flags.push("--name".into());
-    flags.push(name.clone());
-    (name, flags)
-}
-
-fn compare(backend: &str, preset: &str, runs: &[String], out: &Path) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    for spec in runs {
-        let (name, mut flags) = compare_run(spec, preset);
-        flags.extend(["--runs".to_string(), out.display().to_string()]);
-        eprintln!("== {spec} ==");
-        run_cmoe(backend, "train", &flags)?;
-        let path = out.join(&name).join("report.json");
-        let report: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?,
-        )?;
-        rows.push((spec.clone(), report));
-    }
-    let mut md = format!(
-        "# Mini-CoIN comparison ({preset} preset, {backend})\n\n| run | mean immediate | mean last | BWT | BWT (CoIN) | PTL accuracy | trainable params (sum) | wall s |\n|---|---|---|---|---|---|---|---|\n"
-    );
-    for (spec, r) in &rows {
-        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        let params: u64 = r["trainable_params_per_task"]
-            .as_array()
-            .map_or(0, |a| a.iter().filter_map(|v| v.as_u64()).sum());
-        md.push_str(&format!(
-            "| {spec} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {params} | {:.0} |\n",
-            f("mean_immediate"),
-            f("mean_last"),
-            f("bwt"),
-            f("bwt_coin"),
-            f("ptl_accuracy"),
-            f("wall_seconds")
-        ));
-    }
-    let path = out.join(format!("compare-{preset}.md"));
-    std::fs::create_dir_all(out)?;
-    std::fs::write(&path, &md).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("{md}");
     Ok(())
 }
 

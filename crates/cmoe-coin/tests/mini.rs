@@ -13,7 +13,11 @@ fn build(name: &str, config: &MiniCoinConfig) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     let mut done = Vec::new();
     generate(config, &dir, |t| done.push(t.to_string())).unwrap();
-    assert_eq!(done, TASKS.map(|t| t.0.to_string()));
+    let mut expected: Vec<String> = TASKS.map(|t| t.0.to_string()).to_vec();
+    if config.init_samples > 0 {
+        expected.push(cmoe_coin::mini::INIT_FOLDER.to_string());
+    }
+    assert_eq!(done, expected);
     dir
 }
 
@@ -40,12 +44,20 @@ fn the_same_seed_gives_the_same_files_and_another_seed_does_not() {
     let config = MiniCoinConfig {
         train_per_task: 6,
         test_per_task: 4,
+        init_samples: 3,
         ..MiniCoinConfig::default()
     };
     let a = build("a", &config);
     let b = build("b", &config);
     let fa = files(&a);
-    assert_eq!(fa.len(), 8 * (6 + 4 + 2) + 1);
+    // Per task 6 + 4 images and two JSON files; the manifest; the initialisation set's 3
+    // images and its train.json.
+    assert_eq!(fa.len(), 8 * (6 + 4 + 2) + 1 + 3 + 1);
+    let init = read_train(&a.join("Initialisation/train.json")).unwrap();
+    assert_eq!(init.len(), 3);
+    for r in &init {
+        assert!(a.join("images").join(&r.image).is_file(), "{}", r.image);
+    }
     assert_eq!(fa, files(&b));
     let c = build("c", &MiniCoinConfig { seed: 7, ..config });
     assert_ne!(fa, files(&c));

@@ -10,11 +10,13 @@ use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
-    AskTask, EvalTask, Method, PlanChoice, Preset, RouterChoice, RunConfig, TaskOrder, TrainTask,
-    rebuild_report, report_markdown,
+    AskTask, EvalTask, ExpertsPerLayer, InitChoice, Method, PlanChoice, Preset, RouterChoice,
+    RunConfig, TaskOrder, TrainTask, rebuild_report, report_markdown,
 };
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::loader::BadSamples;
+use llava_cmoe::moe::moe_ffn::FfnTargets;
+use llava_cmoe::moe::ptl::PtlFeature;
 use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline, Precision};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
@@ -144,6 +146,9 @@ enum Command {
         /// Test questions per task.
         #[arg(long, default_value_t = MiniCoinConfig::default().test_per_task)]
         test_per_task: usize,
+        /// Samples of the initialisation set (descriptions, none of the tasks; 0: none).
+        #[arg(long, default_value_t = 0)]
+        init_samples: usize,
     },
     /// Run LLaVA-CMoE (or a baseline) through Mini-CoIN and write the report.
     Train {
@@ -159,6 +164,26 @@ enum Command {
         /// Expansion placement (cmoe) [default: pgke].
         #[arg(long, value_enum)]
         plan: Option<PlanChoice>,
+        /// Experts PGKE adds to each selected layer: a number (the paper: 1; Table 4: 1, 4,
+        /// 8) or `probe-count` (N_s, the probes above the threshold) [default: 1].
+        #[arg(long)]
+        experts_per_layer: Option<ExpertsPerLayer>,
+        /// How the initial experts start: their own `phase` on initialisation data (the
+        /// paper), or trained by the `first-task` [default: phase].
+        #[arg(long, value_enum)]
+        init: Option<InitChoice>,
+        /// The initial phase's training file (LLaVA conversations, images under the image
+        /// root); Mini-CoIN generates one.
+        #[arg(long)]
+        init_data: Option<PathBuf>,
+        /// The projections sequential LoRA adapts (`--method lora`): `up` (the paper's
+        /// baseline, Table 8) or a list such as `gate,up,down` [default: up].
+        #[arg(long, value_delimiter = ',', value_parser = ["gate", "up", "down"])]
+        lora_targets: Vec<String>,
+        /// PTL's feature: the `last` prompt token's state (the paper), the `mean` over the
+        /// question, or `both` [default: last].
+        #[arg(long)]
+        ptl_feature: Option<PtlFeature>,
         /// Task order [default: normal].
         #[arg(long, value_enum)]
         task_order: Option<TaskOrder>,
@@ -425,6 +450,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             method,
             router,
             plan,
+            experts_per_layer,
+            init,
+            init_data,
+            lora_targets,
+            ptl_feature,
             task_order,
             seed,
             model,
@@ -453,6 +483,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.bad_samples = bad_samples.unwrap_or(config.bad_samples);
             config.router = router.unwrap_or(config.router);
             config.plan = plan.unwrap_or(config.plan);
+            config.experts_per_layer = experts_per_layer.unwrap_or(config.experts_per_layer);
+            config.init = init.unwrap_or(config.init);
+            config.init_data = init_data.or(config.init_data);
+            if !lora_targets.is_empty() {
+                let has = |p: &str| lora_targets.iter().any(|t| t == p);
+                config.lora_targets = FfnTargets {
+                    gate: has("gate"),
+                    up: has("up"),
+                    down: has("down"),
+                };
+            }
+            if let Some(feature) = ptl_feature {
+                config.ptl.feature = feature;
+            }
             config.order = task_order.unwrap_or(config.order);
             config.seed = seed.unwrap_or(config.seed);
             config.model = model.unwrap_or(config.model);
@@ -530,12 +574,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             image_size,
             train_per_task,
             test_per_task,
+            init_samples,
         } => {
             let config = MiniCoinConfig {
                 seed,
                 image_size,
                 train_per_task,
                 test_per_task,
+                init_samples,
             };
             mini::generate(&config, &out, |task| eprintln!("{task}: written"))?;
             println!("Mini-CoIN written to {}", out.display());

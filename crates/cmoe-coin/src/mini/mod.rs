@@ -7,6 +7,9 @@
 //! - `Instructions/<Task>/test.json`: CoIN test JSON (grounding adds `answer_bbox` and `size`);
 //! - `images/<Task>/{train,test}/<index>.png`: the images (paths in the JSON are relative to
 //!   `images/`);
+//! - `Initialisation/train.json` and `images/Initialisation/<index>.png` (when `init_samples`
+//!   is not 0): the initial phase's data, descriptions from the small LLaVA's pretraining
+//!   mixture ([`captions`]) drawn from a stream of their own, none of the eight tasks;
 //! - `mini-coin.json`: the config it was generated with and the task list in order.
 //!
 //! Train and test samples come from separate random streams (seeded by seed, task and split),
@@ -50,7 +53,13 @@ pub struct MiniCoinConfig {
     pub train_per_task: usize,
     /// Test questions per task.
     pub test_per_task: usize,
+    /// Samples of the initialisation set (0: none written).
+    #[serde(default)]
+    pub init_samples: usize,
 }
+
+/// The initialisation set's folder (under the output folder and under `images/`).
+pub const INIT_FOLDER: &str = "Initialisation";
 
 impl Default for MiniCoinConfig {
     fn default() -> Self {
@@ -59,6 +68,7 @@ impl Default for MiniCoinConfig {
             image_size: 64,
             train_per_task: 1000,
             test_per_task: 100,
+            init_samples: 0,
         }
     }
 }
@@ -97,20 +107,12 @@ pub fn generate(
             let sample = tasks::sample(task, &mut rng, config.image_size);
             let image = format!("{name}/train/{i:06}.png");
             save_png(&sample.image, &out.join("images").join(&image))?;
-            train.push(TrainRecord {
-                id: format!("{name}-train-{i}"),
+            train.push(conversation(
+                format!("{name}-train-{i}"),
                 image,
-                conversations: vec![
-                    Turn {
-                        from: "human".into(),
-                        value: format!("<image>\n{}", sample.question),
-                    },
-                    Turn {
-                        from: "gpt".into(),
-                        value: sample.answer,
-                    },
-                ],
-            });
+                &sample.question,
+                sample.answer,
+            ));
         }
         let mut test = Vec::with_capacity(config.test_per_task);
         let mut rng = stream(config, index, true);
@@ -136,6 +138,24 @@ pub fn generate(
         write_json(&dir.join("test.json"), &test)?;
         on_task(name);
     }
+    if config.init_samples > 0 {
+        let mut rng = StdRng::seed_from_u64(config.seed ^ 0x1_417_1A15);
+        let init: Vec<TrainRecord> = (0..config.init_samples)
+            .map(|i| {
+                let sample = captions::sample(&mut rng, config.image_size);
+                let image = format!("{INIT_FOLDER}/{i:06}.png");
+                save_png(&sample.image, &out.join("images").join(&image))?;
+                Ok(conversation(
+                    format!("init-{i}"),
+                    image,
+                    &sample.question,
+                    sample.answer,
+                ))
+            })
+            .collect::<Result<_, CoinError>>()?;
+        write_json(&out.join(INIT_FOLDER).join("train.json"), &init)?;
+        on_task(INIT_FOLDER);
+    }
     write_json(
         &out.join("mini-coin.json"),
         &Manifest {
@@ -144,6 +164,24 @@ pub fn generate(
             tasks: TASKS.iter().map(|t| t.0).collect(),
         },
     )
+}
+
+/// A one-turn LLaVA conversation record about `image`.
+fn conversation(id: String, image: String, question: &str, answer: String) -> TrainRecord {
+    TrainRecord {
+        id,
+        image,
+        conversations: vec![
+            Turn {
+                from: "human".into(),
+                value: format!("<image>\n{question}"),
+            },
+            Turn {
+                from: "gpt".into(),
+                value: answer,
+            },
+        ],
+    }
 }
 
 fn save_png(image: &image::RgbImage, path: &Path) -> Result<(), CoinError> {
