@@ -11,6 +11,7 @@ runs it when `--python` points at an interpreter that has them.
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -87,6 +88,8 @@ def main():
                 min_new_tokens=args.new_tokens,
                 do_sample=False,
                 pad_token_id=0,
+                # As `cmoe`, never generate the <image> placeholder.
+                suppress_tokens=[config.image_token_index],
             ),
             min(args.repeats, 2),
         )
@@ -103,6 +106,7 @@ def main():
         "forward_tok_s": tokens / forward_s,
         "train_tok_s": tokens / train_s,
         "generate_tok_s": args.batch * args.new_tokens / generate_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(json.dumps(result) if args.json else result)
 

@@ -55,6 +55,44 @@ pub struct BenchResult {
     pub train_tok_s: f64,
     /// New tokens per second, generation (all rows).
     pub generate_tok_s: f64,
+    /// Tokens per second of LLaVA-CMoE's training step for a task after the first
+    /// ([`ContinualResult::cmoe_step_s`]), when the continual cases ran.
+    #[serde(default)]
+    pub cmoe_step_tok_s: Option<f64>,
+    /// Tokens per second of plain LoRA's training step.
+    #[serde(default)]
+    pub lora_step_tok_s: Option<f64>,
+    /// New tokens per second of one task's evaluation through PTL.
+    #[serde(default)]
+    pub eval_tok_s: Option<f64>,
+    /// The continual cases' raw figures.
+    #[serde(default)]
+    pub continual: Option<ContinualResult>,
+    /// The process's peak resident memory after all cases, MB (Linux; `None` elsewhere).
+    #[serde(default)]
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// The process's peak resident set size so far, MB (`VmHWM` in `/proc/self/status`).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+impl BenchResult {
+    /// These results with the continual cases' added.
+    pub fn with_continual(self, c: ContinualResult) -> Self {
+        Self {
+            cmoe_step_tok_s: Some(c.step_tokens as f64 / c.cmoe_step_s),
+            lora_step_tok_s: Some(c.step_tokens as f64 / c.lora_step_s),
+            eval_tok_s: Some((c.eval_questions * c.eval_new_tokens) as f64 / c.eval_s),
+            continual: Some(c),
+            peak_rss_mb: peak_rss_mb(),
+            ..self
+        }
+    }
 }
 
 /// Runs one case on the chosen backend.
@@ -173,6 +211,11 @@ impl BackendTask for BenchTask {
             forward_tok_s: tokens / forward_s,
             train_tok_s: tokens / train_step_s,
             generate_tok_s: (case.batch * case.new_tokens) as f64 / generate_s,
+            cmoe_step_tok_s: None,
+            lora_step_tok_s: None,
+            eval_tok_s: None,
+            continual: None,
+            peak_rss_mb: peak_rss_mb(),
         })
     }
 }
@@ -245,5 +288,329 @@ impl BackendTask for MoeDispatchTask {
                 }
             })
             .collect()
+    }
+}
+
+/// The continual-learning work a `cargo xtask train` run waits for, at the runner's default
+/// settings (4 initial experts, top-2, LoRA r16 / alpha 32 on gate, up and down, dropout 0.05;
+/// VAE 128 / 16 with 8 draws; AdamW): seconds per training step of LLaVA-CMoE for a task after
+/// the first, of plain LoRA, and of one task's evaluation through PTL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContinualResult {
+    /// Mean seconds per step of a two-epoch CMoE stage (the first epoch runs the frozen
+    /// base's PTL feature pass, the second reads the features from memory), median over
+    /// repeats.
+    pub cmoe_step_s: f64,
+    /// Mean seconds per step of plain LoRA (one expert, top-1, no VAE), median over repeats.
+    pub lora_step_s: f64,
+    /// Seconds to answer one task's test set: PTL over 8 tasks' VAEs, then one greedy
+    /// generation per chosen router, in batches.
+    pub eval_s: f64,
+    /// Test questions of the evaluation.
+    pub eval_questions: usize,
+    /// New tokens per question.
+    pub eval_new_tokens: usize,
+    /// Tokens per training batch (batch x sequence).
+    pub step_tokens: usize,
+}
+
+/// Whose expert and VAE sizes the continual cases use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ContinualSettings {
+    /// The Mini-CoIN preset: LoRA r16 / alpha 32, 4 initial experts, VAE 128 / 16.
+    Mini,
+    /// The paper's (configs/llava-1.5-7b-coin.toml): r64 / alpha 128, 8 initial experts,
+    /// VAE 512 / 64.
+    Paper,
+}
+
+impl ContinualSettings {
+    /// The expert settings, with `initial_experts` / `top_k` overridden for plain LoRA.
+    fn moe(self, lora: bool) -> cmoe_moe::model::MoeConfig {
+        let (rank, alpha, experts) = match self {
+            Self::Mini => (16, 32.0, 4),
+            Self::Paper => (64, 128.0, 8),
+        };
+        cmoe_moe::model::MoeConfig {
+            rank,
+            alpha,
+            dropout: 0.05,
+            top_k: if lora { 1 } else { 2 },
+            initial_experts: if lora { 1 } else { experts },
+            ..Default::default()
+        }
+    }
+
+    /// The locator's settings.
+    fn ptl(self) -> cmoe_moe::ptl::PtlConfig {
+        let (hidden, latent) = match self {
+            Self::Mini => (128, 16),
+            Self::Paper => (512, 64),
+        };
+        cmoe_moe::ptl::PtlConfig {
+            hidden,
+            latent,
+            n_rep: 8,
+            bank_instances: 200,
+            lr: Some(1e-3),
+            fit_epochs: 0,
+            ..Default::default()
+        }
+    }
+}
+
+/// Synthetic training batches of `case`'s shape: bos, the image tokens, text, and the last
+/// `answer` text tokens labelled.
+fn train_batches<B: Backend>(
+    config: &LlavaConfig,
+    case: &BenchCase,
+    count: usize,
+    device: &B::Device,
+) -> Vec<cmoe_moe::stages::TrainBatch<B>> {
+    const ANSWER: usize = 6;
+    (0..count)
+        .map(|b| {
+            let mut input = synthetic_input::<B>(config, case, device);
+            let [rows, seq] = input.input_ids.dims();
+            let ids: Vec<i64> = input.input_ids.to_data().iter::<i64>().collect();
+            // Each batch its own text: shift the text ids.
+            let text_range = config.text_config.vocab_size.min(config.image_token_index as usize);
+            let image = config.image_token_index as i64;
+            let ids: Vec<i64> = ids
+                .iter()
+                .map(|&id| match id {
+                    1 => 1,
+                    id if id == image => id,
+                    id => 3 + (id + 31 * b as i64) % (text_range as i64 - 3),
+                })
+                .collect();
+            let labels: Vec<i64> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, &id)| if i % seq >= seq - ANSWER { id } else { -100 })
+                .collect();
+            input.input_ids = Tensor::from_data(TensorData::new(ids, [rows, seq]), device);
+            input.attention_mask = Some(Tensor::ones([rows, seq], device));
+            cmoe_moe::stages::TrainBatch {
+                input,
+                labels: Tensor::from_data(TensorData::new(labels, [rows, seq]), device),
+            }
+        })
+        .collect()
+}
+
+/// Mean seconds per step of a stage of `steps` steps from `model` over `batches`.
+fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
+    model: cmoe_moe::model::CmoeModel<AD>,
+    vae: Option<cmoe_moe::stages::VaeFit<AD>>,
+    task: usize,
+    batches: &[cmoe_moe::stages::TrainBatch<AD>],
+    steps: usize,
+) -> anyhow::Result<f64> {
+    use cmoe_moe::stages::{StageConfig, StageControl, train_stage_with};
+    let config = StageConfig {
+        lr: 1e-3,
+        warmup_ratio: 0.03,
+        steps,
+        accumulation: 1,
+        weight_decay: 0.0,
+        loss: Default::default(),
+        seed: Some(0),
+    };
+    let mut source = cmoe_moe::source::Cycle::new(batches);
+    let start = Instant::now();
+    let (model, _) = train_stage_with(
+        model,
+        vae,
+        task,
+        &mut source,
+        &config,
+        StageControl::none(),
+        |_, _| {},
+    )?;
+    // The last step's update has been computed once its parameters are read.
+    let _ = model.moe[0].routers.get(task).weight.val().into_data();
+    Ok(start.elapsed().as_secs_f64() / steps as f64)
+}
+
+/// Runs the continual cases on the chosen backend.
+pub struct ContinualBenchTask {
+    /// The shape.
+    pub case: BenchCase,
+    /// Timed repetitions (after one warm-up).
+    pub repeats: usize,
+    /// Test questions of the evaluation case.
+    pub eval_questions: usize,
+    /// Questions per generation batch.
+    pub eval_batch: usize,
+    /// Expert and VAE sizes.
+    pub settings: ContinualSettings,
+}
+
+impl BackendTask for ContinualBenchTask {
+    type Output = anyhow::Result<ContinualResult>;
+
+    fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<ContinualResult> {
+        use cmoe_moe::model::CmoeModel;
+        use cmoe_moe::pgke::ExpansionPlan;
+        use cmoe_moe::stages::{VaeFit, expand, set_trainable};
+        type AD<B> = Autodiff<B>;
+        let case = &self.case;
+        let config = LlavaConfig::from_file(Path::new(&case.config))?;
+        B::seed(&device, 0);
+        let layers = config.text_config.num_hidden_layers;
+        let hidden = config.text_config.hidden_size;
+        let seq = 1 + config.image_tokens_per_image() + case.text_tokens;
+        // Two epochs over 4 batches.
+        let batches = train_batches::<AD<B>>(&config, case, 4, &device);
+        let steps = 2 * batches.len();
+
+        // (a) LLaVA-CMoE, a task after the first: task 1's new expert in every layer and its
+        // router train with the VAE; the initial experts and router 0 are frozen.
+        let moe = self.settings.moe(false);
+        let initial = moe.initial_experts;
+        let cmoe_model = || -> anyhow::Result<CmoeModel<AD<B>>> {
+            let model = CmoeModel::new(config.init::<AD<B>>(&device), &moe, &device);
+            let plan = ExpansionPlan::every_layer(1, layers, 1, 0);
+            let model = expand(model, 1, &vec![initial; layers], &plan)?;
+            Ok(set_trainable(model, 1, &vec![initial..initial + 1; layers]))
+        };
+        let vae = || Some(VaeFit::new(self.settings.ptl(), hidden, &device));
+        stage_step_seconds(cmoe_model()?, vae(), 1, &batches[..1], 1)?; // warm-up
+        let cmoe_step_s = median(
+            (0..self.repeats)
+                .map(|_| stage_step_seconds(cmoe_model()?, vae(), 1, &batches, steps))
+                .collect::<anyhow::Result<_>>()?,
+        );
+
+        // (b) Plain LoRA: one expert, top-1, CE (+ the constant aux).
+        let lora_model = || {
+            let lora = self.settings.moe(true);
+            let model = CmoeModel::new(config.init::<AD<B>>(&device), &lora, &device);
+            set_trainable(model, 0, &vec![0..1; layers])
+        };
+        stage_step_seconds(lora_model(), None, 0, &batches[..1], 1)?;
+        let lora_step_s = median(
+            (0..self.repeats)
+                .map(|_| stage_step_seconds(lora_model(), None, 0, &batches, steps))
+                .collect::<anyhow::Result<_>>()?,
+        );
+
+        // (c) One task's evaluation after 8 tasks: every batch located by PTL over 8 VAEs,
+        // then one generation per router chosen (as the runner does it).
+        let eval_s = self.evaluation::<B>(&config, &device)?;
+
+        Ok(ContinualResult {
+            cmoe_step_s,
+            lora_step_s,
+            eval_s,
+            eval_questions: self.eval_questions,
+            eval_new_tokens: case.new_tokens,
+            step_tokens: case.batch * seq,
+        })
+    }
+}
+
+impl ContinualBenchTask {
+    /// Seconds to evaluate `eval_questions` prompts with 8 tasks learned (median of repeats,
+    /// after a warm-up batch).
+    fn evaluation<B: Backend>(&self, config: &LlavaConfig, device: &B::Device) -> anyhow::Result<f64> {
+        use cmoe_moe::learner::TaskLocator;
+        use cmoe_moe::model::CmoeModel;
+        use cmoe_moe::pgke::ExpansionPlan;
+        use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
+        use cmoe_moe::state::ContinualMeta;
+        use cmoe_moe::stages::expand;
+        const TASKS: usize = 8;
+        let case = &self.case;
+        let layers = config.text_config.num_hidden_layers;
+        let hidden = config.text_config.hidden_size;
+        let moe = self.settings.moe(false);
+        let mut model = CmoeModel::new(config.init::<B>(device), &moe, device);
+        for task in 1..TASKS {
+            let before = model.experts_per_layer();
+            model = expand(model, task, &before, &ExpansionPlan::every_layer(task, layers, 1, 0))?;
+        }
+        let ptl = self.settings.ptl();
+        let vaes: Vec<_> = (0..TASKS).map(|_| ptl.init_vae::<B>(hidden, device)).collect();
+        let meta = ContinualMeta {
+            config: moe,
+            ptl,
+            bank: PrimitiveBank {
+                entries: vec![
+                    BankEntry {
+                        mean: 0.0,
+                        std: 1.0,
+                        count: 1,
+                    };
+                    TASKS
+                ],
+            },
+            plans: Vec::new(),
+            first_expert: Vec::new(),
+        };
+        let locator = TaskLocator::new(&vaes, &meta, device);
+        let per_image = config.image_tokens_per_image();
+        let image = config.image_token_index;
+        let text_range = config.text_config.vocab_size.min(image as usize) as u32 - 3;
+        let size = config.vision_config.image_size;
+        let prompts: Vec<crate::dataset::Encoded> = (0..self.eval_questions)
+            .map(|q| {
+                let mut ids = vec![1u32];
+                ids.extend(std::iter::repeat_n(image, per_image));
+                // Questions of varying length (left padding, as in a real test set).
+                let len = case.text_tokens - (q % 5);
+                ids.extend((0..len).map(|t| 3 + ((q * 7919 + t * 104_729) as u32 % text_range)));
+                crate::dataset::Encoded {
+                    input_ids: ids,
+                    labels: Vec::new(),
+                    pixels: cmoe_data::image::PixelValues {
+                        data: (0..3 * size * size)
+                            .map(|i| ((i * 31 + q * 17) % 255) as f32 / 127.0 - 1.0)
+                            .collect(),
+                        height: size,
+                        width: size,
+                    },
+                }
+            })
+            .collect();
+        let generation = GenerationConfig {
+            max_new_tokens: case.new_tokens,
+            eos_token_ids: Vec::new(),
+            pad_token_id: 0,
+            sampling: Sampling::Greedy,
+        };
+        let pad = 0;
+        // Random VAEs locate arbitrarily; the routers used are fixed instead (the last task's
+        // for 4 questions of 5, another for the fifth), so that both frameworks generate the
+        // same groups. The locator's work is done all the same.
+        let routers = |first: usize, n: usize| -> Vec<usize> {
+            (first..first + n)
+                .map(|q| if q % 5 == 0 { q % (TASKS - 1) } else { TASKS - 1 })
+                .collect()
+        };
+        // Batches on worker threads, as the runner answers them.
+        let answer = |prompts: &[crate::dataset::Encoded]| -> anyhow::Result<()> {
+            let chunks: Vec<_> = prompts.chunks(self.eval_batch).collect();
+            crate::continual::in_parallel(chunks.len(), |c| {
+                let chunk = chunks[c];
+                let input = crate::dataset::collate_prompts::<B>(chunk, pad, device);
+                let located = locator.locate(&model, input)?;
+                assert_eq!(located.tasks.len(), chunk.len());
+                let chosen = routers(c * self.eval_batch, chunk.len());
+                crate::continual::generate_grouped(&model, chunk, &chosen, pad, &generation, device)
+            })?;
+            Ok(())
+        };
+        answer(&prompts[..self.eval_batch.min(prompts.len())])?; // warm-up
+        let times = (0..self.repeats.clamp(1, 2))
+            .map(|_| {
+                let start = Instant::now();
+                answer(&prompts)?;
+                Ok(start.elapsed().as_secs_f64())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(median(times))
     }
 }

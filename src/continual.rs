@@ -1709,58 +1709,120 @@ impl<B: Backend> Evaluator<'_, B> {
         } = *self;
         let shared = config.method.shared_router();
         let bar = progress(records.len() as u64, "evaluate");
+        let batch = config.eval_batch.max(1);
+        // Random routers are drawn here, in order, so that the run stays reproducible.
+        let drawn: Vec<usize> = match router {
+            RouterChoice::Random if !shared => (0..records.len())
+                .map(|_| rng.random_range(0..=t))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let answer = |chunk: usize| -> anyhow::Result<(Vec<usize>, Vec<Vec<u32>>)> {
+            let first = chunk * batch;
+            let prompts = &prompts[first..(first + batch).min(prompts.len())];
+            let n = prompts.len();
+            let chosen: Vec<usize> = match router {
+                _ if shared => vec![0; n],
+                RouterChoice::Ptl => {
+                    locator
+                        .locate(model, collate_prompts::<B>(prompts, pad, device))?
+                        .tasks
+                }
+                RouterChoice::Last => vec![t; n],
+                RouterChoice::Random => drawn[first..first + n].to_vec(),
+                RouterChoice::Oracle => vec![i; n],
+            };
+            let outputs = generate_grouped(model, prompts, &chosen, pad, generation, device)?;
+            bar.inc(n as u64);
+            Ok((chosen, outputs))
+        };
+        // Batches are answered by worker threads (each batch's work is the same whichever
+        // thread does it, so the answers are those of a sequential pass).
+        let chunks = records.len().div_ceil(batch);
+        let answered = in_parallel(chunks, answer)?;
         let mut predictions = Vec::with_capacity(records.len());
         let mut chosen_all = Vec::with_capacity(records.len());
-        for (records, prompts) in records
-            .chunks(config.eval_batch)
-            .zip(prompts.chunks(config.eval_batch))
-        {
-            let chosen: Vec<usize> = if shared {
-                vec![0; records.len()]
-            } else {
-                match router {
-                    RouterChoice::Ptl => {
-                        locator
-                            .locate(model, collate_prompts::<B>(prompts, pad, device))?
-                            .tasks
-                    }
-                    RouterChoice::Last => vec![t; records.len()],
-                    RouterChoice::Random => (0..records.len())
-                        .map(|_| rng.random_range(0..=t))
-                        .collect(),
-                    RouterChoice::Oracle => vec![i; records.len()],
-                }
-            };
-            // One generation per router chosen in this batch.
-            let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for (row, &c) in chosen.iter().enumerate() {
-                groups.entry(c).or_default().push(row);
-            }
-            let mut texts = vec![String::new(); records.len()];
-            for (router, rows) in groups {
-                let group: Vec<Encoded> = rows.iter().map(|&r| prompts[r].clone()).collect();
-                let outputs = model.generate(
-                    collate_prompts::<B>(&group, pad, device),
-                    router,
-                    generation,
-                )?;
-                for (&row, ids) in rows.iter().zip(outputs) {
-                    texts[row] = encoder.tokenizer.decode(&ids)?.trim().to_string();
-                }
-            }
-            for (record, text) in records.iter().zip(texts) {
-                predictions.push(Prediction {
-                    question_id: record.question_id.clone(),
-                    text,
-                });
-            }
+        for (record, ids) in records.iter().zip(answered.iter().flat_map(|(_, o)| o)) {
+            predictions.push(Prediction {
+                question_id: record.question_id.clone(),
+                text: encoder.tokenizer.decode(ids)?.trim().to_string(),
+            });
+        }
+        for (chosen, _) in answered {
             chosen_all.extend(chosen);
-            bar.inc(records.len() as u64);
         }
         bar.finish_and_clear();
         let s = score(task_type, records, &predictions, Compat::Correct)?;
         Ok((s.accuracy, chosen_all, predictions))
     }
+}
+
+/// `work(0..n)` on up to one worker thread per core, the results in order; the first error
+/// stops the rest.
+pub fn in_parallel<T: Send>(
+    n: usize,
+    work: impl Fn(usize) -> anyhow::Result<T> + Sync,
+) -> anyhow::Result<Vec<T>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(n.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let mut results: Vec<(usize, anyhow::Result<T>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if index >= n || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return done;
+                        }
+                        let result = work(index);
+                        if result.is_err() {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        done.push((index, result));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("an evaluation worker panicked"))
+            .collect()
+    });
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Answers `prompts` (one batch), each with the router `chosen[row]`: one generation per
+/// router chosen. Returns the generated ids in the prompts' order.
+pub fn generate_grouped<B: Backend>(
+    model: &CmoeModel<B>,
+    prompts: &[Encoded],
+    chosen: &[usize],
+    pad: u32,
+    generation: &GenerationConfig,
+    device: &B::Device,
+) -> anyhow::Result<Vec<Vec<u32>>> {
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (row, &c) in chosen.iter().enumerate() {
+        groups.entry(c).or_default().push(row);
+    }
+    let mut outputs = vec![Vec::new(); prompts.len()];
+    for (router, rows) in groups {
+        let group: Vec<Encoded> = rows.iter().map(|&r| prompts[r].clone()).collect();
+        let generated = model.generate(
+            collate_prompts::<B>(&group, pad, device),
+            router,
+            generation,
+        )?;
+        for (&row, ids) in rows.iter().zip(generated) {
+            outputs[row] = ids;
+        }
+    }
+    Ok(outputs)
 }
 
 /// Progress bars for the training stages of one task, and the losses they saw.

@@ -124,13 +124,15 @@ struct Case {
 }
 
 const CASES: [Case; 2] = [
-    // The project's "mini" LLaVA: batch 8 x (1 + 64 image + 40 text) = 105 tokens.
+    // The project's "mini" LLaVA with the runner's default batch: 8 x (1 + 64 image + 57
+    // text) = 122 tokens, answers of 24 new tokens (the preset's max_new_tokens). The
+    // continual cases (CMoE step, LoRA step, evaluation) run on this shape.
     Case {
         name: "mini",
         config: "configs/bench/llava-mini.json",
         batch: 8,
-        text_tokens: 40,
-        new_tokens: 16,
+        text_tokens: 57,
+        new_tokens: 24,
     },
     // Mid-size: batch 4 x (1 + 64 image + 63 text) = 128 tokens.
     Case {
@@ -310,29 +312,62 @@ fn bench(
             "--json".into(),
         ];
         eprintln!("bench {name} on {backend} ...");
+        // The continual work users wait for, on the mini shape.
+        let continual = case.name == "mini";
         let mut command = Command::new(&cmoe);
         command
             .arg("bench")
             .args(&shape)
             .args(["--backend", backend]);
+        if continual {
+            command.arg("--continual");
+        }
         let burn = run_json(command)?;
         let torch = if torch {
             eprintln!("bench {name} on pytorch ...");
             let mut command = Command::new(python);
             command.arg("scripts/bench_torch.py").args(&shape);
-            Some(run_json(command)?)
+            let mut result = run_json(command)?;
+            if continual {
+                eprintln!("bench {name} (continual) on pytorch ...");
+                let mut command = Command::new(python);
+                command.arg("scripts/bench_torch_continual.py").args(&shape);
+                let extra = run_json(command)?;
+                for key in ["cmoe_step_tok_s", "lora_step_tok_s", "eval_tok_s"] {
+                    result[key] = extra[key].clone();
+                }
+                result["continual"] = extra;
+            }
+            Some(result)
         } else {
             None
         };
         for (metric, label) in [
             ("forward_tok_s", "forward"),
-            ("train_tok_s", "forward+backward"),
+            ("train_tok_s", "forward+backward (all weights)"),
             ("generate_tok_s", "generation (new tokens)"),
+            ("cmoe_step_tok_s", "LLaVA-CMoE training step (task 2+, with PTL)"),
+            ("lora_step_tok_s", "LoRA training step"),
+            ("eval_tok_s", "evaluation of a task through PTL (new tokens)"),
         ] {
-            let ours = burn[metric].as_f64().unwrap_or(f64::NAN);
+            let Some(ours) = burn[metric].as_f64() else {
+                continue;
+            };
             let theirs = torch.as_ref().and_then(|t| t[metric].as_f64());
             rows.push(format!(
                 "| {name} | {} | {} x {} | {label} | {ours:.0} | {} | {} |",
+                burn["parameters"],
+                burn["batch"],
+                burn["seq"],
+                theirs.map_or("-".into(), |t| format!("{t:.0}")),
+                theirs.map_or("-".into(), |t| format!("{:.2}", ours / t)),
+            ));
+        }
+        let mb = |v: &serde_json::Value| v["peak_rss_mb"].as_f64();
+        if let Some(ours) = mb(&burn) {
+            let theirs = torch.as_ref().and_then(mb);
+            rows.push(format!(
+                "| {name} | {} | {} x {} | peak memory of the process (MB; lower is better) | {ours:.0} | {} | {} |",
                 burn["parameters"],
                 burn["batch"],
                 burn["seq"],

@@ -95,8 +95,16 @@ pub fn generate_with<B: Backend>(
             .language_model
             .logits(last)
             .reshape([batch, model_vocab(model)]);
-        let logits: Vec<f32> = logits.into_data().iter::<f32>().collect();
+        let mut logits: Vec<f32> = logits.into_data().iter::<f32>().collect();
         let vocab = logits.len() / batch;
+        // `<image>` stands for image features, never for text: it is not generated (fed back,
+        // it would ask for an image the step does not have).
+        let image = model.image_token_index as usize;
+        if image < vocab {
+            for row in 0..batch {
+                logits[row * vocab + image] = f32::NEG_INFINITY;
+            }
+        }
         let mut next = Vec::with_capacity(batch);
         for (row, out) in outputs.iter_mut().enumerate() {
             if finished[row] {

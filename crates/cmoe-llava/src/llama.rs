@@ -43,11 +43,16 @@ impl<B: Backend> LlamaAttention<B> {
         cache: Option<&mut LayerCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let split =
-            |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = split(self.v_proj.forward(x), self.num_kv_heads);
+        // Heads are split as `[b, s, heads, head_dim]` (contiguous), rotated there, then
+        // moved to `[b, heads, s, head_dim]` for attention.
+        let split = |t: Tensor<B, 3>, heads| t.reshape([b, s, heads, self.head_dim]);
+        let q = rope
+            .apply(split(self.q_proj.forward(x.clone()), self.num_heads))
+            .swap_dims(1, 2);
+        let k = rope
+            .apply(split(self.k_proj.forward(x.clone()), self.num_kv_heads))
+            .swap_dims(1, 2);
+        let v = split(self.v_proj.forward(x), self.num_kv_heads).swap_dims(1, 2);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
@@ -297,7 +302,7 @@ fn attention_block_mask<B: Backend>(
         .expand([batch, seq, keys])
         .bool_or(padding.expand([batch, seq, keys]))
         .bool_and(own.bool_not().expand([batch, seq, keys]));
-    masked
-        .unsqueeze_dim::<4>(1)
-        .expand([batch, heads, seq, keys])
+    // Materialised once per pass (every layer reuses it): a broadcast view would be copied
+    // by each layer's masking.
+    masked.unsqueeze_dim::<4>(1).repeat_dim(1, heads)
 }

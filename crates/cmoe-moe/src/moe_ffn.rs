@@ -121,6 +121,14 @@ pub struct LayerRouting<B: Backend> {
     pub tokens: u64,
 }
 
+/// The rows one expert receives and their weights.
+struct Dispatch<B: Backend> {
+    /// Row indices into the flattened tokens.
+    rows: Tensor<B, 1, Int>,
+    /// Routing weight times the LoRA scale, `[rows, 1]`.
+    weights: Tensor<B, 2>,
+}
+
 /// The routing decision for a batch of tokens.
 struct Routes<B: Backend> {
     /// Softmax weights of the top-k experts, flattened `[n * k]` (token-major).
@@ -216,38 +224,49 @@ impl<B: Backend> MoeLoraFfn<B> {
         )
     }
 
-    /// Adds the routed LoRA contributions of one projection to `base` `[n, out]`.
-    fn add_experts(
+    /// Per expert, the rows routed to it (an index tensor) and their routing weights times
+    /// the LoRA scale `[rows, 1]`; `None` for an expert no token chose.
+    fn dispatch(&self, routes: &Routes<B>, device: &B::Device) -> Vec<Option<Dispatch<B>>> {
+        routes
+            .groups
+            .iter()
+            .map(|(tokens, slots)| {
+                if tokens.is_empty() {
+                    return None;
+                }
+                let index = |v: &Vec<i64>| {
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
+                };
+                let weights = routes
+                    .weights
+                    .clone()
+                    .select(0, index(slots))
+                    .unsqueeze_dim::<2>(1)
+                    * self.scale;
+                Some(Dispatch {
+                    rows: index(tokens),
+                    weights,
+                })
+            })
+            .collect()
+    }
+
+    /// `out` `[n, width]` plus, for each expert with routed rows, its LoRA pair `part` on those
+    /// rows of `input` (already dropped out), weighted, scatter-added.
+    fn add_expert_deltas(
         &self,
-        base: Tensor<B, 2>,
+        mut out: Tensor<B, 2>,
         input: &Tensor<B, 2>,
-        routes: &Routes<B>,
+        dispatch: &[Option<Dispatch<B>>],
         part: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>,
     ) -> Tensor<B, 2> {
-        let device = base.device();
-        let mut out = base;
-        for (expert, (tokens, slots)) in self.experts.iter().zip(&routes.groups) {
-            let Some(lora) = part(expert) else { continue };
-            if tokens.is_empty() {
+        for (expert, routed) in self.experts.iter().zip(dispatch) {
+            let (Some(lora), Some(Dispatch { rows, weights })) = (part(expert), routed) else {
                 continue;
-            }
-            let rows = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(tokens.clone(), [tokens.len()]),
-                &device,
-            );
-            let slots = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(slots.clone(), [slots.len()]),
-                &device,
-            );
-            let x = self.dropout.forward(input.clone().select(0, rows.clone()));
-            let w = routes
-                .weights
-                .clone()
-                .select(0, slots)
-                .unsqueeze_dim::<2>(1)
-                * self.scale;
-            let delta = (lora.delta(x) * w).cast(out.dtype());
-            out = out.select_assign(0, rows, delta, IndexingUpdateOp::Add);
+            };
+            let x = input.clone().select(0, rows.clone());
+            let delta = (lora.delta(x) * weights.clone()).cast(out.dtype());
+            out = out.select_assign(0, rows.clone(), delta, IndexingUpdateOp::Add);
         }
         out
     }
@@ -255,7 +274,9 @@ impl<B: Backend> MoeLoraFfn<B> {
     /// The FFN output for `x` `[batch, seq, hidden]` with task `task`'s router, and what the
     /// routing did. `real` (row-major `[batch * seq]`, `None`: every token) marks the tokens
     /// that are not padding: only those reach the experts and count in the routing statistics
-    /// and the aux loss; a padding token gets the frozen FFN's output.
+    /// and the aux loss; a padding token gets the frozen FFN's output. LoRA dropout draws one
+    /// mask per layer input (the one gate and up read, the one down reads), which every expert
+    /// on that input shares.
     pub fn forward(
         &self,
         base: &LlamaMlp<B>,
@@ -272,22 +293,16 @@ impl<B: Backend> MoeLoraFfn<B> {
         // a large model); their contributions are cast back to it.
         let flat32 = flat.clone().cast(DType::F32);
         let (routes, routing) = self.route(self.routers.get(task), flat32.clone(), real);
-        let gate = self.add_experts(
-            base.gate_proj.forward(flat.clone()),
-            &flat32,
-            &routes,
-            |e| e.gate.as_ref(),
-        );
-        let up = self.add_experts(base.up_proj.forward(flat), &flat32, &routes, |e| {
-            e.up.as_ref()
-        });
+        let dispatch = self.dispatch(&routes, &flat.device());
+        let input = self.dropout.forward(flat32);
+        let gate = base.gate_proj.forward(flat.clone());
+        let gate = self.add_expert_deltas(gate, &input, &dispatch, |e| e.gate.as_ref());
+        let up = base.up_proj.forward(flat);
+        let up = self.add_expert_deltas(up, &input, &dispatch, |e| e.up.as_ref());
         let hidden = base.activation.forward(gate) * up;
-        let down = self.add_experts(
-            base.down_proj.forward(hidden.clone()),
-            &hidden.cast(DType::F32),
-            &routes,
-            |e| e.down.as_ref(),
-        );
+        let input = self.dropout.forward(hidden.clone().cast(DType::F32));
+        let down = base.down_proj.forward(hidden);
+        let down = self.add_expert_deltas(down, &input, &dispatch, |e| e.down.as_ref());
         (down.reshape([b, s, d]), routing)
     }
 

@@ -576,6 +576,10 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
         let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
         let mut values = Vec::with_capacity(shard.len());
         let mut computed = Vec::new();
+        // PTL's features come from the frozen base alone: an inference copy computes them on
+        // another thread while this one runs the training pass (no random draws there, so
+        // the result does not depend on the timing).
+        let frozen = vae.map(|_| model.valid());
         for item in shard {
             let MicroBatch {
                 index,
@@ -583,25 +587,38 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                 batch,
                 features,
             } = item;
+            let (out, penalty, held, fresh) = std::thread::scope(|scope| {
+                let pending = match (&frozen, vae, &features) {
+                    (Some(frozen), Some((_, (_, feature))), None) => {
+                        let inner = batch.clone().inner();
+                        Some(scope.spawn(move || batch_features(frozen, &inner, position, feature)))
+                    }
+                    _ => None,
+                };
+                let trained = model.forward(batch.input.clone(), self.task);
+                let fresh = pending.map(|handle| handle.join().expect("the PTL feature pass panicked"));
+                let out = trained?;
+                let penalty = match self.penalty {
+                    Some(penalty) => Some(penalty.term(model, &batch, &out.logits)?),
+                    None => None,
+                };
+                Ok::<_, StageError>((out, penalty, features, fresh))
+            })?;
             let (kl, rec) = match vae {
-                Some((vae, (n_rep, feature))) => {
-                    let features = match features {
-                        Some(features) => features,
-                        None => {
-                            let features = batch_features(model, &batch, position, feature)?;
+                Some((vae, (n_rep, _))) => {
+                    let features = match (held, fresh) {
+                        (Some(features), _) => features,
+                        (None, Some(fresh)) => {
+                            let features = Tensor::<B, 2>::from_inner(fresh?);
                             computed.push((index, features.clone()));
                             features
                         }
+                        (None, None) => unreachable!("features are held or computed"),
                     };
                     let loss = vae.loss(features, n_rep);
                     (Some(loss.kl), Some(loss.rec))
                 }
                 None => (None, None),
-            };
-            let out = model.forward(batch.input.clone(), self.task)?;
-            let penalty = match self.penalty {
-                Some(penalty) => Some(penalty.term(model, &batch, &out.logits)?),
-                None => None,
             };
             let ce =
                 causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;

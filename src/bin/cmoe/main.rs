@@ -6,7 +6,9 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use clap::{Parser, Subcommand};
 use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
-use llava_cmoe::bench::{BenchCase, BenchTask, MoeDispatchTask};
+use llava_cmoe::bench::{
+    BenchCase, BenchTask, ContinualBenchTask, ContinualSettings, MoeDispatchTask,
+};
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
@@ -86,6 +88,20 @@ enum Command {
         /// Timed repetitions after one warm-up.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Also measure the continual work at the runner's settings: LLaVA-CMoE's training
+        /// step (two-epoch stage with the VAE), plain LoRA's, and one task's evaluation
+        /// through PTL (`--new-tokens` per question).
+        #[arg(long)]
+        continual: bool,
+        /// Test questions of the evaluation case.
+        #[arg(long, default_value_t = 60)]
+        eval_questions: usize,
+        /// Questions per generation batch in the evaluation case.
+        #[arg(long, default_value_t = 16)]
+        eval_batch: usize,
+        /// Expert and VAE sizes of the continual cases: the Mini-CoIN preset's or the paper's.
+        #[arg(long, value_enum, default_value = "mini")]
+        settings: ContinualSettings,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -652,6 +668,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             text_tokens,
             new_tokens,
             repeats,
+            continual,
+            eval_questions,
+            eval_batch,
+            settings,
             json,
             backend,
         } => {
@@ -667,13 +687,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 text_tokens,
                 new_tokens,
             };
-            let r = run_on(
+            let mut r = run_on(
                 backend,
                 BenchTask {
-                    case,
+                    case: case.clone(),
                     repeats: repeats.max(1),
                 },
             )??;
+            if continual {
+                let c = run_on(
+                    backend,
+                    ContinualBenchTask {
+                        case,
+                        repeats: repeats.max(1),
+                        eval_questions,
+                        eval_batch: eval_batch.max(1),
+                        settings,
+                    },
+                )??;
+                r = r.with_continual(c);
+            }
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -688,6 +721,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     r.train_tok_s,
                     r.generate_tok_s
                 );
+                if let Some(c) = &r.continual {
+                    println!(
+                        "continual: CMoE step {:.0} ms, LoRA step {:.0} ms, evaluation of {} questions {:.1} s",
+                        c.cmoe_step_s * 1e3,
+                        c.lora_step_s * 1e3,
+                        c.eval_questions,
+                        c.eval_s
+                    );
+                }
             }
             Ok(())
         }
