@@ -375,7 +375,10 @@ fn train_batches<B: Backend>(
             let [rows, seq] = input.input_ids.dims();
             let ids: Vec<i64> = input.input_ids.to_data().iter::<i64>().collect();
             // Each batch its own text: shift the text ids.
-            let text_range = config.text_config.vocab_size.min(config.image_token_index as usize);
+            let text_range = config
+                .text_config
+                .vocab_size
+                .min(config.image_token_index as usize);
             let image = config.image_token_index as i64;
             let ids: Vec<i64> = ids
                 .iter()
@@ -515,13 +518,17 @@ impl BackendTask for ContinualBenchTask {
 impl ContinualBenchTask {
     /// Seconds to evaluate `eval_questions` prompts with 8 tasks learned (median of repeats,
     /// after a warm-up batch).
-    fn evaluation<B: Backend>(&self, config: &LlavaConfig, device: &B::Device) -> anyhow::Result<f64> {
+    fn evaluation<B: Backend>(
+        &self,
+        config: &LlavaConfig,
+        device: &B::Device,
+    ) -> anyhow::Result<f64> {
         use cmoe_moe::learner::TaskLocator;
         use cmoe_moe::model::CmoeModel;
         use cmoe_moe::pgke::ExpansionPlan;
         use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
-        use cmoe_moe::state::ContinualMeta;
         use cmoe_moe::stages::expand;
+        use cmoe_moe::state::ContinualMeta;
         const TASKS: usize = 8;
         let case = &self.case;
         let layers = config.text_config.num_hidden_layers;
@@ -530,10 +537,17 @@ impl ContinualBenchTask {
         let mut model = CmoeModel::new(config.init::<B>(device), &moe, device);
         for task in 1..TASKS {
             let before = model.experts_per_layer();
-            model = expand(model, task, &before, &ExpansionPlan::every_layer(task, layers, 1, 0))?;
+            model = expand(
+                model,
+                task,
+                &before,
+                &ExpansionPlan::every_layer(task, layers, 1, 0),
+            )?;
         }
         let ptl = self.settings.ptl();
-        let vaes: Vec<_> = (0..TASKS).map(|_| ptl.init_vae::<B>(hidden, device)).collect();
+        let vaes: Vec<_> = (0..TASKS)
+            .map(|_| ptl.init_vae::<B>(hidden, device))
+            .collect();
         let meta = ContinualMeta {
             config: moe,
             ptl,
@@ -587,7 +601,13 @@ impl ContinualBenchTask {
         // same groups. The locator's work is done all the same.
         let routers = |first: usize, n: usize| -> Vec<usize> {
             (first..first + n)
-                .map(|q| if q % 5 == 0 { q % (TASKS - 1) } else { TASKS - 1 })
+                .map(|q| {
+                    if q % 5 == 0 {
+                        q % (TASKS - 1)
+                    } else {
+                        TASKS - 1
+                    }
+                })
                 .collect()
         };
         // Batches on worker threads, as the runner answers them.

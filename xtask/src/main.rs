@@ -346,9 +346,15 @@ fn bench(
             ("forward_tok_s", "forward"),
             ("train_tok_s", "forward+backward (all weights)"),
             ("generate_tok_s", "generation (new tokens)"),
-            ("cmoe_step_tok_s", "LLaVA-CMoE training step (task 2+, with PTL)"),
+            (
+                "cmoe_step_tok_s",
+                "LLaVA-CMoE training step (task 2+, with PTL)",
+            ),
             ("lora_step_tok_s", "LoRA training step"),
-            ("eval_tok_s", "evaluation of a task through PTL (new tokens)"),
+            (
+                "eval_tok_s",
+                "evaluation of a task through PTL (new tokens)",
+            ),
         ] {
             let Some(ours) = burn[metric].as_f64() else {
                 continue;

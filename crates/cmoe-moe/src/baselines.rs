@@ -20,7 +20,7 @@ use burn::tensor::{DType, Tensor, activation};
 use cmoe_llava::LlavaError;
 use cmoe_llava::store::{load_module, save_module};
 
-use crate::loss::{IGNORE_INDEX, causal_lm_loss};
+use crate::loss::AnswerTargets;
 use crate::model::CmoeModel;
 use crate::moe_ffn::MoeLoraFfn;
 use crate::source::BatchSource;
@@ -124,9 +124,11 @@ impl<B: AutodiffBackend> Ewc<B> {
         for _ in 0..count {
             let (position, batch) = source.next_batch()?;
             let rows = batch.labels.dims()[0] as f64;
-            let out = model.forward(batch.input, 0)?;
-            let ce =
-                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
+            let answers = AnswerTargets::from_labels(&batch.labels);
+            let out = model.forward_answers(batch.input, 0, &answers)?;
+            let ce = answers
+                .cross_entropy(out.logits)
+                .ok_or(StageError::NoLabels(position))?;
             let grads = ce.backward();
             let squares = squared_grads::<B>(&model.moe, &grads);
             sum = Some(match sum {
@@ -194,7 +196,8 @@ impl<B: AutodiffBackend> Penalty<B> for Ewc<B> {
         &self,
         model: &CmoeModel<B>,
         _batch: &TrainBatch<B>,
-        logits: &Tensor<B, 3>,
+        _answers: &AnswerTargets,
+        logits: &Tensor<B, 2>,
     ) -> Result<Tensor<B, 1>, StageError> {
         let device = logits.device();
         let Some(fisher) = &self.fisher else {
@@ -236,13 +239,15 @@ impl<B: AutodiffBackend> Lwf<B> {
         }
     }
 
-    /// The frozen previous model's logits on `batch` (router 0, no dropout): the distillation
-    /// target.
+    /// The frozen previous model's logits at `batch`'s answer positions (router 0, no
+    /// dropout): the distillation target, `[answers, vocab]`.
     pub fn teacher_logits(
         &self,
         batch: &TrainBatch<B>,
-    ) -> Result<Tensor<B::InnerBackend, 3>, StageError> {
-        Ok(self.teacher.forward(batch.clone().inner().input, 0)?.logits)
+        answers: &AnswerTargets,
+    ) -> Result<Tensor<B::InnerBackend, 2>, StageError> {
+        let input = batch.clone().inner().input;
+        Ok(self.teacher.forward_answers(input, 0, answers)?.logits)
     }
 }
 
@@ -251,47 +256,28 @@ impl<B: AutodiffBackend> Penalty<B> for Lwf<B> {
         &self,
         _model: &CmoeModel<B>,
         batch: &TrainBatch<B>,
-        logits: &Tensor<B, 3>,
+        answers: &AnswerTargets,
+        logits: &Tensor<B, 2>,
     ) -> Result<Tensor<B, 1>, StageError> {
-        let target = Tensor::<B, 3>::from_inner(self.teacher_logits(batch)?);
-        Ok(distillation(logits.clone(), target, batch, self.temperature) * self.alpha)
+        let target = Tensor::<B, 2>::from_inner(self.teacher_logits(batch, answers)?);
+        Ok(distillation(logits.clone(), target, self.temperature) * self.alpha)
     }
 }
 
-/// `T^2 * KL(softmax(target / T) || softmax(logits / T))`, averaged over the positions that
-/// predict an answer token (logits at `i` predict label `i + 1`, as in the cross-entropy).
+/// `T^2 * KL(softmax(target / T) || softmax(logits / T))`, averaged over the answer positions
+/// (both `[answers, vocab]`, as [`CmoeModel::forward_answers`] gives them).
 pub fn distillation<B: Backend>(
-    logits: Tensor<B, 3>,
-    target: Tensor<B, 3>,
-    batch: &TrainBatch<B>,
+    logits: Tensor<B, 2>,
+    target: Tensor<B, 2>,
     temperature: f64,
 ) -> Tensor<B, 1> {
-    let [b, s, v] = logits.dims();
-    let device = logits.device();
-    if s < 2 {
-        return Tensor::zeros([1], &device);
+    let [n, _] = logits.dims();
+    if n == 0 {
+        return Tensor::zeros([1], &logits.device());
     }
-    let cut = |x: Tensor<B, 3>| {
-        x.cast(DType::F32)
-            .slice([0..b, 0..s - 1, 0..v])
-            .reshape([b * (s - 1), v])
-            / temperature
-    };
-    let keep = batch
-        .labels
-        .clone()
-        .slice([0..b, 1..s])
-        .reshape([b * (s - 1)])
-        .not_equal_elem(IGNORE_INDEX);
-    let count = keep.clone().int().sum().into_scalar();
-    let count: i64 = burn::tensor::ElementConversion::elem(count);
-    if count == 0 {
-        return Tensor::zeros([1], &device);
-    }
-    let log_p = activation::log_softmax(cut(target).detach(), 1);
-    let log_q = activation::log_softmax(cut(logits), 1);
-    let kl = (log_p.clone().exp() * (log_p - log_q))
-        .sum_dim(1)
-        .reshape([b * (s - 1)]);
-    kl.mask_fill(keep.bool_not(), 0.0).sum() * (temperature * temperature / count as f64)
+    let scale = |x: Tensor<B, 2>| x.cast(DType::F32) / temperature;
+    let log_p = activation::log_softmax(scale(target).detach(), 1);
+    let log_q = activation::log_softmax(scale(logits), 1);
+    let kl = (log_p.clone().exp() * (log_p - log_q)).sum();
+    kl * (temperature * temperature / n as f64)
 }

@@ -2,7 +2,9 @@
 //! a baseline's regulariser (EWC's penalty, LwF's distillation) when one is trained, with each
 //! term kept for logging.
 
-use burn::tensor::{DType, ElementConversion, Int, Tensor, activation, backend::Backend};
+use burn::tensor::{
+    DType, ElementConversion, Int, Tensor, TensorData, activation, backend::Backend,
+};
 use serde::{Deserialize, Serialize};
 
 /// Label value of positions without loss.
@@ -115,31 +117,87 @@ impl<B: Backend> LossTerms<B> {
     }
 }
 
-/// Mean next-token cross-entropy: position `i`'s logits predict label `i + 1`; labels equal to
-/// [`IGNORE_INDEX`] carry no loss. `None` when no position carries a label.
+/// The positions of a batch whose logits predict an answer token: position `i` of row `r`
+/// predicts label `i + 1`, and counts when that label is not [`IGNORE_INDEX`]. Rows of the
+/// batch flattened to `batch * seq` positions, with the token each predicts.
+///
+/// The training step computes logits (the `[hidden, vocab]` head and its softmax) at these
+/// positions only: every other position carries no loss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerTargets {
+    rows: Vec<i64>,
+    tokens: Vec<i64>,
+}
+
+impl AnswerTargets {
+    /// The answer positions of `labels` (`[batch, seq]`; reads them from the device).
+    pub fn from_labels<B: Backend>(labels: &Tensor<B, 2, Int>) -> Self {
+        let [_, s] = labels.dims();
+        let values = labels
+            .to_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("integer labels");
+        let mut rows = Vec::new();
+        let mut tokens = Vec::new();
+        for (flat, &label) in values.iter().enumerate() {
+            if flat % s != 0 && label != IGNORE_INDEX {
+                rows.push(flat as i64 - 1);
+                tokens.push(label);
+            }
+        }
+        Self { rows, tokens }
+    }
+
+    /// Number of answer positions.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no position carries a label.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The positions in `batch * seq` order.
+    pub fn rows(&self) -> &[i64] {
+        &self.rows
+    }
+
+    /// `x` (`[batch, seq, width]`) at the answer positions: `[answers, width]`.
+    pub fn select<B: Backend>(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, s, w] = x.dims();
+        let device = x.device();
+        let rows = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(self.rows.clone(), [self.rows.len()]),
+            &device,
+        );
+        x.reshape([b * s, w]).select(0, rows)
+    }
+
+    /// Mean cross-entropy of `logits` (`[answers, vocab]`, as [`Self::select`] gives them)
+    /// against the answer tokens, in f32 whatever the model's dtype. `None` when there are no
+    /// answer positions.
+    pub fn cross_entropy<B: Backend>(&self, logits: Tensor<B, 2>) -> Option<Tensor<B, 1>> {
+        if self.is_empty() {
+            return None;
+        }
+        let n = self.len();
+        let device = logits.device();
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(self.tokens.clone(), [n, 1]), &device);
+        let picked = activation::log_softmax(logits.cast(DType::F32), 1).gather(1, tokens);
+        Some(picked.sum().neg() / n as f64)
+    }
+}
+
+/// Mean next-token cross-entropy of full logits (`[batch, seq, vocab]`): position `i`'s logits
+/// predict label `i + 1`; labels equal to [`IGNORE_INDEX`] carry no loss. `None` when no
+/// position carries a label.
 pub fn causal_lm_loss<B: Backend>(
     logits: Tensor<B, 3>,
     labels: Tensor<B, 2, Int>,
 ) -> Option<Tensor<B, 1>> {
-    let [b, s, v] = logits.dims();
-    if s < 2 {
-        return None;
-    }
-    // In f32 whatever the model's dtype (a bf16 base gives bf16 logits).
-    let logits = logits
-        .cast(DType::F32)
-        .slice([0..b, 0..s - 1, 0..v])
-        .reshape([b * (s - 1), v]);
-    let labels = labels.slice([0..b, 1..s]).reshape([b * (s - 1)]);
-    let keep = labels.clone().not_equal_elem(IGNORE_INDEX);
-    let count = keep.clone().int().sum().into_scalar().elem::<i64>();
-    if count == 0 {
-        return None;
-    }
-    let targets = labels.clamp_min(0).unsqueeze_dim::<2>(1);
-    let log_probs = activation::log_softmax(logits, 1)
-        .gather(1, targets)
-        .reshape([b * (s - 1)]);
-    let picked = log_probs.mask_fill(keep.bool_not(), 0.0);
-    Some(picked.sum().neg() / count as f64)
+    let answers = AnswerTargets::from_labels(&labels);
+    answers.cross_entropy(answers.select(logits))
 }

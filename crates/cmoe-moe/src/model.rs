@@ -9,6 +9,7 @@ use cmoe_llava::llama::{LlamaMlp, MlpOverride};
 use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with};
 use serde::{Deserialize, Serialize};
 
+use crate::loss::AnswerTargets;
 use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn};
 use crate::ptl::PtlFeature;
 
@@ -76,9 +77,10 @@ pub struct CmoeModel<B: Backend> {
 
 /// Logits and what every MoE layer's routing did.
 #[derive(Debug, Clone)]
-pub struct CmoeOutput<B: Backend> {
-    /// `[batch, seq, vocab]`.
-    pub logits: Tensor<B, 3>,
+pub struct CmoeOutput<B: Backend, const D: usize = 3> {
+    /// `[batch, seq, vocab]` ([`CmoeModel::forward`]) or `[answers, vocab]`
+    /// ([`CmoeModel::forward_answers`]).
+    pub logits: Tensor<B, D>,
     /// One entry per decoder layer, in order.
     pub routing: Vec<LayerRouting<B>>,
 }
@@ -121,13 +123,40 @@ impl<B: Backend> CmoeModel<B> {
     /// Forward with task `task`'s routers. Padding positions (attention mask 0) are not sent
     /// to the experts and do not count in the routing statistics or the aux loss.
     pub fn forward(&self, input: LlavaInput<B>, task: usize) -> Result<CmoeOutput<B>, LlavaError> {
+        let (hidden, routing) = self.hidden(input, task)?;
+        Ok(CmoeOutput {
+            logits: self.base.language_model.logits(hidden),
+            routing,
+        })
+    }
+
+    /// [`Self::forward`] with logits at the answer positions only (`[answers, vocab]`): what
+    /// the training objective reads, without the vocabulary head and softmax elsewhere.
+    pub fn forward_answers(
+        &self,
+        input: LlavaInput<B>,
+        task: usize,
+        answers: &AnswerTargets,
+    ) -> Result<CmoeOutput<B, 2>, LlavaError> {
+        let (hidden, routing) = self.hidden(input, task)?;
+        let picked = answers.select(hidden).unsqueeze_dim::<3>(0);
+        let logits = self.base.language_model.logits(picked);
+        let [_, n, vocab] = logits.dims();
+        Ok(CmoeOutput {
+            logits: logits.reshape([n, vocab]),
+            routing,
+        })
+    }
+
+    /// The final hidden states with task `task`'s routers, and the routing of every layer.
+    fn hidden(
+        &self,
+        input: LlavaInput<B>,
+        task: usize,
+    ) -> Result<(Tensor<B, 3>, Vec<LayerRouting<B>>), LlavaError> {
         let routed = self.routed(task, true, real_tokens(&input))?;
         let hidden = self.base.forward_hidden_with(input, None, Some(&routed))?;
-        let logits = self.base.language_model.logits(hidden);
-        Ok(CmoeOutput {
-            logits,
-            routing: routed.routing.into_inner(),
-        })
+        Ok((hidden, routed.routing.into_inner()))
     }
 
     /// Generates answers with task `task`'s routers (KV-cached; see [`cmoe_llava::generate`]).

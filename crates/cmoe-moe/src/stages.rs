@@ -24,7 +24,7 @@ use burn::tensor::{Int, Tensor};
 use cmoe_llava::{LlavaError, LlavaInput};
 
 use crate::data_parallel::Replicas;
-use crate::loss::{LossTerms, LossValues, LossWeights, causal_lm_loss};
+use crate::loss::{AnswerTargets, LossTerms, LossValues, LossWeights};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
 use crate::pgke::{ActivationStats, ExpansionPlan};
@@ -157,13 +157,14 @@ pub struct StageSnapshot<'a, B: AutodiffBackend> {
 /// An extra term of a stage's objective beside `CE + lambda KL + eta rec + kappa aux`: a
 /// baseline's regulariser (EWC's penalty, LwF's distillation; see [`crate::baselines`]).
 pub trait Penalty<B: AutodiffBackend>: Sync {
-    /// The weighted term for one micro-batch, from the model being trained, the batch and the
-    /// model's logits on it.
+    /// The weighted term for one micro-batch, from the model being trained, the batch, its
+    /// answer positions and the model's logits there (`[answers, vocab]`).
     fn term(
         &self,
         model: &CmoeModel<B>,
         batch: &TrainBatch<B>,
-        logits: &Tensor<B, 3>,
+        answers: &AnswerTargets,
+        logits: &Tensor<B, 2>,
     ) -> Result<Tensor<B, 1>, StageError>;
 }
 
@@ -587,6 +588,10 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                 batch,
                 features,
             } = item;
+            let answers = AnswerTargets::from_labels(&batch.labels);
+            if answers.is_empty() {
+                return Err(StageError::NoLabels(position));
+            }
             let (out, penalty, held, fresh) = std::thread::scope(|scope| {
                 let pending = match (&frozen, vae, &features) {
                     (Some(frozen), Some((_, (_, feature))), None) => {
@@ -595,11 +600,12 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                     }
                     _ => None,
                 };
-                let trained = model.forward(batch.input.clone(), self.task);
-                let fresh = pending.map(|handle| handle.join().expect("the PTL feature pass panicked"));
+                let trained = model.forward_answers(batch.input.clone(), self.task, &answers);
+                let fresh =
+                    pending.map(|handle| handle.join().expect("the PTL feature pass panicked"));
                 let out = trained?;
                 let penalty = match self.penalty {
-                    Some(penalty) => Some(penalty.term(model, &batch, &out.logits)?),
+                    Some(penalty) => Some(penalty.term(model, &batch, &answers, &out.logits)?),
                     None => None,
                 };
                 Ok::<_, StageError>((out, penalty, features, fresh))
@@ -620,8 +626,9 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                 }
                 None => (None, None),
             };
-            let ce =
-                causal_lm_loss(out.logits, batch.labels).ok_or(StageError::NoLabels(position))?;
+            let ce = answers
+                .cross_entropy(out.logits)
+                .ok_or(StageError::NoLabels(position))?;
             let layers = out.routing.len().max(1) as f64;
             let aux = out
                 .routing

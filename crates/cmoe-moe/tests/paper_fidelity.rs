@@ -6,7 +6,8 @@
 //! - PGKE adds the configured number of experts per selected layer, the ablations the same;
 //!   "w/o extension" adds none and retrains every expert;
 //! - EWC's penalty is zero at the consolidated parameters and grows quadratically away from
-//!   them; LwF's target is the frozen previous model's output.
+//!   them; LwF's target is the frozen previous model's output at the answer positions, and the
+//!   answer-position logits and cross-entropy equal the full forward's there.
 
 use std::path::Path;
 
@@ -18,6 +19,7 @@ use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::baselines::{Ewc, Lwf, distillation};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
+use cmoe_moe::loss::{AnswerTargets, causal_lm_loss};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
@@ -351,16 +353,20 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
     let batches = [batch::<Be>(0, 0, &device), batch::<Be>(2, 3, &device)];
     let mut ewc = Ewc::<Be>::new(10.0, 1.0);
     let probe = batch::<Be>(4, 0, &device);
-    let logits = model.forward(probe.input.clone(), 0).unwrap().logits;
+    let answers = AnswerTargets::from_labels(&probe.labels);
+    let logits = model
+        .forward_answers(probe.input.clone(), 0, &answers)
+        .unwrap()
+        .logits;
     assert_eq!(
-        scalar(ewc.term(&model, &probe, &logits).unwrap()),
+        scalar(ewc.term(&model, &probe, &answers, &logits).unwrap()),
         0.0,
         "no penalty before a consolidation"
     );
     ewc.consolidate(&model, &mut Cycle::new(&batches), 2)
         .unwrap();
     assert!(ewc.is_active());
-    let at_anchor = scalar(ewc.term(&model, &probe, &logits).unwrap());
+    let at_anchor = scalar(ewc.term(&model, &probe, &answers, &logits).unwrap());
     assert_eq!(at_anchor, 0.0, "the penalty at the consolidated parameters");
     // Move the routers (whose Fisher is not zero) by `step`.
     let moved = |step: f64| {
@@ -370,7 +376,7 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
             layer.routers.routers[0].weight =
                 Param::from_tensor((w.clone().detach() + step).detach());
         }
-        scalar(ewc.term(&m, &probe, &logits).unwrap())
+        scalar(ewc.term(&m, &probe, &answers, &logits).unwrap())
     };
     let (one, two) = (moved(0.01), moved(0.02));
     assert!(one > 0.0, "the penalty does not grow away from the anchor");
@@ -385,7 +391,7 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
         layer.routers.routers[0].weight =
             Param::from_tensor((w.detach() + 0.01).detach()).set_require_grad(true);
     }
-    let grads = ewc.term(&m, &probe, &logits).unwrap().backward();
+    let grads = ewc.term(&m, &probe, &answers, &logits).unwrap().backward();
     assert!(
         m.moe[0].routers.routers[0]
             .weight
@@ -404,39 +410,55 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     );
     let lwf = Lwf::new(&previous, 1.0, 2.0);
     let probe = batch::<Be>(8, 2, &device);
-    let expected = previous
+    let answers = AnswerTargets::from_labels(&probe.labels);
+    // Every row's answer occupies labels 26..32: positions 25..31 predict it.
+    let [b, s] = probe.labels.dims();
+    let expected_rows: Vec<i64> = (0..b)
+        .flat_map(|r| (25..31).map(move |p| (r * s + p) as i64))
+        .collect();
+    assert_eq!(answers.rows(), &expected_rows[..]);
+    // The target is the frozen model's full output at those positions.
+    let full = previous
         .valid()
         .forward(probe.clone().inner().input, 0)
         .unwrap()
         .logits;
+    let target = lwf.teacher_logits(&probe, &answers).unwrap();
+    let expected = answers.select(full);
+    assert_eq!(target.dims(), expected.dims());
+    let gap = (target - expected).abs().max().into_scalar().elem::<f32>();
+    assert!(
+        gap < 1e-4,
+        "answer logits differ from the full logits there by {gap}"
+    );
     // The model moves on; the target does not.
     let current = with_active_experts(previous.clone(), &device);
-    let target = lwf.teacher_logits(&probe).unwrap();
-    assert_eq!(target.clone().into_data(), expected.into_data());
-    let own = current.forward(probe.input.clone(), 0).unwrap().logits;
-    assert!(scalar(lwf.term(&current, &probe, &own).unwrap()) > 0.0);
-    let same = previous.forward(probe.input.clone(), 0).unwrap().logits;
-    let kl = scalar(lwf.term(&previous, &probe, &same).unwrap());
+    let logits = |m: &CmoeModel<Be>| {
+        m.forward_answers(probe.input.clone(), 0, &answers)
+            .unwrap()
+            .logits
+    };
+    assert!(
+        scalar(
+            lwf.term(&current, &probe, &answers, &logits(&current))
+                .unwrap()
+        ) > 0.0
+    );
+    let kl = scalar(
+        lwf.term(&previous, &probe, &answers, &logits(&previous))
+            .unwrap(),
+    );
     assert!(
         kl.abs() < 1e-6,
         "the distillation of the teacher itself: {kl}"
     );
-    // Only answer positions count: a target that differs elsewhere changes nothing.
-    let [b, s, v] = same.dims();
-    let mask: Vec<f32> = (0..b * s * v)
-        .map(|i| {
-            let pos = (i / v) % s;
-            // Position p predicts label p + 1; answers start at 26.
-            if pos + 1 >= 26 && pos + 1 < 32 {
-                0.0
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let noise = Tensor::<Be, 3>::from_data(TensorData::new(mask, [b, s, v]), &device) * 3.0;
-    let elsewhere = distillation(same.clone() + noise, same.clone(), &probe, 2.0);
-    assert!(scalar(elsewhere).abs() < 1e-6);
+    // The cross-entropy on answer logits is the full causal loss.
+    let same = logits(&previous);
+    let full = previous.forward(probe.input.clone(), 0).unwrap().logits;
+    let ce = scalar(answers.cross_entropy(same.clone()).unwrap());
+    let reference = scalar(causal_lm_loss(full, probe.labels.clone()).unwrap());
+    assert!((ce - reference).abs() < 1e-5, "{ce} against {reference}");
+    assert!(scalar(distillation(same.clone() * 1.5, same, 2.0)) > 0.0);
 }
 
 macro_rules! on_backend {
