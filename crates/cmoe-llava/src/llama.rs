@@ -250,8 +250,14 @@ impl<B: Backend> LlamaForCausalLm<B> {
         let [_, seq, _] = embeds.dims();
         let head_dim = self.model.layers[0].self_attn.head_dim;
         let heads = self.model.layers[0].self_attn.num_heads;
+        let kv_heads = self.model.layers[0].self_attn.num_kv_heads;
         let positions = positions_from_mask(attention_mask.clone(), seq);
-        let rope = RopeTables::new(positions, head_dim, self.model.rope_theta);
+        let rope = RopeTables::new(
+            positions,
+            head_dim,
+            self.model.rope_theta,
+            &[heads, kv_heads],
+        );
         let mask = attention_block_mask(attention_mask, seq, heads);
         let mut x = embeds;
         for (i, layer) in self.model.layers.iter().enumerate() {

@@ -7,18 +7,20 @@ use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 /// `cos` and `sin` tables for a batch of explicit positions.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
-    /// `[batch, seq, 1, head_dim]`.
-    cos: Tensor<B, 4>,
-    /// `[batch, seq, 1, head_dim]`.
-    sin: Tensor<B, 4>,
+    /// `(cos, sin)`, each `[batch, seq, heads, head_dim]` and contiguous, for each head count
+    /// the tables were built for: an element-wise product with a same-shaped contiguous
+    /// operand runs on flat slices, where one broadcast over the heads would walk strided
+    /// views element by element (forward and backward).
+    per_heads: Vec<(usize, Tensor<B, 4>, Tensor<B, 4>)>,
     /// `rotate_half` as a `[head_dim, head_dim]` signed permutation:
     /// `x R = [-x2, x1]`, exact (one non-zero per column).
     rotate: Tensor<B, 2>,
 }
 
 impl<B: Backend> RopeTables<B> {
-    /// Tables for `positions` `[batch, seq]`.
-    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64) -> Self {
+    /// Tables for `positions` `[batch, seq]`, laid out for the head counts in `heads` (the
+    /// query heads and the key heads of a layer).
+    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64, heads: &[usize]) -> Self {
         let device = positions.device();
         let [batch, seq] = positions.dims();
         let half = head_dim / 2;
@@ -29,14 +31,21 @@ impl<B: Backend> RopeTables<B> {
             Tensor::<B, 1>::from_floats(inv_freq.as_slice(), &device).reshape([1, 1, half]);
         let freqs = positions.float().reshape([batch, seq, 1]) * inv_freq; // [b, s, half]
         let angles = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(2);
+        let (cos, sin) = (angles.clone().cos(), angles.sin()); // [b, s, 1, head_dim]
+        let mut per_heads = Vec::new();
+        for &h in heads {
+            if per_heads.iter().all(|(known, _, _)| *known != h) {
+                let spread = |t: &Tensor<B, 4>| Tensor::cat(vec![t.clone(); h], 2);
+                per_heads.push((h, spread(&cos), spread(&sin)));
+            }
+        }
         let mut rotate = vec![0f32; head_dim * head_dim];
         for j in 0..half {
             rotate[(j + half) * head_dim + j] = -1.0; // output j takes -x2[j]
             rotate[j * head_dim + j + half] = 1.0; // output half + j takes x1[j]
         }
         Self {
-            cos: angles.clone().cos(),
-            sin: angles.sin(),
+            per_heads,
             rotate: Tensor::from_data(TensorData::new(rotate, [head_dim, head_dim]), &device),
         }
     }
@@ -52,6 +61,21 @@ impl<B: Backend> RopeTables<B> {
             .reshape([b * s * h, d])
             .matmul(self.rotate.clone().cast(dtype))
             .reshape([b, s, h, d]);
-        x * self.cos.clone().cast(dtype) + rotated * self.sin.clone().cast(dtype)
+        let (_, cos, sin) = self
+            .per_heads
+            .iter()
+            .find(|(heads, _, _)| *heads == h)
+            .unwrap_or_else(|| {
+                panic!(
+                    "RoPE tables were built for {:?} heads, not {h}",
+                    self.heads()
+                )
+            });
+        x * cos.clone().cast(dtype) + rotated * sin.clone().cast(dtype)
+    }
+
+    /// The head counts the tables were built for.
+    fn heads(&self) -> Vec<usize> {
+        self.per_heads.iter().map(|(h, _, _)| *h).collect()
     }
 }
