@@ -188,8 +188,12 @@ def build(config, experts, routers):
     return model, moes
 
 
-def ce_loss(logits, labels):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+def answer_loss(model, ids, pixels, labels):
+    """Cross-entropy of the answers, with logits computed only where they are read (the last
+    ANSWER + 1 positions: `logits_to_keep`), as the Burn step computes them at the answer
+    positions only."""
+    logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=ANSWER + 1).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -ANSWER:].reshape(-1))
 
 
 def sync():
@@ -224,8 +228,7 @@ def cmoe_stage(config, batches):
                     memory[i] = hidden[:, -ANSWER - 1].clone()
             for moe in moes:
                 moe.aux = []
-            logits = model(input_ids=ids, pixel_values=pixels).logits
-            ce = ce_loss(logits, labels)
+            ce = answer_loss(model, ids, pixels, labels)
             aux = torch.stack([a for moe in moes for a in moe.aux]).mean()
             rec, kl = vae.loss(memory[i])
             loss = ce + 1e-3 * (kl + rec) + 1e-3 * aux
@@ -259,8 +262,7 @@ def lora_stage(config, batches):
     steps = 0
     for _epoch in range(2):
         for ids, pixels, labels in batches:
-            logits = model(input_ids=ids, pixel_values=pixels).logits
-            loss = ce_loss(logits, labels)
+            loss = answer_loss(model, ids, pixels, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
