@@ -257,6 +257,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
             head_dim,
             self.model.rope_theta,
             &[heads, kv_heads],
+            embeds.dtype(),
         );
         let mask = attention_block_mask(attention_mask, seq, heads);
         let mut x = embeds;

@@ -2,7 +2,7 @@
 //! halves `[x1, x2]` and rotated as `[x1 cos - x2 sin, x2 cos + x1 sin]` (not interleaved pairs,
 //! which is what `burn::nn::RotaryEncoding` implements).
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 
 /// `cos` and `sin` tables for a batch of explicit positions.
 #[derive(Debug, Clone)]
@@ -19,8 +19,15 @@ pub struct RopeTables<B: Backend> {
 
 impl<B: Backend> RopeTables<B> {
     /// Tables for `positions` `[batch, seq]`, laid out for the head counts in `heads` (the
-    /// query heads and the key heads of a layer).
-    pub fn new(positions: Tensor<B, 2, Int>, head_dim: usize, theta: f64, heads: &[usize]) -> Self {
+    /// query heads and the key heads of a layer), computed in f32 and stored in `dtype` (the
+    /// model's), so that no layer makes its own cast copy.
+    pub fn new(
+        positions: Tensor<B, 2, Int>,
+        head_dim: usize,
+        theta: f64,
+        heads: &[usize],
+        dtype: DType,
+    ) -> Self {
         let device = positions.device();
         let [batch, seq] = positions.dims();
         let half = head_dim / 2;
@@ -35,7 +42,7 @@ impl<B: Backend> RopeTables<B> {
         let mut per_heads = Vec::new();
         for &h in heads {
             if per_heads.iter().all(|(known, _, _)| *known != h) {
-                let spread = |t: &Tensor<B, 4>| Tensor::cat(vec![t.clone(); h], 2);
+                let spread = |t: &Tensor<B, 4>| Tensor::cat(vec![t.clone(); h], 2).cast(dtype);
                 per_heads.push((h, spread(&cos), spread(&sin)));
             }
         }
@@ -46,13 +53,17 @@ impl<B: Backend> RopeTables<B> {
         }
         Self {
             per_heads,
-            rotate: Tensor::from_data(TensorData::new(rotate, [head_dim, head_dim]), &device),
+            rotate: Tensor::<B, 2>::from_data(
+                TensorData::new(rotate, [head_dim, head_dim]),
+                &device,
+            )
+            .cast(dtype),
         }
     }
 
     /// Rotates `x` `[batch, seq, heads, head_dim]` (the layout a projection's output has, so
-    /// that every operation here runs on contiguous data; the tables, computed in f32, are
-    /// cast to `x`'s dtype).
+    /// that every operation here runs on contiguous data; the tables are cast to `x`'s dtype,
+    /// a no-op when it is the one they were built in).
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, s, h, d] = x.dims();
         let dtype = x.dtype();
