@@ -403,20 +403,22 @@ fn train_batches<B: Backend>(
         .collect()
 }
 
-/// Mean seconds per step of a stage of `steps` steps from `model` over `batches`.
+/// Mean seconds per step of a stage of `steps` steps from `model` over `batches`, each step
+/// one micro-batch per device of `devices` (replicas in threads of their own).
 fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
     model: cmoe_moe::model::CmoeModel<AD>,
     vae: Option<cmoe_moe::stages::VaeFit<AD>>,
     task: usize,
     batches: &[cmoe_moe::stages::TrainBatch<AD>],
     steps: usize,
+    devices: &[AD::Device],
 ) -> anyhow::Result<f64> {
     use cmoe_moe::stages::{StageConfig, StageControl, train_stage_with};
     let config = StageConfig {
         lr: 1e-3,
         warmup_ratio: 0.03,
         steps,
-        accumulation: 1,
+        accumulation: devices.len(),
         weight_decay: 0.0,
         loss: Default::default(),
         seed: Some(0),
@@ -429,7 +431,7 @@ fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
         task,
         &mut source,
         &config,
-        StageControl::none(),
+        StageControl::on(devices),
         |_, _| {},
     )?;
     // The last step's update has been computed once its parameters are read.
@@ -449,6 +451,9 @@ pub struct ContinualBenchTask {
     pub eval_batch: usize,
     /// Expert and VAE sizes.
     pub settings: ContinualSettings,
+    /// Replicas of the model training side by side (each step's samples dealt over them), as
+    /// the runner uses on this backend.
+    pub replicas: usize,
 }
 
 impl BackendTask for ContinualBenchTask {
@@ -465,9 +470,16 @@ impl BackendTask for ContinualBenchTask {
         let layers = config.text_config.num_hidden_layers;
         let hidden = config.text_config.hidden_size;
         let seq = 1 + config.image_tokens_per_image() + case.text_tokens;
-        // Two epochs over 4 batches.
-        let batches = train_batches::<AD<B>>(&config, case, 4, &device);
-        let steps = 2 * batches.len();
+        // Two epochs over 4 steps, each step's samples dealt over the replicas as the runner
+        // deals them: `replicas` micro-batches of `batch / replicas` samples.
+        let replicas = self.replicas.clamp(1, case.batch);
+        let micro_case = BenchCase {
+            batch: case.batch / replicas,
+            ..case.clone()
+        };
+        let batches = train_batches::<AD<B>>(&config, &micro_case, 4 * replicas, &device);
+        let steps = 2 * 4;
+        let devices = vec![device.clone(); replicas];
 
         // (a) LLaVA-CMoE, a task after the first: task 1's new expert in every layer and its
         // router train with the VAE; the initial experts and router 0 are frozen.
@@ -480,10 +492,11 @@ impl BackendTask for ContinualBenchTask {
             Ok(set_trainable(model, 1, &vec![initial..initial + 1; layers]))
         };
         let vae = || Some(VaeFit::new(self.settings.ptl(), hidden, &device));
-        stage_step_seconds(cmoe_model()?, vae(), 1, &batches[..1], 1)?; // warm-up
+        let warm_up = &batches[..replicas];
+        stage_step_seconds(cmoe_model()?, vae(), 1, warm_up, 1, &devices)?;
         let cmoe_step_s = median(
             (0..self.repeats)
-                .map(|_| stage_step_seconds(cmoe_model()?, vae(), 1, &batches, steps))
+                .map(|_| stage_step_seconds(cmoe_model()?, vae(), 1, &batches, steps, &devices))
                 .collect::<anyhow::Result<_>>()?,
         );
 
@@ -493,10 +506,10 @@ impl BackendTask for ContinualBenchTask {
             let model = CmoeModel::new(config.init::<AD<B>>(&device), &lora, &device);
             set_trainable(model, 0, &vec![0..1; layers])
         };
-        stage_step_seconds(lora_model(), None, 0, &batches[..1], 1)?;
+        stage_step_seconds(lora_model(), None, 0, warm_up, 1, &devices)?;
         let lora_step_s = median(
             (0..self.repeats)
-                .map(|_| stage_step_seconds(lora_model(), None, 0, &batches, steps))
+                .map(|_| stage_step_seconds(lora_model(), None, 0, &batches, steps, &devices))
                 .collect::<anyhow::Result<_>>()?,
         );
 
@@ -510,7 +523,7 @@ impl BackendTask for ContinualBenchTask {
             eval_s,
             eval_questions: self.eval_questions,
             eval_new_tokens: case.new_tokens,
-            step_tokens: case.batch * seq,
+            step_tokens: micro_case.batch * replicas * seq,
         })
     }
 }

@@ -111,6 +111,10 @@ enum Task {
         /// Where the JSON and Markdown results go.
         #[arg(long, default_value = "runs/bench")]
         out: PathBuf,
+        /// Benchmark this `cmoe` binary (built with the backend's feature) instead of
+        /// building one, e.g. the test build's `target/release/cmoe`.
+        #[arg(long, env = "CMOE_BIN")]
+        cmoe: Option<PathBuf>,
     },
 }
 
@@ -157,7 +161,14 @@ fn main() -> anyhow::Result<()> {
             repeats,
             python,
             out,
-        } => bench(&backend, &cases, repeats, &python, &out),
+            cmoe,
+        } => {
+            let cmoe = match cmoe {
+                Some(path) => path,
+                None => build_cmoe(&backend)?,
+            };
+            bench(&cmoe, &backend, &cases, repeats, &python, &out)
+        }
         Task::Train { backend, args } => run_cmoe(&backend, "train", &args),
         Task::Pretrain { backend, args } => run_cmoe(&backend, "pretrain", &args),
         Task::Import { backend, args } => run_cmoe(&backend, "import", &args),
@@ -275,13 +286,13 @@ fn has_torch(python: &str) -> bool {
 }
 
 fn bench(
+    cmoe: &Path,
     backend: &str,
     names: &[String],
     repeats: usize,
     python: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let cmoe = build_cmoe(backend)?;
     let torch = has_torch(python);
     if !torch {
         eprintln!(

@@ -71,6 +71,15 @@ impl<B: AutodiffBackend> Replicas<B> {
         self.copies.len() + 1
     }
 
+    /// Whether two replicas share one device (several replicas on the one CPU device): they
+    /// then share its random generator too.
+    pub fn share_a_device(&self) -> bool {
+        self.devices
+            .iter()
+            .enumerate()
+            .any(|(i, device)| self.devices[..i].contains(device))
+    }
+
     /// Runs `work` on every device at once, `shards[d]` on device `d`: the first on this thread
     /// with `model` and `vae`, the others on their replicas in threads of their own. Returns
     /// the results in device order.

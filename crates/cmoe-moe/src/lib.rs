@@ -25,6 +25,7 @@ pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod moe_ffn;
+pub mod noise;
 pub mod pgke;
 pub mod ptl;
 pub mod router;

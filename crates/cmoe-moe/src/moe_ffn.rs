@@ -16,6 +16,7 @@ use cmoe_llava::llama::LlamaMlp;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraExpert;
+use crate::noise;
 use crate::router::{RouterBank, TaskRouter};
 
 /// Which projections of the FFN carry experts.
@@ -294,13 +295,13 @@ impl<B: Backend> MoeLoraFfn<B> {
         let flat32 = flat.clone().cast(DType::F32);
         let (routes, routing) = self.route(self.routers.get(task), flat32.clone(), real);
         let dispatch = self.dispatch(&routes, &flat.device());
-        let input = self.dropout.forward(flat32);
+        let input = noise::dropout(&self.dropout, flat32);
         let gate = base.gate_proj.forward(flat.clone());
         let gate = self.add_expert_deltas(gate, &input, &dispatch, |e| e.gate.as_ref());
         let up = base.up_proj.forward(flat);
         let up = self.add_expert_deltas(up, &input, &dispatch, |e| e.up.as_ref());
         let hidden = base.activation.forward(gate) * up;
-        let input = self.dropout.forward(hidden.clone().cast(DType::F32));
+        let input = noise::dropout(&self.dropout, hidden.clone().cast(DType::F32));
         let down = base.down_proj.forward(hidden);
         let down = self.add_expert_deltas(down, &input, &dispatch, |e| e.down.as_ref());
         (down.reshape([b, s, d]), routing)

@@ -12,10 +12,12 @@ use std::collections::VecDeque;
 
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Distribution, Tensor, TensorData, activation, backend::Backend};
+use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+use crate::noise;
 
 /// Softplus floor keeping standard deviations away from zero.
 const MIN_SIGMA: f64 = 1e-4;
@@ -207,11 +209,7 @@ impl<B: Backend> TaskVae<B> {
     pub fn loss(&self, features: Tensor<B, 2>, n_rep: usize) -> VaeLoss<B> {
         let (mu, sigma) = self.encode(features.clone());
         let latent = mu.dims()[1];
-        let eps = Tensor::random(
-            [n_rep, latent],
-            Distribution::Normal(0.0, 1.0),
-            &mu.device(),
-        );
+        let eps = noise::standard_normal([n_rep, latent], &mu.device());
         let log_p = self.log_likelihood_given(features, mu.clone(), sigma.clone(), eps);
         let kl = (mu.powi_scalar(2) + sigma.clone().powi_scalar(2) - 1.0 - sigma.log() * 2.0)
             .sum_dim(1)

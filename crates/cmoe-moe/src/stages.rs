@@ -27,6 +27,7 @@ use crate::data_parallel::Replicas;
 use crate::loss::{AnswerTargets, LossTerms, LossValues, LossWeights};
 use crate::model::CmoeModel;
 use crate::moe_ffn::FfnExpert;
+use crate::noise::NoiseStream;
 use crate::pgke::{ActivationStats, ExpansionPlan};
 use crate::ptl::{BankEntry, FeatureMemory, PtlConfig, PtlFeature, StackedVaes, TaskVae};
 use crate::source::BatchSource;
@@ -390,8 +391,10 @@ pub fn train_stage_with<B: AutodiffBackend>(
         )));
     }
     for step in start..config.steps {
-        if let Some(seed) = config.seed {
-            let step_seed = seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let step_seed = config
+            .seed
+            .map(|seed| seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if let Some(step_seed) = step_seed {
             B::seed(&device, step_seed);
             // Every other distinct device its own stream (replicas sharing the first device
             // share its generator).
@@ -437,6 +440,9 @@ pub fn train_stage_with<B: AutodiffBackend>(
             step,
             lr,
             penalty: control.penalty,
+            noise_seed: replicas
+                .share_a_device()
+                .then(|| step_seed.unwrap_or_else(rand::random)),
         };
         let outputs = replicas.run(
             &model,
@@ -502,6 +508,12 @@ pub fn train_stage_with<B: AutodiffBackend>(
             })?;
         }
     }
+    if let Some(seed) = config.seed {
+        // What is drawn after the stage (new experts, router columns) depends on the seed
+        // alone, not on how many draws the stage made from the device's generator (none when
+        // replicas drew from their own streams).
+        B::seed(&device, seed ^ 0x94D0_49BB_1331_11EB);
+    }
     Ok((model, vae))
 }
 
@@ -561,6 +573,9 @@ struct ShardContext<'a, B: AutodiffBackend> {
     step: usize,
     lr: f64,
     penalty: Option<&'a dyn Penalty<B>>,
+    /// When replicas share a device: the seed of the step's per-micro-batch noise streams
+    /// (see [`crate::noise`]), so that the draws do not depend on thread timing.
+    noise_seed: Option<u64>,
 }
 
 impl<B: AutodiffBackend> ShardContext<'_, B> {
@@ -592,6 +607,9 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             if answers.is_empty() {
                 return Err(StageError::NoLabels(position));
             }
+            let _stream = self.noise_seed.map(|seed| {
+                NoiseStream::install(seed ^ (index as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9))
+            });
             let (out, penalty, held, fresh) = std::thread::scope(|scope| {
                 let pending = match (&frozen, vae, &features) {
                     (Some(frozen), Some((_, (_, feature))), None) => {

@@ -137,6 +137,58 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>(two: [AD::Device; 
     );
 }
 
+/// With LoRA dropout and a VAE, two replicas sharing one CPU device draw from per-micro-batch
+/// streams: a seeded stage repeats, whichever replica's thread draws first. (Up to float sums:
+/// ndarray's rayon reductions split work by what the other thread leaves free. Draws taken in
+/// thread order would move the losses by percents.)
+fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+    let device = two[0].clone();
+    let moe = MoeConfig {
+        dropout: 0.3,
+        ..moe_config()
+    };
+    let start = CmoeModel::new(tiny_base::<AD>(&device), &moe, &device);
+    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let width = batch_features(&start, &batches[0], 0, PtlFeature::Last)
+        .unwrap()
+        .dims()[1];
+    // Each step's CE and the VAE's reconstruction term.
+    let run = |seed: u64| {
+        AD::seed(&device, 1); // the VAE's initial weights
+        let vae = VaeFit::new(PtlConfig::default(), width, &device);
+        let mut losses = Vec::new();
+        train_stage_with(
+            start.clone(),
+            Some(vae),
+            0,
+            &mut Cycle::new(&batches),
+            &StageConfig {
+                seed: Some(seed),
+                steps: 4,
+                ..stage(2)
+            },
+            StageControl::on(&two),
+            |_, v| losses.extend([v.ce, v.rec]),
+        )
+        .unwrap();
+        losses
+    };
+    let largest_change = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((x - y) / x).abs())
+            .fold(0.0, f64::max)
+    };
+    let first = run(5);
+    for _ in 0..3 {
+        let again = run(5);
+        let change = largest_change(&first, &again);
+        assert!(change < 1e-5, "{first:?} vs {again:?}");
+    }
+    let other = largest_change(&first, &run(6));
+    assert!(other > 1e-3, "the seed does not reach the draws ({other})");
+}
+
 /// A stage fitting a VAE on `two` keeps the feature memory the one-device stage keeps.
 fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>(two: [AD::Device; 2]) {
     let device = two[0].clone();
@@ -298,6 +350,14 @@ macro_rules! on_backend {
             fn two_devices_make_the_one_device_steps() {
                 let _alone = super::alone();
                 super::two_devices_make_the_one_device_steps::<AD>(super::one_device_twice::<AD>());
+            }
+
+            #[test]
+            fn replicas_on_one_device_repeat_their_draws() {
+                let _alone = super::alone();
+                super::replicas_on_one_device_repeat_their_draws::<AD>(
+                    super::one_device_twice::<AD>(),
+                );
             }
 
             #[test]
