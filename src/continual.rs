@@ -394,8 +394,9 @@ impl RunConfig {
                 seed: 0x5EED,
                 feature: PtlFeature::Last,
             },
-            batch: 8,
-            accumulation: 1,
+            // A step of 8 samples as two micro-batches of 4: one per core on a CPU backend.
+            batch: 4,
+            accumulation: 2,
             base_dtype: Precision::F32,
             checkpoint_every: 25,
             epochs: 2,
@@ -430,6 +431,76 @@ impl RunConfig {
                 ..base
             },
         }
+    }
+
+    /// Refuses settings no run can use, naming the setting and its value (a TOML file or a
+    /// flag may set any of them).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("batch", self.batch),
+            ("accumulation", self.accumulation),
+            ("epochs", self.epochs),
+            ("eval_batch", self.eval_batch),
+            ("max_new_tokens", self.max_new_tokens),
+            ("probe_experts", self.probe_experts),
+            ("moe.rank", self.moe.rank),
+            ("moe.top_k", self.moe.top_k),
+            ("moe.initial_experts", self.moe.initial_experts),
+            ("ptl.hidden", self.ptl.hidden),
+            ("ptl.latent", self.ptl.latent),
+            ("ptl.n_rep", self.ptl.n_rep),
+            ("ptl.bank_instances", self.ptl.bank_instances),
+            ("ptl.fit_epochs", self.ptl.fit_epochs),
+            ("data.train_per_task", self.data.train_per_task),
+            ("data.test_per_task", self.data.test_per_task),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                anyhow::bail!("setting {name} = 0: it must be at least 1");
+            }
+        }
+        let rates = [
+            ("lr", Some(self.lr)),
+            ("probe_lr", Some(self.probe_lr)),
+            ("ptl.lr", self.ptl.lr),
+            ("moe.alpha", Some(self.moe.alpha)),
+        ];
+        for (name, value) in rates {
+            if let Some(v) = value
+                && !(v > 0.0 && v.is_finite())
+            {
+                anyhow::bail!("setting {name} = {v}: it must be a positive number");
+            }
+        }
+        if self.moe.top_k > self.moe.initial_experts {
+            anyhow::bail!(
+                "setting moe.top_k = {} is more than moe.initial_experts = {}: a token cannot \
+                 be routed to more experts than a layer has",
+                self.moe.top_k,
+                self.moe.initial_experts
+            );
+        }
+        let fractions = [
+            ("moe.dropout", self.moe.dropout, 0.0..1.0),
+            (
+                "probe_fraction",
+                self.probe_fraction,
+                f64::MIN_POSITIVE..1.0 + f64::EPSILON,
+            ),
+        ];
+        for (name, value, range) in fractions {
+            if !range.contains(&value) {
+                anyhow::bail!(
+                    "setting {name} = {value}: it must lie in [{}, {})",
+                    range.start,
+                    range.end
+                );
+            }
+        }
+        if !(self.alpha.is_finite() && self.alpha >= 0.0) {
+            anyhow::bail!("setting alpha = {}: it must be a number >= 0", self.alpha);
+        }
+        check_image_size(self.data.image_size)
     }
 
     /// The expert settings the method trains with: `moe`, except that sequential LoRA always
@@ -731,15 +802,53 @@ impl BackendTask for TrainTask {
 
 type AD<B> = Autodiff<B>;
 
+/// The Mini-CoIN image sizes the generator draws: 16 to 1024 pixels a side.
+pub fn check_image_size(size: u32) -> anyhow::Result<()> {
+    if !(16..=1024).contains(&size) {
+        anyhow::bail!("Mini-CoIN image size {size}: it must be 16 to 1024 pixels");
+    }
+    Ok(())
+}
+
+/// Whether `backend` (a backend's name) computes on the CPU (flex, ndarray).
+fn is_cpu_backend(backend: &str) -> bool {
+    [BackendKind::Flex, BackendKind::Ndarray]
+        .iter()
+        .any(|kind| kind.name() == backend)
+}
+
+/// How many replicas of the model train side by side on `backend` when no devices are named:
+/// one per core up to `most_replicas` on a CPU backend (whose operations on a small model mostly
+/// run on one core), one elsewhere.
+pub fn default_replicas(backend: &str, most_replicas: usize) -> usize {
+    if is_cpu_backend(backend) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.min(most_replicas).max(1)
+    } else {
+        1
+    }
+}
+
 /// The devices `indices` name on backend `B` (`backend` is its name), of the default device's
-/// kind; `[default]` when none are named.
+/// kind.
+///
+/// On a CPU backend (flex, ndarray) a device may be named several times: each naming is one
+/// replica of the model working in a thread of its own, since Burn's CPU backends run most
+/// operations of a small model on one core. With none named, a CPU backend gets one replica per
+/// core up to `most_replicas` (a step's micro-batches are dealt over them), any other backend
+/// its default device.
 fn training_devices<B: Backend>(
     indices: &[usize],
     backend: &str,
     default: &B::Device,
+    most_replicas: usize,
 ) -> anyhow::Result<Vec<B::Device>> {
+    let on_cpu = is_cpu_backend(backend);
     if indices.is_empty() {
-        return Ok(vec![default.clone()]);
+        return Ok(vec![
+            default.clone();
+            default_replicas(backend, most_replicas)
+        ]);
     }
     if indices.len() > 1 && backend == BackendKind::Wgpu.name() {
         anyhow::bail!(
@@ -756,8 +865,11 @@ fn training_devices<B: Backend>(
                 "--devices: there is no device {index}; backend {backend} has {available} device(s)"
             );
         }
-        if seen.contains(&index) {
-            anyhow::bail!("--devices: device {index} is named twice");
+        if seen.contains(&index) && !on_cpu {
+            anyhow::bail!(
+                "--devices: device {index} is named twice (only a CPU backend runs several \
+                 replicas on one device)"
+            );
         }
         seen.push(index);
     }
@@ -778,7 +890,13 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         stop_at_step,
         devices,
     } = task;
-    let devices = training_devices::<B>(&devices, &backend, device)?;
+    // EWC's and LwF's penalties are computed on one device (the stage refuses more).
+    let most_replicas = match config.method {
+        Method::Ewc | Method::Lwf => 1,
+        _ => config.accumulation.max(1),
+    };
+    config.check()?;
+    let devices = training_devices::<B>(&devices, &backend, device, most_replicas)?;
     if devices.len() > config.accumulation.max(1) {
         anyhow::bail!(
             "--devices: {} devices need at least as many micro-batches per step; set \
@@ -790,16 +908,24 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     }
     let device = &devices[0];
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // Held until this function returns (or the process dies): one run per folder.
+    let _lock = RunLock::acquire(&dir)?;
     let run_json = dir.join("run.json");
     let progress_json = dir.join("progress.json");
-    let mut progress: Progress = if resume && progress_json.exists() {
-        let saved: RunConfig = serde_json::from_str(&std::fs::read_to_string(&run_json)?)
-            .with_context(|| format!("{}: malformed run config", run_json.display()))?;
+    let mut progress: Progress = if resume {
+        if !run_json.exists() {
+            anyhow::bail!(
+                "{}: there is no run to resume (no run.json); start it without --resume",
+                dir.display()
+            );
+        }
+        let saved: RunConfig = read_run_file(&run_json)?;
         if saved != config {
             anyhow::bail!(
-                "{}: the run was started with other settings; resume it with the same \
+                "{}: the run was started with other settings ({}); resume it with the same \
                  arguments or start a new --name",
-                run_json.display()
+                run_json.display(),
+                settings_diff(&saved, &config)?
             );
         }
         // The checkpoint's own copy (saved with the state, in one swap) is the resume point.
@@ -811,17 +937,27 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
                 .with_context(|| format!("cannot restore {}", previous.display()))?;
         }
         let checkpoint = state_dir.join("progress.json");
-        let path = if checkpoint.exists() {
-            checkpoint
+        if checkpoint.exists() {
+            read_run_file(&checkpoint)?
+        } else if progress_json.exists() {
+            read_run_file(&progress_json)?
         } else {
-            progress_json.clone()
-        };
-        read_run_file(&path)?
+            // Killed before the first checkpoint between stages: a stage checkpoint, if
+            // any, is this run's own (run.json matched).
+            Progress::default()
+        }
     } else {
-        if progress_json.exists() {
+        let traces: Vec<&str> = RUN_TRACES
+            .iter()
+            .copied()
+            .filter(|name| dir.join(name).exists())
+            .collect();
+        if !traces.is_empty() {
             anyhow::bail!(
-                "{} already holds a run; continue it with --resume or choose another --name",
-                dir.display()
+                "{} already holds a run (it has {}); continue it with --resume or choose \
+                 another --name",
+                dir.display(),
+                traces.join(", ")
             );
         }
         write_json(&run_json, &config)?;
@@ -863,6 +999,16 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         test_problems.push(problems);
     }
     progress.test_problems = test_problems;
+    // Every remaining task's training file is read before the first step: a missing, malformed
+    // or empty one stops the run now, not after the tasks before it have trained.
+    let end = stop_after.map_or(names.len(), |n| n.min(names.len()));
+    for name in names.iter().take(end).skip(progress.completed) {
+        let path = train_path(&data_dir, name);
+        let (records, _) = cmoe_coin::format::read_train_lenient(&path)?;
+        if records.is_empty() {
+            anyhow::bail!("{}: no training sample", path.display());
+        }
+    }
 
     let state_dir = dir.join("state");
     let stage_dir = dir.join("stage");
@@ -879,7 +1025,15 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         ContinualLearner::new(base, config.effective_moe(), config.ptl, device)
     };
     if devices.len() > 1 {
-        eprintln!("data-parallel over {} devices: {devices:?}", devices.len());
+        let replicas = devices.iter().filter(|&d| d == &devices[0]).count();
+        if replicas == devices.len() {
+            eprintln!(
+                "data-parallel: {replicas} replicas on {:?}, one thread each",
+                devices[0]
+            );
+        } else {
+            eprintln!("data-parallel over {} devices: {devices:?}", devices.len());
+        }
         learner = learner.on_devices(devices.clone());
     }
     let shared = config.method.shared_router();
@@ -954,7 +1108,6 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         );
     }
 
-    let end = stop_after.map_or(names.len(), |n| n.min(names.len()));
     for t in progress.completed..end {
         let started = Instant::now();
         // Everything random in task t (batch order, new parameters, dropout, ablation draws)
@@ -1313,6 +1466,80 @@ fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Reads a JSON file a run wrote, naming the file in every error.
+/// What a run leaves in its folder: any of them means the folder holds a run.
+const RUN_TRACES: [&str; 6] = [
+    "run.json",
+    "progress.json",
+    "state",
+    "state.old",
+    "stage",
+    "report.json",
+];
+
+/// An exclusive OS lock on a run folder's `.lock` file, released when dropped or when the
+/// process dies.
+struct RunLock {
+    /// The locked file (closing it releases the lock).
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    fn acquire(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "{} is in use by another cmoe process (it holds {}); wait for it to finish or \
+                 choose another --name",
+                dir.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+}
+
+/// The settings in which `saved` and `given` differ, as `key: saved -> given`.
+fn settings_diff(saved: &RunConfig, given: &RunConfig) -> anyhow::Result<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (key, value) in a {
+                    let inner = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    walk(
+                        &inner,
+                        value,
+                        b.get(key).unwrap_or(&serde_json::Value::Null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        "",
+        &serde_json::to_value(saved)?,
+        &serde_json::to_value(given)?,
+        &mut out,
+    );
+    Ok(out.join(", "))
+}
+
 fn read_run_file<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read {} (is this a run folder?)", path.display()))?;

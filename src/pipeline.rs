@@ -211,7 +211,10 @@ pub struct CheckpointSummary {
 /// Reads `dir/config.json` (and the checkpoint's metadata when weights are present).
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     let config = LlavaConfig::from_file(&dir.join("config.json"))?;
-    let has_weights = cmoe_llava::import::weight_files(dir).is_ok();
+    // Config only when there is no weights file at all; a broken index or a missing shard is
+    // an error naming it (from `Checkpoint::open`).
+    use cmoe_llava::import::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+    let has_weights = dir.join(WEIGHTS_INDEX_FILE).exists() || dir.join(WEIGHTS_FILE).exists();
     let checkpoint = if has_weights {
         let c = Checkpoint::open(dir)?;
         Some(CheckpointSummary {

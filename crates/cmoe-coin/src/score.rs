@@ -243,9 +243,12 @@ pub fn judge(
 ) -> Result<f64, ScoreError> {
     let hit = |b: bool| if b { 1.0 } else { 0.0 };
     Ok(match (task, compat) {
-        (TaskType::ScienceQa, _) => {
+        (TaskType::ScienceQa, compat) => {
             let truth = reference(a)?.trim();
-            let letter = option_letter(prediction);
+            let letter = match compat {
+                Compat::Coin => option_letter(prediction),
+                Compat::Correct => stated_option(prediction),
+            };
             hit(letter.is_some() && truth.chars().next() == letter)
         }
         (TaskType::TextVqa, _) => vqa_accuracy(a, prediction)?,
@@ -323,6 +326,37 @@ pub fn option_letter(text: &str) -> Option<char> {
                 && !word(chars.get(i + 1))
         })
         .and_then(|i| chars[i].to_uppercase().next())
+}
+
+/// The option letter an answer states, as the metric intends: the text is a capital A-E on
+/// its own or followed by `.`, `)` or `:` (`"B"`, `"C. water"`, `"(D)"`), or else the first
+/// capital A-E standing alone in it (`"The answer is B."`). Lower-case letters are words, not
+/// options, and a leading "A" followed by a lower-case word is the article ("A blue square"):
+/// CoIN's own reading ([`option_letter`]) takes both as option A.
+pub fn stated_option(text: &str) -> Option<char> {
+    const OPTIONS: [char; 5] = ['A', 'B', 'C', 'D', 'E'];
+    let text = text.trim();
+    let bare = text.strip_prefix('(').unwrap_or(text);
+    let mut chars = bare.chars();
+    if let Some(first) = chars.next()
+        && OPTIONS.contains(&first)
+        && matches!(chars.next(), None | Some('.' | ')' | ':'))
+    {
+        return Some(first);
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let word = |i: Option<usize>| {
+        i.and_then(|i| chars.get(i))
+            .is_some_and(|c| c.is_alphanumeric())
+    };
+    (0..chars.len()).find_map(|i| {
+        let c = chars[i];
+        let alone = OPTIONS.contains(&c) && !word(i.checked_sub(1)) && !word(Some(i + 1));
+        let article = c == 'A'
+            && chars.get(i + 1) == Some(&' ')
+            && chars.get(i + 2).is_some_and(|n| n.is_lowercase());
+        (alone && !article).then_some(c)
+    })
 }
 
 /// TextVQA accuracy: the average over annotators of `min(1, matches among the others / 3)`,

@@ -1,7 +1,9 @@
 //! The scorers on hand-written cases, in both modes, including CoIN's quirks.
 
 use cmoe_coin::format::{Prediction, QuestionId, TestRecord, read_predictions, read_test};
-use cmoe_coin::score::{Compat, ScoreError, TaskType, box_in_text, iou, option_letter, score};
+use cmoe_coin::score::{
+    Compat, ScoreError, TaskType, box_in_text, iou, option_letter, score, stated_option,
+};
 
 fn q(id: &str, answer: &str) -> TestRecord {
     TestRecord {
@@ -33,11 +35,43 @@ fn scienceqa_reads_the_option_letter_like_coin() {
     assert_eq!(option_letter("The answer is b."), Some('B'));
     assert_eq!(option_letter("(d)"), Some('D'));
     assert_eq!(option_letter("none of these"), None);
-    let a = [q("1", "A"), q("2", "C"), q("3", "B"), q("4", "D")];
-    let r = [p("1", "A"), p("2", "C. water"), p("3", "It is a cat")];
-    // "It is a cat" reads as "A" (its first one-letter word); question 4 has no result.
-    for compat in [Compat::Correct, Compat::Coin] {
-        assert_eq!(acc(TaskType::ScienceQa, &a, &r, compat), 50.0);
+    let a = [
+        q("1", "A"),
+        q("2", "C"),
+        q("3", "B"),
+        q("4", "D"),
+        q("5", "A"),
+    ];
+    let r = [
+        p("1", "A"),
+        p("2", "C. water"),
+        p("3", "It is a cat"),
+        p("5", "a blue square"),
+    ];
+    // CoIN reads "It is a cat" and "a blue square" as "A" (their first one-letter word), so
+    // free text about a square scores on question 5; question 4 has no result.
+    assert_eq!(acc(TaskType::ScienceQa, &a, &r, Compat::Coin), 60.0);
+    // Read as the metric intends, neither states an option.
+    assert_eq!(acc(TaskType::ScienceQa, &a, &r, Compat::Correct), 40.0);
+}
+
+#[test]
+fn scienceqa_by_default_reads_only_a_stated_option() {
+    for (text, letter) in [
+        ("B", Some('B')),
+        ("C. a fox", Some('C')),
+        ("(D)", Some('D')),
+        ("E:", Some('E')),
+        ("The answer is B.", Some('B')),
+        (" A", Some('A')),
+        ("A blue square", None),
+        ("a blue square", None),
+        ("It is a cat", None),
+        ("The answer is b.", None),
+        ("ABC", None),
+        ("", None),
+    ] {
+        assert_eq!(stated_option(text), letter, "{text:?}");
     }
 }
 

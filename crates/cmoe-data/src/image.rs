@@ -234,7 +234,28 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
         .with_guessed_format()
         .map_err(|e| DataError::io(path, e))?;
     let format = reader.format();
-    let decoded = reader.decode().map_err(|e| fail(e.to_string()))?.to_rgb8();
+    let decoded = reader
+        .decode()
+        .map_err(|e| match e {
+            image::ImageError::Limits(_) => fail(match image::image_dimensions(path) {
+                Ok((w, h)) => {
+                    format!("{w} x {h} pixels is more than the decoder's memory limit (512 MiB)")
+                }
+                Err(_) => e.to_string(),
+            }),
+            e => fail(e.to_string()),
+        })?
+        .to_rgb8();
+    if format == Some(image::ImageFormat::Jpeg) {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+        if !jpeg_is_complete(&bytes) {
+            return Err(fail(
+                "truncated JPEG: no end-of-image marker after its last scan (the file is cut \
+                 short)"
+                    .into(),
+            ));
+        }
+    }
     if format == Some(image::ImageFormat::Jpeg)
         && let Some(exact) = decode_jpeg_like_pillow(path)
         && exact.dimensions() == decoded.dimensions()
@@ -242,6 +263,18 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
         return Ok(exact);
     }
     Ok(decoded)
+}
+
+/// Whether a JPEG stream ends: an end-of-image marker (`FF D9`) after the start of its last
+/// scan (`FF DA`). Decoders fill a cut-short file's missing blocks with grey without an error
+/// (Pillow refuses it); entropy-coded data escapes every `FF`, so the marker cannot occur inside
+/// a scan.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let marker = |code: u8| move |w: &[u8]| w == [0xFF, code];
+    let Some(last_scan) = bytes.windows(2).rposition(marker(0xDA)) else {
+        return false;
+    };
+    bytes[last_scan..].windows(2).any(marker(0xD9))
 }
 
 fn decode_jpeg_like_pillow(path: &Path) -> Option<RgbImage> {

@@ -32,6 +32,9 @@ pub enum LlavaError {
     /// Inputs inconsistent with the model (shapes, image-token counts, ids out of range).
     #[error("invalid input: {0}")]
     Input(String),
+    /// The model computed NaN or infinite values where a result is read.
+    #[error("non-finite output: {0}")]
+    NonFinite(String),
 }
 
 impl LlavaError {

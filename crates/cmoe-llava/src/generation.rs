@@ -60,7 +60,7 @@ pub fn generate_with<B: Backend>(
     if let Sampling::TopP {
         temperature, top_p, ..
     } = config.sampling
-        && (temperature <= 0.0 || !(top_p > 0.0 && top_p <= 1.0))
+        && !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0)
     {
         return Err(LlavaError::Input(format!(
             "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
@@ -112,6 +112,17 @@ pub fn generate_with<B: Backend>(
                 continue;
             }
             let row_logits = &logits[row * vocab..(row + 1) * vocab];
+            if let Some(bad) = row_logits
+                .iter()
+                .find(|x| x.is_nan() || **x == f32::INFINITY)
+            {
+                return Err(LlavaError::NonFinite(format!(
+                    "the model's next-token logits of row {row} hold {bad} at step {}: its \
+                     weights, its preprocessing (e.g. an image_std of 0) or its input \
+                     produce non-finite values",
+                    out.len() + 1
+                )));
+            }
             let token = match (config.sampling, rng.as_mut()) {
                 (
                     Sampling::TopP {

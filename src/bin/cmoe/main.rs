@@ -372,11 +372,11 @@ struct GenerateArgs {
     /// Greedy decoding (otherwise temperature + top-p sampling).
     #[arg(long)]
     greedy: bool,
-    /// Sampling temperature.
-    #[arg(long, default_value_t = 0.2)]
+    /// Sampling temperature (> 0).
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     temperature: f32,
-    /// Nucleus mass.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus mass (0 < top_p <= 1).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -519,6 +519,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.checkpoint_every = checkpoint_every.unwrap_or(config.checkpoint_every);
             config.base_dtype = base_dtype.unwrap_or(config.base_dtype);
             let name = name.unwrap_or_else(|| config.default_name(preset));
+            check_run_name(&name)?;
+            // run.json keeps paths that work from any working directory.
+            config.model = absolute(&config.model)?;
+            config.init_data = config.init_data.as_deref().map(absolute).transpose()?;
+            config.data_root = config.data_root.as_deref().map(absolute).transpose()?;
+            config.image_root = config.image_root.as_deref().map(absolute).transpose()?;
             let dir = runs.join(name);
             let report = run_on(
                 backend,
@@ -592,6 +598,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             test_per_task,
             init_samples,
         } => {
+            llava_cmoe::continual::check_image_size(image_size)?;
             let config = MiniCoinConfig {
                 seed,
                 image_size,
@@ -703,6 +710,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         eval_questions,
                         eval_batch: eval_batch.max(1),
                         settings,
+                        // As the Mini-CoIN runner trains: its step's micro-batches over the
+                        // replicas it uses on this backend.
+                        replicas: llava_cmoe::continual::default_replicas(
+                            backend.name(),
+                            RunConfig::preset(Preset::Default, Method::Cmoe).accumulation,
+                        ),
                     },
                 )??;
                 r = r.with_continual(c);
@@ -892,4 +905,22 @@ fn task_step(text: &str) -> Result<(usize, usize), String> {
         .ok_or_else(|| format!("{text:?} is not TASK:STEP"))?;
     let number = |s: &str| s.parse::<usize>().map_err(|e| format!("{s:?}: {e}"));
     Ok((number(task)?, number(step)?))
+}
+
+/// A run name is one folder inside the runs root: not empty, no `/`, not `.` or `..`.
+fn check_run_name(name: &str) -> anyhow::Result<()> {
+    let one_folder = Path::new(name).components().count() == 1
+        && matches!(
+            Path::new(name).components().next(),
+            Some(std::path::Component::Normal(_))
+        );
+    if name.is_empty() || !one_folder || name.contains(['/', '\\']) {
+        anyhow::bail!("--name {name:?}: a run name is one folder name (no '/', not '.' or '..')");
+    }
+    Ok(())
+}
+
+/// `path` made absolute against the working directory (not resolving links).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
 }
