@@ -162,6 +162,15 @@ impl<B: Backend> LlavaPipeline<B> {
         max_new_tokens: usize,
         sampling: Sampling,
     ) -> anyhow::Result<Generation> {
+        let images = pixels.map_or(0, |p| p.shape[0]);
+        let marks = prompt.matches("<image>").count();
+        if marks != images {
+            anyhow::bail!(
+                "the prompt has {marks} <image> mark(s) for {images} image(s): write one \
+                 <image> where each picture goes (e.g. \"<image>\\nWhat is it?\"); generate \
+                 expands it to the model's image tokens itself"
+            );
+        }
         let prompt_ids = self.prompt_ids(prompt)?;
         let config = GenerationConfig {
             max_new_tokens,

@@ -71,9 +71,20 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, &HostTensor)]) -> anyhow::Re
             ))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    if path.is_dir() {
+        anyhow::bail!(
+            "{}: is a folder; give the path of a .safetensors file to write",
+            path.display()
+        );
+    }
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    let written = safetensors::serialize_to_file(views, None, &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

@@ -297,3 +297,44 @@ fn a_malformed_training_file_of_a_later_task_stops_the_run_before_the_first_step
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("task 1/"), "a task trained first:\n{err}");
 }
+
+#[test]
+fn an_output_path_that_is_a_folder_is_refused_and_leaves_nothing() {
+    let dir = scratch("out-folder");
+    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
+        .arg("preprocess")
+        .arg("--model")
+        .arg(fixture("tiny-llava"))
+        .arg("--image")
+        .arg(photo())
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    fails_with(&out, &["is a folder", ".safetensors"]);
+    let tmp = dir.with_extension("safetensors.tmp");
+    assert!(!tmp.exists(), "{} was left behind", tmp.display());
+}
+
+#[test]
+fn a_prompt_without_its_image_mark_says_to_write_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
+        .arg("generate")
+        .arg("--model")
+        .arg(fixture("tiny-llava"))
+        .arg("--image")
+        .arg(photo())
+        .args([
+            "--prompt",
+            "What is it?",
+            "--max-new-tokens",
+            "2",
+            "--greedy",
+        ])
+        .output()
+        .unwrap();
+    fails_with(
+        &out,
+        &["0 <image> mark(s) for 1 image(s)", "generate expands it"],
+    );
+}

@@ -91,8 +91,13 @@ pub struct Prediction {
     pub text: String,
 }
 
+/// A file's text, without the byte-order mark some editors write first.
 fn read_text(path: &Path) -> Result<String, CoinError> {
-    std::fs::read_to_string(path).map_err(|e| CoinError::io(path, e))
+    let text = std::fs::read_to_string(path).map_err(|e| CoinError::io(path, e))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 /// Reads a test file (a JSON array, or TextVQA's `{"data": [...]}`).
@@ -181,9 +186,14 @@ pub fn read_train_lenient(path: &Path) -> Result<(Vec<TrainRecord>, Vec<BadRecor
     Ok((records, bad))
 }
 
-/// Reads result lines `{"question_id", "text"}` (blank lines are skipped).
+/// Reads results `{"question_id", "text"}`: one per line (JSONL, CoIN's format; blank lines are
+/// skipped), or a JSON array of them.
 pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>, CoinError> {
     let text = read_text(path)?;
+    if text.trim_start().starts_with('[') {
+        return serde_json::from_str(&text)
+            .map_err(|e| CoinError::invalid(path, None, format!("malformed results array: {e}")));
+    }
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())

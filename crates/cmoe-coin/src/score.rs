@@ -110,11 +110,15 @@ pub struct Score {
     pub total: usize,
     /// Sum of per-question scores (fractional for TextVQA).
     pub correct: f64,
+    /// Test questions with no result: scored 0 (by default and in CoIN's ScienceQA script),
+    /// or left out of the denominator (CoIN's other scripts).
+    pub missing: usize,
 }
 
 impl Score {
-    fn of(correct: f64, total: usize) -> Self {
+    fn of(correct: f64, total: usize, missing: usize) -> Self {
         Self {
+            missing,
             accuracy: if total == 0 {
                 0.0
             } else {
@@ -177,7 +181,8 @@ pub fn score(
                     correct += judge(task, a, text, compat)?;
                 }
             }
-            Ok(Score::of(correct, annotations.len()))
+            let missing = annotations.len() - answered.len();
+            Ok(Score::of(correct, annotations.len(), missing))
         }
         Compat::Coin if task == TaskType::ScienceQa => {
             // The ScienceQA script walks the questions; a missing result reads "FAILED".
@@ -190,7 +195,11 @@ pub fn score(
                 let text = answered.get(&a.question_id).copied().unwrap_or("FAILED");
                 correct += judge(task, a, text, compat)?;
             }
-            Ok(Score::of(correct, annotations.len()))
+            let missing = annotations
+                .iter()
+                .filter(|a| !answered.contains_key(&a.question_id))
+                .count();
+            Ok(Score::of(correct, annotations.len(), missing))
         }
         Compat::Coin => {
             if predictions.is_empty() {
@@ -210,7 +219,13 @@ pub fn score(
                 };
                 correct += judge(task, a, &p.text, compat)?;
             }
-            Ok(Score::of(correct, predictions.len()))
+            let answered: std::collections::HashSet<&QuestionId> =
+                predictions.iter().map(|p| &p.question_id).collect();
+            let missing = annotations
+                .iter()
+                .filter(|a| !answered.contains(&a.question_id))
+                .count();
+            Ok(Score::of(correct, predictions.len(), missing))
         }
     }
 }

@@ -214,6 +214,25 @@ fn denominators_missing_duplicate_and_unknown_results() {
     let r = [p("1", "yes")];
     assert_eq!(acc(TaskType::Vqav2, &a, &r, Compat::Correct), 50.0);
     assert_eq!(acc(TaskType::Vqav2, &a, &r, Compat::Coin), 100.0);
+    // Either way the unanswered question is counted, for the user to be told.
+    for compat in [Compat::Correct, Compat::Coin] {
+        assert_eq!(score(TaskType::Vqav2, &a, &r, compat).unwrap().missing, 1);
+        assert_eq!(
+            score(TaskType::ScienceQa, &a, &r, compat).unwrap().missing,
+            1
+        );
+    }
+    assert_eq!(
+        score(
+            TaskType::Vqav2,
+            &a,
+            &[p("1", "yes"), p("2", "no")],
+            Compat::Correct
+        )
+        .unwrap()
+        .missing,
+        0
+    );
     let dup = [p("1", "yes"), p("1", "no")];
     assert_eq!(
         score(TaskType::Vqav2, &a, &dup, Compat::Correct),
@@ -260,4 +279,36 @@ fn files_numeric_ids_textvqa_layout_and_errors_name_the_place() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn results_as_a_json_array_or_after_a_byte_order_mark_read_as_lines_do() {
+    let dir = std::env::temp_dir().join(format!("cmoe-coin-results-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines = dir.join("lines.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"question_id\": 1, \"text\": \"yes\"}\n{\"question_id\": \"2\", \"text\": \"no\"}\n",
+    )
+    .unwrap();
+    let expected = read_predictions(&lines).unwrap();
+    assert_eq!(expected.len(), 2);
+    let array = dir.join("array.json");
+    std::fs::write(
+        &array,
+        "[{\"question_id\": 1, \"text\": \"yes\"}, {\"question_id\": \"2\", \"text\": \"no\"}]",
+    )
+    .unwrap();
+    assert_eq!(read_predictions(&array).unwrap(), expected);
+    let bom = dir.join("bom.jsonl");
+    let mut text = "\u{feff}".to_string();
+    text.push_str(&std::fs::read_to_string(&lines).unwrap());
+    std::fs::write(&bom, text).unwrap();
+    assert_eq!(read_predictions(&bom).unwrap(), expected);
+    std::fs::write(&array, "[{\"question_id\": 1}]").unwrap();
+    let error = read_predictions(&array).unwrap_err().to_string();
+    assert!(
+        error.contains("array.json") && error.contains("malformed results array"),
+        "{error}"
+    );
 }

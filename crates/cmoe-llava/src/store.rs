@@ -56,9 +56,20 @@ pub fn save_module_with<B: Backend, M: ModuleSnapshot<B>>(
         })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| LlavaError::io(path, e))?;
+    if path.is_dir() {
+        return Err(LlavaError::io(
+            path,
+            "is a folder; give the path of a .safetensors file to write",
+        ));
+    }
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| LlavaError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LlavaError::io(path, e))
+    let written = safetensors::serialize_to_file(views, None, &tmp)
+        .map_err(|e| LlavaError::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| LlavaError::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Loads `path` into `module` (whose structure must match the file exactly), cast to `dtype`.

@@ -634,6 +634,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     s.total,
                     if coin_compat { ", CoIN-compatible" } else { "" }
                 );
+                if s.missing > 0 {
+                    let counted = if coin_compat && task_type != TaskType::ScienceQa {
+                        "left out of the accuracy, as CoIN's script does"
+                    } else {
+                        "each scored 0"
+                    };
+                    eprintln!(
+                        "note: {} of the test file's questions have no result in {} ({counted})",
+                        s.missing,
+                        predictions.display()
+                    );
+                }
             }
             Ok(())
         }
