@@ -153,20 +153,29 @@ fn run_json_keeps_paths_that_work_from_anywhere() {
     assert!(model.join("config.json").exists());
 }
 
+/// `cmoe generate` of two tokens with `model` on the fixture photo, with `more` flags.
+fn generate(model: &Path, prompt: &str, more: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cmoe"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .arg("--image")
+        .arg(photo())
+        .args(["--prompt", prompt, "--max-new-tokens", "2"])
+        .args(more)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn sampling_settings_are_range_checked() {
     let model = fixture("tiny-llava");
     for temperature in ["nan", "-1", "0", "inf"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
-            .arg("generate")
-            .arg("--model")
-            .arg(&model)
-            .arg("--image")
-            .arg(photo())
-            .args(["--prompt", "<image>\nWhat is it?", "--max-new-tokens", "2"])
-            .args(["--temperature", temperature])
-            .output()
-            .unwrap();
+        let out = generate(
+            &model,
+            "<image>\nWhat is it?",
+            &["--temperature", temperature],
+        );
         let shown = if temperature == "nan" {
             "NaN"
         } else {
@@ -184,21 +193,7 @@ fn non_finite_logits_stop_generation_with_an_error() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     config["image_std"] = serde_json::json!([0.0, 0.0, 0.0]);
     std::fs::write(&path, config.to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
-        .arg("generate")
-        .arg("--model")
-        .arg(&model)
-        .arg("--image")
-        .arg(photo())
-        .args([
-            "--prompt",
-            "<image>\nWhat is it?",
-            "--max-new-tokens",
-            "2",
-            "--greedy",
-        ])
-        .output()
-        .unwrap();
+    let out = generate(&model, "<image>\nWhat is it?", &["--greedy"]);
     fails_with(&out, &["non-finite", "image_std"]);
 }
 
@@ -318,21 +313,7 @@ fn an_output_path_that_is_a_folder_is_refused_and_leaves_nothing() {
 
 #[test]
 fn a_prompt_without_its_image_mark_says_to_write_one() {
-    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
-        .arg("generate")
-        .arg("--model")
-        .arg(fixture("tiny-llava"))
-        .arg("--image")
-        .arg(photo())
-        .args([
-            "--prompt",
-            "What is it?",
-            "--max-new-tokens",
-            "2",
-            "--greedy",
-        ])
-        .output()
-        .unwrap();
+    let out = generate(&fixture("tiny-llava"), "What is it?", &["--greedy"]);
     fails_with(
         &out,
         &["0 <image> mark(s) for 1 image(s)", "generate expands it"],

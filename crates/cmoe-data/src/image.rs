@@ -229,35 +229,34 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
         path: path.display().to_string(),
         message,
     };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| DataError::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| DataError::io(path, e))?;
-    let format = reader.format();
-    let decoded = reader
+    // Read once: both decoders and the truncation check work on these bytes.
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes.as_slice()))
+            .with_guessed_format()
+            .map_err(|e| DataError::io(path, e))
+    };
+    let format = reader()?.format();
+    let decoded = reader()?
         .decode()
         .map_err(|e| match e {
-            image::ImageError::Limits(_) => fail(match image::image_dimensions(path) {
-                Ok((w, h)) => {
+            image::ImageError::Limits(_) => fail(match reader().map(|r| r.into_dimensions()) {
+                Ok(Ok((w, h))) => {
                     format!("{w} x {h} pixels is more than the decoder's memory limit (512 MiB)")
                 }
-                Err(_) => e.to_string(),
+                _ => e.to_string(),
             }),
             e => fail(e.to_string()),
         })?
         .to_rgb8();
-    if format == Some(image::ImageFormat::Jpeg) {
-        let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        if !jpeg_is_complete(&bytes) {
-            return Err(fail(
-                "truncated JPEG: no end-of-image marker after its last scan (the file is cut \
-                 short)"
-                    .into(),
-            ));
-        }
+    if format == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(&bytes) {
+        return Err(fail(
+            "truncated JPEG: no end-of-image marker after its last scan (the file is cut short)"
+                .into(),
+        ));
     }
     if format == Some(image::ImageFormat::Jpeg)
-        && let Some(exact) = decode_jpeg_like_pillow(path)
+        && let Some(exact) = decode_jpeg_like_pillow(&bytes)
         && exact.dimensions() == decoded.dimensions()
     {
         return Ok(exact);
@@ -277,11 +276,11 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     bytes[last_scan..].windows(2).any(marker(0xD9))
 }
 
-fn decode_jpeg_like_pillow(path: &Path) -> Option<RgbImage> {
+fn decode_jpeg_like_pillow(bytes: &[u8]) -> Option<RgbImage> {
     // libjpeg reports fatal errors by unwinding; the file was already validated, so this is a
     // fallback path only.
     std::panic::catch_unwind(|| -> std::io::Result<RgbImage> {
-        let mut started = mozjpeg::Decompress::new_path(path)?.rgb()?;
+        let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
         let (w, h) = (started.width() as u32, started.height() as u32);
         let pixels: Vec<[u8; 3]> = started.read_scanlines()?;
         started.finish()?;
