@@ -116,3 +116,63 @@ fn reference_answers_score_100_and_answers_vary() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn class_names_are_no_other_tasks_answers_and_words_fit_a_row() {
+    use cmoe_coin::mini::tasks::{CLASSES, reading_vocabulary};
+    let config = MiniCoinConfig {
+        train_per_task: 1,
+        test_per_task: 100,
+        ..MiniCoinConfig::default()
+    };
+    let dir = build("classes", &config);
+    let mut imagenet = HashSet::new();
+    let mut others = HashSet::new();
+    for (name, task) in TASKS {
+        for t in read_test(&dir.join("Instructions").join(name).join("test.json")).unwrap() {
+            let answer = t.answer.unwrap();
+            if task == TaskType::ImageNet {
+                imagenet.insert(answer);
+            } else {
+                others.insert(answer);
+            }
+        }
+    }
+    let classes: HashSet<String> = CLASSES.iter().map(|c| c.2.to_string()).collect();
+    assert!(imagenet.is_subset(&classes) && imagenet.len() >= 10, "{imagenet:?}");
+    assert!(
+        imagenet.is_disjoint(&others),
+        "{:?}",
+        imagenet.intersection(&others).collect::<Vec<_>>()
+    );
+    // Two-patch glyphs: four letters fill a 64 px row.
+    for word in reading_vocabulary() {
+        assert!(word.len() <= 4, "{word}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn the_instruction_mixture_uses_none_of_the_tasks_templates_or_answer_formats() {
+    use cmoe_coin::mini::instructions;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut questions = HashSet::new();
+    for _ in 0..2000 {
+        let s = instructions::sample(&mut rng, 64);
+        for template in [
+            "single word or phrase",
+            "option's letter",
+            "Unanswerable",
+            "bounding box",
+            "What is the object in the image?",
+        ] {
+            assert!(!s.question.contains(template), "{}", s.question);
+        }
+        // Sentences, never a bare word, letter, digit or fractional box.
+        assert!(s.answer.ends_with('.'), "{}", s.answer);
+        assert!(!s.answer.contains("0."), "{}", s.answer);
+        questions.insert(s.question.split(' ').take(3).collect::<Vec<_>>().join(" "));
+    }
+    assert!(questions.len() >= 11, "{questions:?}");
+}

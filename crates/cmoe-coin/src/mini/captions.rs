@@ -7,7 +7,9 @@ use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::draw::{COLOURS, Canvas, PixelBox, Shape};
-use super::tasks::{AUTHORS, Sample, TITLES, WORDS, draw_cover};
+use super::tasks::{
+    AUTHORS, Sample, TITLES, draw_cover, reading_vocabulary, word_position, write_word,
+};
 
 const INSTRUCTIONS: [&str; 4] = [
     "Describe the image.",
@@ -79,10 +81,10 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
             format!("{} {name} {}s", number(n), sh.name())
         }
         3 => {
-            let word = *WORDS.choose(rng).expect("words");
-            let x = rng.random_range(0..=s.saturating_sub(word.len() as u32 * 8));
-            let y = rng.random_range(0..=s - 8);
-            canvas.text(word, x, y, 1, [20, 20, 20]);
+            let words: Vec<&str> = reading_vocabulary().collect();
+            let word = *words.choose(rng).expect("words");
+            let (x, y) = word_position(rng, s, word);
+            write_word(&mut canvas, word, x, y, [20, 20, 20]);
             format!("the word {} written in black", word.to_lowercase())
         }
         4 => {

@@ -18,6 +18,7 @@
 
 pub mod captions;
 pub mod draw;
+pub mod instructions;
 pub mod tasks;
 
 use std::path::Path;

@@ -2,8 +2,12 @@
 //! question in CoIN's instruction style with its answer.
 //!
 //! Styles overlap on purpose, as CoIN's do: GQA-like and VQAv2-like both ask about colours of
-//! shapes, TextVQA-like and OCR-VQA-like both read rendered words, VizWiz-like asks ImageNet-like
-//! questions on degraded images.
+//! shapes, TextVQA-like and OCR-VQA-like both read rendered words, VizWiz-like asks about the
+//! colours and shapes of degraded images. Each keeps its CoIN task's instruction text and answer
+//! format (option letters, single words, class names no other task answers with, boxes as
+//! `[x0,y0,x1,y1]` in fractions of the image, scored at IoU > 0.5), and everything it asks is
+//! drawn large enough for a vision tower with 8 px patches: letters two patches wide, boxes on
+//! the patch lattice.
 
 use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -17,25 +21,87 @@ const LETTER: &str = "Answer with the option's letter from the given choices dir
 const UNANSWERABLE: &str =
     "When the provided information is insufficient, respond with 'Unanswerable'.";
 
-/// Words for the reading task (at most 7 letters: 8 px glyphs on a 64 px image).
-pub const WORDS: [&str; 40] = [
-    "STOP", "OPEN", "EXIT", "SALE", "CAFE", "BANK", "PARK", "TAXI", "HOTEL", "BREAD", "MILK",
-    "PIZZA", "RIVER", "NORTH", "SOUTH", "EAST", "WEST", "MUSIC", "BOOKS", "SHOP", "GATE", "ROAD",
-    "LAKE", "FIRE", "WATER", "LIGHT", "TRAIN", "CLOCK", "PAPER", "GLASS", "STONE", "CLOUD",
-    "PLANT", "HOUSE", "MOUSE", "TIGER", "ZEBRA", "ROBOT", "APPLE", "LEMON",
+/// Words for the reading task (four letters at most: a word fills at most one row of the
+/// image in glyphs two patches wide).
+pub const WORDS: [&str; 32] = [
+    "STOP", "OPEN", "EXIT", "SALE", "CAFE", "BANK", "PARK", "TAXI", "MILK", "SHOP", "GATE", "ROAD",
+    "LAKE", "FIRE", "RAIN", "SNOW", "WIND", "GOLD", "FISH", "BIRD", "DOOR", "FARM", "HILL", "SHIP",
+    "BELL", "LAMP", "DESK", "MAP", "BUS", "ZOO", "INN", "SPA",
 ];
 
 /// Book titles for the cover task.
-pub const TITLES: [&str; 24] = [
-    "DUNE", "EMMA", "ULYSSES", "BELOVED", "REBECCA", "MATILDA", "DRACULA", "CARRIE", "SHOGUN",
-    "WALDEN", "CANDIDE", "HAMLET", "MACBETH", "ODYSSEY", "ILIAD", "LOLITA", "ATLAS", "ORLANDO",
-    "HEIDI", "SYBIL", "KIM", "ZADIG", "MOBY", "FAUST",
+pub const TITLES: [&str; 16] = [
+    "DUNE", "EMMA", "KIM", "MOBY", "IVAN", "NANA", "ODES", "SHE", "ZAZA", "AIDA", "LILA", "OMOO",
+    "UBIK", "WATT", "ZAMA", "RIZA",
 ];
 /// Authors for the cover task.
-pub const AUTHORS: [&str; 16] = [
-    "AUSTEN", "JOYCE", "MORRISON", "KING", "DAHL", "STOKER", "CLAVELL", "THOREAU", "VOLTAIRE",
-    "HOMER", "WOOLF", "SPYRI", "KIPLING", "GOETHE", "NABOKOV", "HERBERT",
+pub const AUTHORS: [&str; 12] = [
+    "KING", "DAHL", "POE", "HUGO", "ZOLA", "GIDE", "ECO", "OZ", "ROTH", "SAND", "WOOD", "NIN",
 ];
+
+/// The classification task's classes: an object of one colour and shape, and its name (names
+/// no other task answers with).
+pub const CLASSES: [(&str, Shape, &str); 16] = [
+    ("red", Shape::Circle, "jam"),
+    ("green", Shape::Circle, "lime"),
+    ("yellow", Shape::Circle, "egg"),
+    ("purple", Shape::Circle, "plum"),
+    ("orange", Shape::Circle, "yam"),
+    ("blue", Shape::Circle, "gum"),
+    ("red", Shape::Square, "cake"),
+    ("yellow", Shape::Square, "corn"),
+    ("green", Shape::Square, "kiwi"),
+    ("blue", Shape::Square, "ink"),
+    ("red", Shape::Triangle, "taco"),
+    ("orange", Shape::Triangle, "pie"),
+    ("green", Shape::Triangle, "pear"),
+    ("purple", Shape::Diamond, "fig"),
+    ("yellow", Shape::Diamond, "rice"),
+    ("red", Shape::Cross, "bean"),
+];
+
+/// Every word a small LLaVA learns to read in pretraining: the reading tasks' words, the
+/// covers' titles and authors, and the class names (so that they are words it can write).
+pub fn reading_vocabulary() -> impl Iterator<Item = &'static str> {
+    WORDS
+        .into_iter()
+        .chain(TITLES)
+        .chain(AUTHORS)
+        .chain(CLASSES.iter().map(|c| c.2))
+}
+
+/// Glyph scale for a `size`-pixel image: 2 at 64 px, so that a letter covers 2 x 2 patches of
+/// 8 px (a 1-scale 8 px glyph straddles four patches and is not learnable at this size).
+pub fn glyph_scale(size: u32) -> u32 {
+    (size / 32).max(1)
+}
+
+/// Writes `word` with its top-left corner at `(x, y)` at the image's glyph scale.
+pub fn write_word(canvas: &mut Canvas, word: &str, x: u32, y: u32, colour: [u8; 3]) {
+    let scale = glyph_scale(canvas.image.width());
+    canvas.text(word, x, y, scale, colour);
+}
+
+/// A word placed at random on the glyph lattice (half a glyph): `(x, y)`.
+pub fn word_position(rng: &mut impl Rng, size: u32, word: &str) -> (u32, u32) {
+    let glyph = 8 * glyph_scale(size);
+    let step = glyph / 2;
+    let width = glyph * word.len() as u32;
+    let x = rng.random_range(0..=size.saturating_sub(width) / step) * step;
+    let y = rng.random_range(0..=size.saturating_sub(glyph) / step) * step;
+    (x, y)
+}
+
+/// A square box of `cells` lattice cells (an eighth of the image) inside quadrant `quadrant`
+/// (0..4, row-major), at a random lattice position: the grounding task's boxes, which a vision
+/// tower with 8 x 8 patches can locate exactly.
+pub fn lattice_box(rng: &mut impl Rng, size: u32, quadrant: u32, cells: u32) -> PixelBox {
+    let step = size / 8;
+    let (qx, qy) = ((quadrant % 2) * 4, (quadrant / 2) * 4);
+    let x = qx + rng.random_range(0..=4 - cells);
+    let y = qy + rng.random_range(0..=4 - cells);
+    [x * step, y * step, (x + cells) * step, (y + cells) * step]
+}
 
 /// One generated question.
 pub struct Sample {
@@ -77,16 +143,27 @@ fn distinct_objects(rng: &mut impl Rng, count: usize) -> Vec<((&'static str, [u8
     all
 }
 
-/// A book cover filling the canvas: the title near the top in white, the author near the
-/// bottom in black.
+/// A book cover filling the canvas: the title near the top in white on the cover's colour, the
+/// author near the bottom in black on a light band, both centred on the glyph lattice.
 pub fn draw_cover(canvas: &mut Canvas, cover: [u8; 3], title: &str, author: &str) {
     let s = canvas.image.width();
-    let margin = s / 16;
-    canvas.rect([margin, 0, s - margin, s], cover);
-    let centre = |w: &str| (s.saturating_sub(w.len() as u32 * 8)) / 2;
-    canvas.text(title, centre(title), s / 8, 1, [250, 250, 250]);
-    canvas.text(author, centre(author), s - s / 8 - 8, 1, [15, 15, 15]);
+    let glyph = 8 * glyph_scale(s);
+    canvas.rect([0, 0, s, s], cover);
+    let band = s - s / 8 - glyph;
+    canvas.rect(
+        [0, band - glyph / 4, s, band + glyph + glyph / 4],
+        BACKGROUND,
+    );
+    let centre = |w: &str| {
+        let step = glyph / 2;
+        (s.saturating_sub(w.len() as u32 * glyph) / 2) / step * step
+    };
+    write_word(canvas, title, centre(title), s / 8, [250, 250, 250]);
+    write_word(canvas, author, centre(author), band, [15, 15, 15]);
 }
+
+/// Cover colours (dark enough for a white title).
+const COVERS: [&str; 4] = ["red", "green", "blue", "purple"];
 
 /// Draws one sample of `task` on a `size` x `size` image.
 pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
@@ -129,18 +206,18 @@ pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
         }
         TaskType::TextVqa => {
             let word = *WORDS.choose(rng).expect("words");
-            let w = word.len() as u32 * 8;
-            let x = rng.random_range(0..=s.saturating_sub(w));
-            let y = rng.random_range(0..=s - 8);
-            // A distractor shape away from the text rows.
+            let (x, y) = word_position(rng, s, word);
+            let glyph = 8 * glyph_scale(s);
+            // A distractor shape in the larger free band above or below the text.
             let (_, other) = colour(rng);
-            let b = if y > s / 2 {
-                place(rng, unit, (0, s), (0, s / 2))
+            let side = s / 4;
+            let b = if y >= s - (y + glyph) {
+                place(rng, side, (0, s), (0, y))
             } else {
-                place(rng, unit, (0, s), (s / 2 + 4, s))
+                place(rng, side, (0, s), (y + glyph, s))
             };
             canvas.shape(shape(rng), b, other);
-            canvas.text(word, x, y, 1, [20, 20, 20]);
+            write_word(&mut canvas, word, x, y, [20, 20, 20]);
             let q = *[
                 "What word is written in the image?",
                 "What does the text in the image say?",
@@ -151,13 +228,17 @@ pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
             (format!("{q}\n{SHORT}"), word.to_lowercase(), None)
         }
         TaskType::ImageNet => {
-            let (name, rgb) = colour(rng);
-            let sh = shape(rng);
+            let (name, sh, class) = *CLASSES.choose(rng).expect("classes");
+            let rgb = COLOURS
+                .iter()
+                .find(|c| c.0 == name)
+                .expect("a named colour")
+                .1;
             let side = rng.random_range(unit..=2 * unit);
             canvas.shape(sh, place(rng, side, (0, s), (0, s)), rgb);
             (
                 format!("What is the object in the image?\n{SHORT}"),
-                format!("{name} {}", sh.name()),
+                class.to_string(),
                 None,
             )
         }
@@ -262,11 +343,12 @@ pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
         TaskType::Grounding => {
             let n = rng.random_range(2..=3);
             let objects = distinct_objects(rng, n);
-            let band = s / n as u32;
+            let mut quadrants: Vec<u32> = (0..4).collect();
+            quadrants.shuffle(rng);
             let mut boxes = Vec::new();
-            for (i, ((_, rgb), sh)) in objects.iter().enumerate() {
-                let side = rng.random_range(unit..=unit * 3 / 2);
-                let b = place(rng, side, (i as u32 * band, (i as u32 + 1) * band), (0, s));
+            for (((_, rgb), sh), &q) in objects.iter().zip(&quadrants) {
+                let cells = rng.random_range(2..=3);
+                let b = lattice_box(rng, s, q, cells);
                 canvas.shape(*sh, b, *rgb);
                 boxes.push(b);
             }
@@ -323,10 +405,15 @@ pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
             }
         }
         TaskType::OcrVqa => {
-            let (_, cover) = colour(rng);
+            let cover = *COVERS.choose(rng).expect("covers");
+            let rgb = COLOURS
+                .iter()
+                .find(|c| c.0 == cover)
+                .expect("a named colour")
+                .1;
             let title = *TITLES.choose(rng).expect("titles");
             let author = *AUTHORS.choose(rng).expect("authors");
-            draw_cover(&mut canvas, cover, title, author);
+            draw_cover(&mut canvas, rgb, title, author);
             let (q, ans) = if rng.random_bool(0.5) {
                 ("What is the title of this book?", title)
             } else {

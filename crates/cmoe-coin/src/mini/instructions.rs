@@ -1,0 +1,261 @@
+//! The instruction mixture a small LLaVA is tuned on after its caption pretraining (LLaVA-1.5's
+//! second stage in small): questions about the same kinds of images as Mini-CoIN's (objects,
+//! colours, counts, positions, reading, covers, boxes, yes/no, multiple choice, degraded
+//! pictures), asked and answered in words of their own. No template of the eight tasks appears
+//! here: answers are short sentences ("It is red.", "I count three.", "From (8, 16) to (24,
+//! 32)."), never a bare word, an option letter, a digit count or a box in fractions, so each
+//! task still has to learn its own format, and the classification task's class names are never
+//! attached to objects.
+
+use rand::Rng;
+use rand::seq::{IndexedRandom, SliceRandom};
+
+use super::draw::{COLOURS, Canvas, PixelBox, Shape};
+use super::tasks::{
+    AUTHORS, Sample, TITLES, draw_cover, lattice_box, reading_vocabulary, word_position, write_word,
+};
+
+const BACKGROUND: [u8; 3] = [245, 245, 240];
+
+fn number(n: usize) -> &'static str {
+    ["zero", "one", "two", "three", "four", "five", "six"][n.min(6)]
+}
+
+fn any_colour(rng: &mut impl Rng) -> (&'static str, [u8; 3]) {
+    *COLOURS.choose(rng).expect("colours")
+}
+
+fn any_shape(rng: &mut impl Rng) -> Shape {
+    *Shape::ALL.choose(rng).expect("shapes")
+}
+
+/// A box of side `side` at a random place inside the image.
+fn anywhere(rng: &mut impl Rng, size: u32, side: u32) -> PixelBox {
+    let x = rng.random_range(0..=size - side);
+    let y = rng.random_range(0..=size - side);
+    [x, y, x + side, y + side]
+}
+
+/// Where a box sits in a 3 x 3 grid: "top left", "center", "bottom", ...
+fn position(b: PixelBox, size: u32) -> String {
+    let third = |v: u32| (v * 3 / size).min(2);
+    let (cx, cy) = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2);
+    let row = ["top", "middle", "bottom"][third(cy) as usize];
+    let col = ["left", "center", "right"][third(cx) as usize];
+    match (row, col) {
+        ("middle", "center") => "the center".into(),
+        ("middle", c) => format!("the {c}"),
+        (r, "center") => format!("the {r}"),
+        (r, c) => format!("the {r} {c}"),
+    }
+}
+
+/// Two or three distinct objects, one per quadrant, on the patch lattice.
+fn scene(
+    rng: &mut impl Rng,
+    canvas: &mut Canvas,
+    n: usize,
+) -> Vec<(&'static str, Shape, PixelBox)> {
+    let size = canvas.image.width();
+    let mut quadrants: Vec<u32> = (0..4).collect();
+    quadrants.shuffle(rng);
+    let mut pairs: Vec<_> = COLOURS
+        .iter()
+        .flat_map(|&c| Shape::ALL.map(|s| (c, s)))
+        .collect();
+    pairs.shuffle(rng);
+    pairs
+        .into_iter()
+        .zip(quadrants)
+        .take(n)
+        .map(|(((name, rgb), sh), q)| {
+            let cells = rng.random_range(2..=3);
+            let b = lattice_box(rng, size, q, cells);
+            canvas.shape(sh, b, rgb);
+            (name, sh, b)
+        })
+        .collect()
+}
+
+/// One instruction-tuning sample.
+pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
+    let mut canvas = Canvas::new(size, BACKGROUND);
+    let s = size;
+    let unit = (s / 4).max(8);
+    let (question, answer): (String, String) = match rng.random_range(0..11) {
+        0 => {
+            let ((name, rgb), sh) = (any_colour(rng), any_shape(rng));
+            let side = rng.random_range(unit..=2 * unit);
+            canvas.shape(sh, anywhere(rng, s, side), rgb);
+            let q = *[
+                "Tell me the colour of the {}.",
+                "Which colour has the {} got?",
+            ]
+            .choose(rng)
+            .expect("phrasings");
+            (
+                q.replace("{}", sh.name()),
+                format!("The {} is {name}.", sh.name()),
+            )
+        }
+        1 => {
+            let ((_, rgb), sh) = (any_colour(rng), any_shape(rng));
+            let side = rng.random_range(unit..=2 * unit);
+            canvas.shape(sh, anywhere(rng, s, side), rgb);
+            let q = *[
+                "Which kind of shape is drawn here?",
+                "Name the shape you see.",
+            ]
+            .choose(rng)
+            .expect("phrasings");
+            (q.to_string(), format!("It is a {}.", sh.name()))
+        }
+        2 => {
+            let ((_, rgb), sh) = (any_colour(rng), any_shape(rng));
+            let n = rng.random_range(1..=6);
+            let mut cells: Vec<u32> = (0..9).collect();
+            cells.shuffle(rng);
+            let cell = s / 3;
+            for &c in &cells[..n] {
+                let side = cell * 2 / 3;
+                let (x0, y0) = ((c % 3) * cell + cell / 6, (c / 3) * cell + cell / 6);
+                canvas.shape(sh, [x0, y0, x0 + side, y0 + side], rgb);
+            }
+            (
+                format!("Count the {}s in the picture.", sh.name()),
+                format!("I count {}.", number(n)),
+            )
+        }
+        3 => {
+            let n = rng.random_range(1..=3);
+            let objects = scene(rng, &mut canvas, n);
+            let (name, sh, b) = *objects.choose(rng).expect("objects");
+            (
+                format!("Where is the {name} {} placed?", sh.name()),
+                format!("It is at {}.", position(b, s)),
+            )
+        }
+        4 => {
+            let objects = scene(rng, &mut canvas, 2);
+            let ((n1, s1, b1), (n2, s2, b2)) = (objects[0], objects[1]);
+            let (relation, holds) = if rng.random_bool(0.5) {
+                ("to the left of", b1[2] <= b2[0])
+            } else {
+                ("above", b1[3] <= b2[1])
+            };
+            (
+                format!(
+                    "Is the {n1} {} {relation} the {n2} {}? Reply yes or no.",
+                    s1.name(),
+                    s2.name()
+                ),
+                if holds {
+                    "Yes, it is."
+                } else {
+                    "No, it is not."
+                }
+                .to_string(),
+            )
+        }
+        5 => {
+            let n = rng.random_range(1..=3);
+            let objects = scene(rng, &mut canvas, n);
+            let (name, sh) = if rng.random_bool(0.5) {
+                let (n, sh, _) = *objects.choose(rng).expect("objects");
+                (n, sh)
+            } else {
+                (any_colour(rng).0, any_shape(rng))
+            };
+            let present = objects.iter().any(|o| o.0 == name && o.1 == sh);
+            (
+                format!("Is there a {name} {} in this picture?", sh.name()),
+                if present {
+                    "Yes, there is."
+                } else {
+                    "No, there is not."
+                }
+                .to_string(),
+            )
+        }
+        6 => {
+            let words: Vec<&str> = reading_vocabulary().collect();
+            let word = *words.choose(rng).expect("words");
+            let (x, y) = word_position(rng, s, word);
+            write_word(&mut canvas, word, x, y, [20, 20, 20]);
+            let q = *["Read the text aloud.", "What does the sign spell?"]
+                .choose(rng)
+                .expect("phrasings");
+            (q.to_string(), format!("It says {}.", word.to_lowercase()))
+        }
+        7 => {
+            let (_, rgb) = any_colour(rng);
+            let title = *TITLES.choose(rng).expect("titles");
+            let author = *AUTHORS.choose(rng).expect("authors");
+            draw_cover(&mut canvas, rgb, title, author);
+            if rng.random_bool(0.5) {
+                (
+                    "Read the title on this cover.".to_string(),
+                    format!("The title is {}.", title.to_lowercase()),
+                )
+            } else {
+                (
+                    "Name the writer shown on the cover.".to_string(),
+                    format!("The writer is {}.", author.to_lowercase()),
+                )
+            }
+        }
+        8 => {
+            let n = rng.random_range(1..=3);
+            let objects = scene(rng, &mut canvas, n);
+            let (name, sh, b) = *objects.choose(rng).expect("objects");
+            (
+                format!("Give the pixel corners of the {name} {}.", sh.name()),
+                format!("From ({}, {}) to ({}, {}).", b[0], b[1], b[2], b[3]),
+            )
+        }
+        9 => {
+            let objects = scene(rng, &mut canvas, 1);
+            let present = objects[0].0;
+            let mut options: Vec<&str> = COLOURS
+                .iter()
+                .map(|c| c.0)
+                .filter(|c| *c != present)
+                .collect();
+            options.shuffle(rng);
+            options.truncate(rng.random_range(1..=3));
+            options.push(present);
+            options.shuffle(rng);
+            let (last, rest) = options.split_last().expect("options");
+            (
+                format!(
+                    "Which of these colours is in the picture: {} or {last}?",
+                    rest.join(", ")
+                ),
+                format!("{}{}.", present[..1].to_uppercase(), &present[1..]),
+            )
+        }
+        _ => {
+            let ((name, rgb), sh) = (any_colour(rng), any_shape(rng));
+            let side = rng.random_range(unit..=2 * unit);
+            canvas.shape(sh, anywhere(rng, s, side), rgb);
+            let answer = match rng.random_range(0..3) {
+                0 => {
+                    canvas.darken(rng.random_range(0.02..0.06));
+                    "No, the picture is too dark to tell.".to_string()
+                }
+                1 => {
+                    canvas.blur(rng.random_range(1.0..2.5));
+                    format!("Yes, a blurry {name} {}.", sh.name())
+                }
+                _ => format!("Yes, a {name} {}.", sh.name()),
+            };
+            ("Can you make out the object?".to_string(), answer)
+        }
+    };
+    Sample {
+        image: canvas.image,
+        question,
+        answer,
+        bbox: None,
+    }
+}
