@@ -39,7 +39,7 @@ use crate::loader::{
     load_test_set,
 };
 use crate::pipeline::{LlavaPipeline, Precision};
-use crate::plots::heatmap;
+use crate::plots::{Bars, Heatmap, bars, heatmap};
 use crate::progress::{progress, tick};
 
 /// Who learns the stream (paper Table 1's rows).
@@ -662,6 +662,9 @@ pub struct Progress {
     /// Seconds the initial phase took.
     #[serde(default)]
     pub initial_seconds: f64,
+    /// Per task, the base model's accuracy before any task (empty until measured).
+    #[serde(default)]
+    pub zero_shot: Vec<f64>,
     /// Tasks trained and evaluated.
     pub completed: usize,
     /// `accuracy[t][i]`: task `i` after training task `t` (positions in training order), the
@@ -719,6 +722,10 @@ pub struct Report {
     /// `accuracy[t][i]` (percent), null where task `i` was not trained yet; the diagonal is
     /// Immediate (own router), the rest through the inference router (paper Table 9).
     pub accuracy: Vec<Vec<Option<f64>>>,
+    /// Zero-shot: task `i` answered by the base model before any task (no experts, no initial
+    /// phase), asked with the task's own instruction text: what the task needs to learn.
+    #[serde(default)]
+    pub zero_shot: Vec<f64>,
     /// Immediate: task `i` right after training it, answered with its own router (for the
     /// shared-router baselines, the one router).
     pub immediate: Vec<f64>,
@@ -1008,6 +1015,21 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         if records.is_empty() {
             anyhow::bail!("{}: no training sample", path.display());
         }
+    }
+
+    // Zero-shot: the base model on every task before anything trains (once per run).
+    if progress.zero_shot.len() != names.len() {
+        eprintln!("zero-shot: the base model on every task");
+        progress.zero_shot = zero_shot(
+            &burn::module::AutodiffModule::valid(&base),
+            &tests,
+            &names,
+            &types,
+            (&encoder, pad, &generation, &config),
+            &dir.join("predictions").join("zero-shot"),
+            device,
+        )?;
+        write_json(&progress_json, &progress)?;
     }
 
     let state_dir = dir.join("state");
@@ -1679,9 +1701,12 @@ impl BackendTask for EvalTask {
     }
 }
 
-/// `accuracy.png`, `ptl_confusion.png`, `experts_per_layer.png`, `trainable_params.png`.
+/// The run's figures: `accuracy.png` (Table 9's matrix), `immediate_last.png` (zero-shot,
+/// Immediate and Last per task), `params_per_task.png`, `experts_per_layer.png` and, with a
+/// router per task, `ptl_confusion.png`.
 fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     let tasks = &r.tasks;
+    let method = r.method.paper_name();
     // The rows: one per task trained, or one for multitask training.
     let stages: Vec<String> = match r.method {
         Method::Multitask => vec!["all tasks".into()],
@@ -1689,72 +1714,103 @@ fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
     };
     heatmap(
         &dir.join("accuracy.png"),
-        "accuracy (row: after training, column: task)",
-        &stages,
-        tasks,
-        &r.accuracy,
-        100.0,
-        0,
+        &Heatmap {
+            title: &format!("{method}: accuracy (%) after each task"),
+            rows_label: "after training",
+            cols_label: "accuracy on",
+            rows: &stages,
+            cols: tasks,
+            values: &r.accuracy,
+            max: 100.0,
+            decimals: 1,
+        },
+    )?;
+    let mut series = Vec::new();
+    if r.zero_shot.len() == tasks.len() {
+        series.push(("zero-shot (base)".to_string(), r.zero_shot.clone()));
+    }
+    if r.method == Method::Multitask {
+        series.push(("after training on all tasks".to_string(), r.last.clone()));
+    } else {
+        series.push(("Immediate (own router)".to_string(), r.immediate.clone()));
+        series.push(("Last (after all tasks)".to_string(), r.last.clone()));
+    }
+    let mut groups = tasks.clone();
+    groups.push("Mean".into());
+    for (_, values) in &mut series {
+        let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
+        values.push(mean);
+    }
+    bars(
+        &dir.join("immediate_last.png"),
+        &Bars {
+            title: &format!("{method}: accuracy per task"),
+            y_label: "accuracy (%)",
+            groups: &groups,
+            series: &series,
+            y_max: Some(100.0),
+            decimals: Some(0),
+        },
     )?;
     let counts = |m: &[Vec<usize>]| -> Vec<Vec<Option<f64>>> {
         m.iter()
             .map(|row| row.iter().map(|&v| Some(v as f64)).collect())
             .collect()
     };
+    let largest =
+        |m: &[Vec<Option<f64>>]| m.iter().flatten().flatten().fold(0.0f64, |a, &b| a.max(b));
     // Task location: only where there is a router per task to choose.
-    if r.ptl_accuracy.is_some() {
+    if let Some(accuracy) = r.ptl_accuracy {
         let routed = counts(&r.ptl_confusion);
-        let most = routed
-            .iter()
-            .flatten()
-            .flatten()
-            .fold(0.0f64, |a, &b| a.max(b));
         heatmap(
             &dir.join("ptl_confusion.png"),
-            "task location (row: true task, column: router chosen)",
-            tasks,
-            tasks,
-            &routed,
-            most,
-            0,
+            &Heatmap {
+                title: &format!(
+                    "PTL task location after the last task: {:.1} % located",
+                    100.0 * accuracy
+                ),
+                rows_label: "true task",
+                cols_label: "router chosen (test questions)",
+                rows: tasks,
+                cols: tasks,
+                values: &routed,
+                max: largest(&routed),
+                decimals: 0,
+            },
         )?;
     }
     let experts = counts(&r.experts_per_layer);
     let layers: Vec<String> = (0..r.experts_per_layer.first().map_or(0, Vec::len))
-        .map(|l| format!("L{l}"))
+        .map(|l| format!("layer {l}"))
         .collect();
-    let most = experts
-        .iter()
-        .flatten()
-        .flatten()
-        .fold(0.0f64, |a, &b| a.max(b));
     heatmap(
         &dir.join("experts_per_layer.png"),
-        "experts per layer after each task",
-        &stages,
-        &layers,
-        &experts,
-        most,
-        0,
+        &Heatmap {
+            title: &format!("{method}: experts per layer"),
+            rows_label: "after training",
+            cols_label: "decoder layer",
+            rows: &stages,
+            cols: &layers,
+            values: &experts,
+            max: largest(&experts),
+            decimals: 0,
+        },
     )?;
-    let params: Vec<Vec<Option<f64>>> = r
+    let params: Vec<f64> = r
         .trainable_params_per_task
         .iter()
-        .map(|&p| vec![Some(p as f64 / 1e3)])
+        .map(|&p| p as f64 / 1e3)
         .collect();
-    let most = params
-        .iter()
-        .flatten()
-        .flatten()
-        .fold(0.0f64, |a, &b| a.max(b));
-    heatmap(
-        &dir.join("trainable_params.png"),
-        "trained params (k)",
-        &stages,
-        &["k".to_string()],
-        &params,
-        most,
-        0,
+    bars(
+        &dir.join("params_per_task.png"),
+        &Bars {
+            title: &format!("{method}: parameters each task trained"),
+            y_label: "trainable parameters (thousands)",
+            groups: &stages,
+            series: &[("trained by the task".to_string(), params)],
+            y_max: None,
+            decimals: Some(0),
+        },
     )
 }
 
@@ -1935,8 +1991,6 @@ impl<B: Backend> Evaluator<'_, B> {
             device,
         } = *self;
         let shared = config.method.shared_router();
-        let bar = progress(records.len() as u64, "evaluate");
-        let batch = config.eval_batch.max(1);
         // Random routers are drawn here, in order, so that the run stays reproducible.
         let drawn: Vec<usize> = match router {
             RouterChoice::Random if !shared => (0..records.len())
@@ -1944,9 +1998,7 @@ impl<B: Backend> Evaluator<'_, B> {
                 .collect(),
             _ => Vec::new(),
         };
-        let answer = |chunk: usize| -> anyhow::Result<(Vec<usize>, Vec<Vec<u32>>)> {
-            let first = chunk * batch;
-            let prompts = &prompts[first..(first + batch).min(prompts.len())];
+        let answer = |first: usize, prompts: &[Encoded]| {
             let n = prompts.len();
             let chosen: Vec<usize> = match router {
                 _ if shared => vec![0; n],
@@ -1960,28 +2012,90 @@ impl<B: Backend> Evaluator<'_, B> {
                 RouterChoice::Oracle => vec![i; n],
             };
             let outputs = generate_grouped(model, prompts, &chosen, pad, generation, device)?;
-            bar.inc(n as u64);
             Ok((chosen, outputs))
         };
-        // Batches are answered by worker threads (each batch's work is the same whichever
-        // thread does it, so the answers are those of a sequential pass).
-        let chunks = records.len().div_ceil(batch);
-        let answered = in_parallel(chunks, answer)?;
-        let mut predictions = Vec::with_capacity(records.len());
-        let mut chosen_all = Vec::with_capacity(records.len());
-        for (record, ids) in records.iter().zip(answered.iter().flat_map(|(_, o)| o)) {
-            predictions.push(Prediction {
-                question_id: record.question_id.clone(),
-                text: encoder.tokenizer.decode(ids)?.trim().to_string(),
-            });
-        }
-        for (chosen, _) in answered {
-            chosen_all.extend(chosen);
-        }
-        bar.finish_and_clear();
-        let s = score(task_type, records, &predictions, Compat::Correct)?;
-        Ok((s.accuracy, chosen_all, predictions))
+        answer_and_score(
+            encoder,
+            records,
+            prompts,
+            task_type,
+            config.eval_batch,
+            answer,
+        )
     }
+}
+
+/// Answers `prompts` (the questions of `records`) in batches of `batch` with `answer` (given
+/// the batch's first position and its prompts, it returns the router chosen for each row and
+/// the generated ids), and scores the answers as `task_type`.
+fn answer_and_score(
+    encoder: &CoinEncoder,
+    records: &[TestRecord],
+    prompts: &[Encoded],
+    task_type: TaskType,
+    batch: usize,
+    answer: impl Fn(usize, &[Encoded]) -> anyhow::Result<(Vec<usize>, Vec<Vec<u32>>)> + Sync,
+) -> anyhow::Result<Evaluation> {
+    let bar = progress(records.len() as u64, "evaluate");
+    let batch = batch.max(1);
+    // Batches are answered by worker threads (each batch's work is the same whichever
+    // thread does it, so the answers are those of a sequential pass).
+    let chunks = records.len().div_ceil(batch);
+    let answered = in_parallel(chunks, |chunk| {
+        let first = chunk * batch;
+        let answers = answer(first, &prompts[first..(first + batch).min(prompts.len())])?;
+        bar.inc(answers.1.len() as u64);
+        Ok(answers)
+    })?;
+    let mut predictions = Vec::with_capacity(records.len());
+    let mut chosen_all = Vec::with_capacity(records.len());
+    for (record, ids) in records.iter().zip(answered.iter().flat_map(|(_, o)| o)) {
+        predictions.push(Prediction {
+            question_id: record.question_id.clone(),
+            text: encoder.tokenizer.decode(ids)?.trim().to_string(),
+        });
+    }
+    for (chosen, _) in answered {
+        chosen_all.extend(chosen);
+    }
+    bar.finish_and_clear();
+    let s = score(task_type, records, &predictions, Compat::Correct)?;
+    Ok((s.accuracy, chosen_all, predictions))
+}
+
+/// Zero-shot accuracy: every task's test questions, in its own instruction text, answered by
+/// the base model before any task (no experts), with its answers written to
+/// `answers_dir/<task>.jsonl`.
+fn zero_shot<B: Backend>(
+    base: &cmoe_llava::Llava<B>,
+    tests: &[(Vec<TestRecord>, Vec<Encoded>)],
+    names: &[String],
+    types: &[TaskType],
+    runtime: (&CoinEncoder, u32, &GenerationConfig, &RunConfig),
+    answers_dir: &Path,
+    device: &B::Device,
+) -> anyhow::Result<Vec<f64>> {
+    let (encoder, pad, generation, config) = runtime;
+    let mut accuracy = Vec::with_capacity(tests.len());
+    for (((records, prompts), name), &task_type) in tests.iter().zip(names).zip(types) {
+        let answer = |_: usize, prompts: &[Encoded]| {
+            let input = collate_prompts::<B>(prompts, pad, device);
+            let outputs = cmoe_llava::generation::generate(base, input, generation)?;
+            Ok((Vec::new(), outputs))
+        };
+        let (a, _, predictions) = answer_and_score(
+            encoder,
+            records,
+            prompts,
+            task_type,
+            config.eval_batch,
+            answer,
+        )?;
+        write_jsonl(&answers_dir.join(format!("{name}.jsonl")), &predictions)?;
+        eprintln!("  {name:<10} {a:6.2} (zero-shot)");
+        accuracy.push(a);
+    }
+    Ok(accuracy)
 }
 
 /// `work(0..n)` on up to one worker thread per core, the results in order; the first error
@@ -2161,6 +2275,7 @@ pub fn make_report(config: &RunConfig, progress: &Progress, tasks: Vec<String>) 
         plan: config.plan,
         tasks,
         accuracy: progress.accuracy.clone(),
+        zero_shot: progress.zero_shot.clone(),
         mean_immediate: mean(&immediate),
         mean_last: mean(&last),
         immediate,
@@ -2209,6 +2324,13 @@ pub fn report_markdown(r: &Report) -> String {
     let bwt = r.bwt.map_or("-".into(), |b| format!("{b:.2}"));
     md += "## Accuracy (Table 1)\n\n";
     md += &header("");
+    if r.zero_shot.len() == r.tasks.len() {
+        md += &format!(
+            "| Zero-shot (base, before any task) | {} | {:.2} | - |\n",
+            cells(&r.zero_shot),
+            mean(&r.zero_shot)
+        );
+    }
     md += &format!(
         "| Immediate | {} | {:.2} | - |\n",
         cells(&r.immediate),
@@ -2227,7 +2349,8 @@ pub fn report_markdown(r: &Report) -> String {
             mean(&r.immediate_via_router)
         );
     }
-    md += "\nImmediate: each task right after training it, with its own router. Last: after the \
+    md += "\nZero-shot: the base model before any task, asked with each task's instruction. \
+           Immediate: each task right after training it, with its own router. Last: after the \
            last task, through the inference router. BWT = mean over all tasks of (Last - \
            Immediate), as in the paper's Table 1.\n\n";
     md += "## Accuracy after each task (Table 9; row t: after training task t; diagonal: own router)\n\n";

@@ -1,8 +1,23 @@
-//! Pretraining the small LLaVA shipped in `assets/`: a byte-level BPE tokenizer trained on the
-//! synthetic corpus, then every weight trained from a seeded initialisation on the perception
-//! mixture of `cmoe_coin::mini::captions` (descriptions of shapes, colours, positions, counts,
-//! words, covers and degraded images; none of Mini-CoIN's question formats), and the result
-//! written in the HF LLaVA layout.
+//! Pretraining the small LLaVA shipped in `assets/`, LLaVA-1.5's recipe in small: a byte-level
+//! BPE tokenizer trained on the synthetic corpus, then every weight trained from a seeded
+//! initialisation in two stages:
+//!
+//! 1. **captions** (LLaVA's feature alignment): descriptions of Mini-CoIN's kinds of images
+//!    (`cmoe_coin::mini::captions`: shapes, colours, positions, counts, words, covers,
+//!    degraded pictures);
+//! 2. **instructions** (LLaVA's visual instruction tuning): questions about the same kinds of
+//!    images in words of their own (`cmoe_coin::mini::instructions`: objects, colours, counts,
+//!    positions, reading, boxes, yes/no, multiple choice), with a share of captions mixed in.
+//!
+//! None of the eight tasks' templates or answer formats is in either stage, and their samples
+//! come from generator streams of their own (seeded from the pretraining seed, disjoint from
+//! Mini-CoIN's). The result is written in the HF LLaVA layout with `pretrain.json` (settings,
+//! time and loss curve of each stage).
+//!
+//! Pretraining checkpoints every `checkpoint_every` steps into `<out>/pretrain-checkpoint`
+//! (weights, AdamW state, losses; swapped in atomically) and, with `resume`, continues from
+//! there; each step draws its samples from a generator seeded by the stage and the step, so a
+//! resumed pretraining ends bit-identical to an unbroken one.
 
 use std::path::{Path, PathBuf};
 
@@ -10,28 +25,32 @@ use anyhow::Context;
 use burn::backend::Autodiff;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion};
 use cmoe_coin::format::{TrainRecord, Turn, write_json};
-use cmoe_coin::mini::{TASKS, captions, tasks};
+use cmoe_coin::mini::tasks::Sample;
+use cmoe_coin::mini::{TASKS, captions, instructions, tasks};
 use cmoe_data::bpe::train_bpe;
 use cmoe_data::image::{CLIP_MEAN, CLIP_STD, ImageProcessorConfig};
 use cmoe_data::prompt::{Conversation, VICUNA_SYSTEM};
 use cmoe_data::tokenizer::{IMAGE_TOKEN, LlavaTokenizer};
 use cmoe_llava::LlavaConfig;
 use cmoe_llava::export::save_hf;
+use cmoe_llava::store::{load_module, save_module};
 use cmoe_moe::loss::causal_lm_loss;
-use cmoe_moe::stages::learning_rate;
-use rand::SeedableRng;
+use cmoe_moe::stages::{OptimState, by_id, by_order, learning_rate};
 use rand::rngs::StdRng;
-use serde::Serialize;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, collate_train};
+use crate::plots::{Lines, lines};
 use crate::progress::{progress, tick};
 
 /// What to pretrain and how.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PretrainConfig {
     /// The model's `config.json` (shapes, special ids).
     pub model_config: PathBuf,
@@ -39,52 +58,167 @@ pub struct PretrainConfig {
     pub out: PathBuf,
     /// Seed of the initialisation, the corpus and the batches.
     pub seed: u64,
-    /// Optimiser steps.
-    pub steps: usize,
+    /// Optimiser steps of stage 1 (captions).
+    pub caption_steps: usize,
+    /// Optimiser steps of stage 2 (instructions).
+    pub instruction_steps: usize,
     /// Samples per step.
     pub batch: usize,
-    /// Peak learning rate (AdamW, warmup 5 % then cosine).
+    /// Peak learning rate of stage 1 (AdamW, warmup 5 % then cosine).
     pub lr: f64,
-    /// Descriptions drawn to train the tokenizer on (with Mini-CoIN's questions).
+    /// Peak learning rate of stage 2 (same schedule, a fresh AdamW state).
+    pub instruction_lr: f64,
+    /// Share of stage 2's samples that are stage 1's captions.
+    pub caption_share: f64,
+    /// Descriptions drawn to train the tokenizer on (with as many instructions and Mini-CoIN's
+    /// questions).
     pub tokenizer_corpus: usize,
+    /// Checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
 }
+
+/// One stage's record in `pretrain.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageReport {
+    /// `captions` or `instructions`.
+    pub name: String,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Mean loss over the first and the last 10 % of steps.
+    pub first_loss: f64,
+    /// See `first_loss`.
+    pub last_loss: f64,
+    /// Wall time of its training loop (a resumed stage: the sum of its runs).
+    pub seconds: f64,
+    /// Mean loss of each window of [`CURVE_WINDOW`] steps.
+    pub loss_curve: Vec<f64>,
+}
+
+/// Steps per point of a stage's loss curve.
+pub const CURVE_WINDOW: usize = 25;
 
 /// What a pretraining run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct PretrainReport {
     /// The settings.
     pub config: PretrainConfig,
-    /// Mean loss over the first and the last 10 % of steps.
-    pub first_loss: f64,
-    /// See `first_loss`.
-    pub last_loss: f64,
-    /// Wall time of the training loop.
+    /// Each stage, in order.
+    pub stages: Vec<StageReport>,
+    /// Wall time of both training loops.
     pub train_seconds: f64,
     /// Parameters.
     pub parameters: usize,
 }
 
-/// Pretrains on the backend it is run on (with autodiff).
-pub struct PretrainTask(pub PretrainConfig);
+/// Pretrains on the backend it is run on (with autodiff); `resume` continues the checkpoint
+/// in `<out>/pretrain-checkpoint`.
+pub struct PretrainTask {
+    /// The settings.
+    pub config: PretrainConfig,
+    /// Continue from the checkpoint (an error when there is none).
+    pub resume: bool,
+    /// Stop with an error after this many steps of both stages, as if killed there (to
+    /// exercise `resume`).
+    pub stop_after_steps: Option<usize>,
+}
 
 impl BackendTask for PretrainTask {
     type Output = anyhow::Result<PretrainReport>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<PretrainReport> {
-        pretrain::<B>(self.0, &device)
+        pretrain::<B>(self.config, self.resume, self.stop_after_steps, &device)
     }
+}
+
+/// The two stages: name, steps, peak learning rate, share of captions.
+fn stages(config: &PretrainConfig) -> [(&'static str, usize, f64, f64); 2] {
+    [
+        ("captions", config.caption_steps, config.lr, 1.0),
+        (
+            "instructions",
+            config.instruction_steps,
+            config.instruction_lr,
+            config.caption_share,
+        ),
+    ]
+}
+
+/// Where a pretraining checkpoint stands (`state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    format: String,
+    config: PretrainConfig,
+    /// The stage in flight (0 or 1) and the steps it has done.
+    stage: usize,
+    step: usize,
+    /// Every step's loss, per stage so far.
+    losses: Vec<Vec<f64>>,
+    /// Wall time per stage so far.
+    seconds: Vec<f64>,
+}
+
+const CHECKPOINT_FORMAT: &str = "llava-cmoe/pretrain-checkpoint/1";
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
 }
 
 fn pretrain<B: Backend>(
     config: PretrainConfig,
+    resume: bool,
+    stop_after_steps: Option<usize>,
     device: &B::Device,
 ) -> anyhow::Result<PretrainReport> {
+    anyhow::ensure!(config.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(
+        config.lr > 0.0 && config.instruction_lr > 0.0,
+        "learning rates must be positive (got {} and {})",
+        config.lr,
+        config.instruction_lr
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&config.caption_share),
+        "--caption-share must lie in [0, 1] (got {})",
+        config.caption_share
+    );
     let model_config = LlavaConfig::from_file(&config.model_config)?;
     let image_size = model_config.vision_config.image_size as u32;
     std::fs::create_dir_all(&config.out)
         .with_context(|| format!("cannot create {}", config.out.display()))?;
+    let checkpoint_dir = config.out.join("pretrain-checkpoint");
+    let checkpoint = find_checkpoint(&checkpoint_dir)?;
+    let mut state = match (checkpoint, resume) {
+        (Some((_, state)), true) => {
+            anyhow::ensure!(
+                state.config == config,
+                "{} was written with other settings ({:?}) than this run's ({:?})",
+                checkpoint_dir.join("state.json").display(),
+                state.config,
+                config
+            );
+            state
+        }
+        (Some(_), false) => anyhow::bail!(
+            "{} holds a pretraining in progress: pass --resume to continue it, or delete the \
+             folder to start over",
+            checkpoint_dir.display()
+        ),
+        (None, true) => anyhow::bail!(
+            "--resume: {} holds no pretraining checkpoint",
+            checkpoint_dir.display()
+        ),
+        (None, false) => CheckpointState {
+            format: CHECKPOINT_FORMAT.into(),
+            config: config.clone(),
+            stage: 0,
+            step: 0,
+            losses: vec![Vec::new(); 2],
+            seconds: vec![0.0; 2],
+        },
+    };
 
-    // 1. The tokenizer: the chat template, descriptions and Mini-CoIN's questions and answers.
+    // 1. The tokenizer: the chat template, descriptions, instructions and Mini-CoIN's tasks
+    //    (deterministic, so a resumed run writes the same file).
     let tokenizer_path = config.out.join("tokenizer.json");
     train_bpe(
         tokenizer_corpus(config.seed, config.tokenizer_corpus, image_size),
@@ -106,56 +240,223 @@ fn pretrain<B: Backend>(
     };
     let pad = model_config.pad_token_id.unwrap_or(0);
 
-    // 2. Every weight trains on fresh descriptions.
+    // 2. Every weight trains, stage by stage, on fresh samples.
     type AD<B> = Autodiff<B>;
     AD::<B>::seed(device, config.seed);
     let mut model = model_config.init::<AD<B>>(device);
     let parameters = model.num_params();
-    let mut optim = AdamWConfig::new()
-        .with_weight_decay(0.0)
-        .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
-        .init();
-    let mut rng = StdRng::seed_from_u64(config.seed ^ 0xCAB);
-    let bar = progress(config.steps as u64, "pretrain");
-    let mut losses = Vec::with_capacity(config.steps);
-    let start = std::time::Instant::now();
-    for step in 0..config.steps {
-        let samples = (0..config.batch)
-            .map(|i| {
-                let s = captions::sample(&mut rng, image_size);
-                let record = conversation(format!("caption-{step}-{i}"), &s.question, &s.answer);
-                encoder.encode_conversation(&record, encoder.processor.preprocess(&s.image))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let batch = collate_train::<AD<B>>(&samples, pad, device);
-        let logits = model.forward(batch.input)?;
-        let loss = causal_lm_loss(logits, batch.labels).context("a batch without labels")?;
-        let value: f64 = loss.clone().into_scalar().elem();
-        if !value.is_finite() {
-            anyhow::bail!("pretraining diverged: loss {value} at step {step}");
-        }
-        losses.push(value);
-        let lr = learning_rate(step, config.steps, config.lr, 0.05);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(lr, model, grads);
-        tick(&bar, format!("loss {value:.3}"));
+    if state.step > 0 || state.stage > 0 {
+        load_module(
+            &mut model,
+            &checkpoint_dir.join("model.safetensors"),
+            DType::F32,
+        )?;
     }
-    bar.finish();
-    let train_seconds = start.elapsed().as_secs_f64();
+    let mut steps_before = 0;
+    for (index, (name, steps, peak, caption_share)) in stages(&config).into_iter().enumerate() {
+        let stage_start = steps_before;
+        steps_before += steps;
+        if index < state.stage {
+            continue;
+        }
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(0.0)
+            .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
+            .init();
+        if state.stage == index && state.step > 0 {
+            let path = checkpoint_dir.join("optimizer");
+            let record: OptimState<AD<B>> = recorder()
+                .load(path.clone(), device)
+                .with_context(|| format!("cannot read {}.mpk", path.display()))?;
+            optim = optim.load_record(by_id(record, &model));
+        }
+        state.stage = index;
+        let bar = progress(steps as u64, &format!("pretrain {name}"));
+        bar.set_position(state.step as u64);
+        let mut start = std::time::Instant::now();
+        while state.step < steps {
+            let step = state.step;
+            let mut rng = step_rng(config.seed, index, step);
+            let samples = (0..config.batch)
+                .map(|i| {
+                    let s = if rng.random_bool(caption_share) {
+                        captions::sample(&mut rng, image_size)
+                    } else {
+                        instructions::sample(&mut rng, image_size)
+                    };
+                    let record = conversation(format!("{name}-{step}-{i}"), &s.question, &s.answer);
+                    encoder.encode_conversation(&record, encoder.processor.preprocess(&s.image))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let batch = collate_train::<AD<B>>(&samples, pad, device);
+            let logits = model.forward(batch.input)?;
+            let loss = causal_lm_loss(logits, batch.labels).context("a batch without labels")?;
+            let value: f64 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                anyhow::bail!("pretraining diverged: loss {value} at step {step} of {name}");
+            }
+            state.losses[index].push(value);
+            let lr = learning_rate(step, steps, peak, 0.05);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            state.step += 1;
+            tick(&bar, format!("loss {value:.3}"));
+            let every = config.checkpoint_every;
+            if every > 0 && state.step % every == 0 && state.step < steps {
+                state.seconds[index] += start.elapsed().as_secs_f64();
+                start = std::time::Instant::now();
+                save_checkpoint(
+                    &checkpoint_dir,
+                    &state,
+                    &model,
+                    by_order(optim.to_record(), &model),
+                )?;
+            }
+            if stop_after_steps == Some(stage_start + state.step) {
+                anyhow::bail!(
+                    "stopped after step {} as asked; continue with --resume",
+                    stage_start + state.step
+                );
+            }
+        }
+        bar.finish();
+        state.seconds[index] += start.elapsed().as_secs_f64();
+        if index + 1 < 2 {
+            // The stage boundary: the next stage starts from these weights with a fresh AdamW.
+            state.stage = index + 1;
+            state.step = 0;
+            if config.checkpoint_every > 0 {
+                save_checkpoint(&checkpoint_dir, &state, &model, Default::default())?;
+            }
+        }
+    }
 
     // 3. HF layout, half precision (what the repository ships).
     save_hf(&model.valid(), &model_config, &config.out, DType::F16)?;
-    let tenth = (losses.len() / 10).max(1);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let reports: Vec<StageReport> = stages(&config)
+        .into_iter()
+        .zip(&state.losses)
+        .zip(&state.seconds)
+        .map(|(((name, steps, _, _), losses), &seconds)| {
+            let tenth = (losses.len() / 10).max(1).min(losses.len());
+            StageReport {
+                name: name.into(),
+                steps,
+                first_loss: mean(&losses[..tenth]),
+                last_loss: mean(&losses[losses.len() - tenth..]),
+                seconds,
+                loss_curve: losses.chunks(CURVE_WINDOW).map(mean).collect(),
+            }
+        })
+        .collect();
     let report = PretrainReport {
-        first_loss: mean(&losses[..tenth.min(losses.len())]),
-        last_loss: mean(&losses[losses.len().saturating_sub(tenth)..]),
-        train_seconds,
+        train_seconds: reports.iter().map(|s| s.seconds).sum(),
+        stages: reports,
         parameters,
         config,
     };
     write_json(&report.config.out.join("pretrain.json"), &report)?;
+    loss_figure(&report)?;
+    for dir in [
+        checkpoint_dir.clone(),
+        checkpoint_dir.with_extension("old"),
+        checkpoint_dir.with_extension("next"),
+    ] {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+    }
     Ok(report)
+}
+
+/// `pretrain_loss.png` beside `pretrain.json`: each stage's loss curve over the steps of both.
+fn loss_figure(report: &PretrainReport) -> anyhow::Result<()> {
+    let mut offset = 0.0;
+    let series: Vec<(String, Vec<(f64, f64)>)> = report
+        .stages
+        .iter()
+        .map(|stage| {
+            let points = stage
+                .loss_curve
+                .iter()
+                .enumerate()
+                .map(|(i, &loss)| (offset + ((i as f64 + 0.5) * CURVE_WINDOW as f64), loss))
+                .collect();
+            offset += stage.steps as f64;
+            (format!("stage: {}", stage.name), points)
+        })
+        .collect();
+    lines(
+        &report.config.out.join("pretrain_loss.png"),
+        &Lines {
+            title: &format!(
+                "Pretraining the small LLaVA ({:.0} min, batch {})",
+                report.train_seconds / 60.0,
+                report.config.batch
+            ),
+            x_label: "optimiser step",
+            y_label: &format!("training loss (mean of {CURVE_WINDOW} steps)"),
+            series: &series,
+        },
+    )
+}
+
+/// The generator of one step's samples: seeded by the run's seed, the stage and the step, so a
+/// resumed stage draws what an unbroken one would.
+fn step_rng(seed: u64, stage: usize, step: usize) -> StdRng {
+    let salt = ((stage as u64 + 1) << 40) ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    StdRng::seed_from_u64(seed ^ 0xCAB ^ salt)
+}
+
+/// The checkpoint in `dir` (or in `<dir>.old` after a crash in the middle of a swap).
+fn find_checkpoint(dir: &Path) -> anyhow::Result<Option<(PathBuf, CheckpointState)>> {
+    let Some(dir) = [dir.to_path_buf(), dir.with_extension("old")]
+        .into_iter()
+        .find(|d| d.join("state.json").is_file())
+    else {
+        return Ok(None);
+    };
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let state: CheckpointState =
+        serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    anyhow::ensure!(
+        state.format == CHECKPOINT_FORMAT,
+        "{}: format {:?} is not {CHECKPOINT_FORMAT}",
+        path.display(),
+        state.format
+    );
+    Ok(Some((dir, state)))
+}
+
+/// Writes the checkpoint into `<dir>.next`, then swaps it in for `dir` (a crash at any point
+/// leaves one whole checkpoint, in `dir` or `<dir>.old`).
+fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+    dir: &Path,
+    state: &CheckpointState,
+    model: &cmoe_llava::Llava<B>,
+    optim: OptimState<B>,
+) -> anyhow::Result<()> {
+    let next = dir.with_extension("next");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&next);
+    std::fs::create_dir_all(&next).with_context(|| format!("cannot create {}", next.display()))?;
+    save_module(model, &next.join("model.safetensors"))?;
+    let path = next.join("optimizer");
+    recorder()
+        .record(optim, path.clone())
+        .with_context(|| format!("cannot write {}.mpk", path.display()))?;
+    write_json(&next.join("state.json"), state)?;
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).with_context(|| format!("cannot move {}", dir.display()))?;
+    }
+    std::fs::rename(&next, dir).with_context(|| format!("cannot move {}", next.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// A one-turn conversation record.
@@ -176,8 +477,9 @@ fn conversation(id: String, question: &str, answer: &str) -> TrainRecord {
     }
 }
 
-/// The tokenizer's training text: whole conversations of descriptions and of Mini-CoIN's
-/// tasks (the tokenizer may know the tasks' words; the model is not trained on them here).
+/// The tokenizer's training text: whole conversations of descriptions, instructions and
+/// Mini-CoIN's tasks (the tokenizer may know the tasks' words; the model is not trained on
+/// their questions here).
 fn tokenizer_corpus(
     seed: u64,
     descriptions: usize,
@@ -185,23 +487,19 @@ fn tokenizer_corpus(
 ) -> impl Iterator<Item = String> + Send {
     let template = Conversation::vicuna_v1();
     let mut rng = StdRng::seed_from_u64(seed ^ 0x70C);
-    let mut texts = Vec::with_capacity(descriptions + 8 * 200);
+    let render = |s: Sample| {
+        template
+            .render(&[(format!("{IMAGE_TOKEN}\n{}", s.question), s.answer)])
+            .0
+    };
+    let mut texts = Vec::with_capacity(2 * descriptions + 8 * 200);
     for _ in 0..descriptions {
-        let s = captions::sample(&mut rng, size);
-        texts.push(
-            template
-                .render(&[(format!("{IMAGE_TOKEN}\n{}", s.question), s.answer)])
-                .0,
-        );
+        texts.push(render(captions::sample(&mut rng, size)));
+        texts.push(render(instructions::sample(&mut rng, size)));
     }
     for (_, task) in TASKS {
         for _ in 0..200 {
-            let s = tasks::sample(task, &mut rng, size);
-            texts.push(
-                template
-                    .render(&[(format!("{IMAGE_TOKEN}\n{}", s.question), s.answer)])
-                    .0,
-            );
+            texts.push(render(tasks::sample(task, &mut rng, size)));
         }
     }
     texts.push(VICUNA_SYSTEM.to_string());

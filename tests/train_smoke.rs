@@ -1,4 +1,5 @@
-//! The main job end to end at smoke size: `cmoe pretrain` makes a small LLaVA (a few steps),
+//! The main job end to end at smoke size: `cmoe pretrain` makes a small LLaVA (a few steps of
+//! both stages; stopped and resumed, it ends bit-identical),
 //! `cmoe train --preset smoke` runs all eight Mini-CoIN tasks on it and writes the report, and
 //! a run killed after three tasks, resumed, killed again between task 5's PGKE expansion and its
 //! training (and in the middle of a checkpoint swap), resumed, killed inside task 6's training
@@ -35,25 +36,80 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     let model = root.join("model");
     let runs = root.join("runs");
     let (m, r) = (model.to_str().unwrap(), runs.to_str().unwrap());
-    ok(&[
-        "pretrain",
-        "--out",
-        m,
-        "--steps",
-        "3",
-        "--batch",
-        "4",
-        "--tokenizer-corpus",
-        "300",
-    ]);
+    // Both pretraining stages (3 + 2 steps, a checkpoint every 2); a pretraining stopped
+    // after step 3 (inside stage 1, after its last checkpoint) and resumed ends with the
+    // same weights, tokenizer and loss curve as the unbroken one.
+    let pretrain = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "pretrain",
+            "--out",
+            out,
+            "--caption-steps",
+            "3",
+            "--instruction-steps",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--batch",
+            "4",
+            "--tokenizer-corpus",
+            "300",
+        ];
+        args.extend_from_slice(extra);
+        cmoe(&args)
+    };
+    let out = pretrain(m, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for file in [
         "config.json",
         "model.safetensors",
         "tokenizer.json",
         "preprocessor_config.json",
+        "pretrain.json",
+        "pretrain_loss.png",
     ] {
         assert!(model.join(file).is_file(), "{file}");
     }
+    assert!(!model.join("pretrain-checkpoint").exists());
+    let broken = root.join("model-broken");
+    let b = broken.to_str().unwrap();
+    let stopped = pretrain(b, &["--stop-after-steps", "3"]);
+    assert!(!stopped.status.success());
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));
+    let again = pretrain(b, &[]);
+    assert!(
+        !again.status.success(),
+        "a new pretraining over a checkpoint is refused"
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("pass --resume"));
+    let resumed = pretrain(b, &["--resume"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    for file in ["model.safetensors", "tokenizer.json"] {
+        assert!(
+            std::fs::read(model.join(file)).unwrap() == std::fs::read(broken.join(file)).unwrap(),
+            "{file} differs after a resumed pretraining"
+        );
+    }
+    let curves = |dir: &Path| {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap())
+                .unwrap();
+        json["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["loss_curve"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(curves(&model), curves(&broken));
 
     // Two passes over each task's two batches: four steps, checkpointed after each.
     let settings = root.join("smoke.toml");

@@ -41,6 +41,8 @@ impl RunSpec {
 pub struct Runner<'a> {
     /// Runs `cmoe train` with these flags (the backend's binary, built once).
     pub train: &'a dyn Fn(&[String]) -> anyhow::Result<()>,
+    /// Runs `cmoe plot-table1` on a table's JSON (its figures go beside it).
+    pub plot: &'a dyn Fn(&Path) -> anyhow::Result<()>,
     /// Size preset.
     pub preset: &'a str,
     /// Backend name (for the tables' captions).
@@ -170,11 +172,13 @@ impl Runner<'_> {
             number(&cmoe["ptl_accuracy"], 3),
             cmoe["initial_params"]
         ));
+        let name = format!("paper-table1-{}", self.preset);
         self.write(
-            &format!("paper-table1-{}", self.preset),
+            &name,
             &md,
             &json!({ "table": "1", "preset": self.preset, "backend": self.backend, "tasks": tasks, "rows": rows }),
-        )
+        )?;
+        (self.plot)(&self.out.join(format!("{name}.json")))
     }
 
     /// The paper's ablation tables, each over its own runs (the default LLaVA-CMoE run is

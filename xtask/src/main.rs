@@ -202,8 +202,20 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             };
+            let plot = |table: &Path| {
+                let status = Command::new(&cmoe)
+                    .arg("plot-table1")
+                    .arg(table)
+                    .status()
+                    .with_context(|| format!("cannot run {}", cmoe.display()))?;
+                if !status.success() {
+                    bail!("cmoe plot-table1 {} failed", table.display());
+                }
+                Ok(())
+            };
             let runner = compare::Runner {
                 train: &train,
+                plot: &plot,
                 preset: &preset,
                 backend: &backend,
                 out: &out,

@@ -702,7 +702,7 @@ fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {
 }
 
 /// `record` keyed by each parameter's position in `module` instead of its id.
-fn by_order<B: AutodiffBackend, M: Module<B>>(
+pub fn by_order<B: AutodiffBackend, M: Module<B>>(
     mut record: OptimState<B>,
     module: &M,
 ) -> OptimState<B> {
@@ -714,7 +714,10 @@ fn by_order<B: AutodiffBackend, M: Module<B>>(
 }
 
 /// The inverse of [`by_order`] for `module` (with the same structure).
-fn by_id<B: AutodiffBackend, M: Module<B>>(mut record: OptimState<B>, module: &M) -> OptimState<B> {
+pub fn by_id<B: AutodiffBackend, M: Module<B>>(
+    mut record: OptimState<B>,
+    module: &M,
+) -> OptimState<B> {
     param_ids(module)
         .into_iter()
         .enumerate()

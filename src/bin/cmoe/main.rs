@@ -145,6 +145,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw the figures of a Table 1 comparison (`cargo xtask compare --paper` writes the
+    /// table's JSON): mean Immediate / Last per method and parameters per task, as PNG beside it.
+    PlotTable1 {
+        /// The table's JSON (`paper-table1-<preset>.json`).
+        table: PathBuf,
+    },
     /// Generate Mini-CoIN (eight synthetic tasks in CoIN's formats) from a seed.
     MiniCoin {
         /// Output folder (Instructions/, images/, mini-coin.json).
@@ -275,7 +281,7 @@ enum Command {
         #[arg(long, default_value = "flex")]
         backend: BackendKind,
     },
-    /// Pretrain a small LLaVA (tokenizer + weights) on the synthetic perception mixture.
+    /// Pretrain a small LLaVA (tokenizer + weights): captions, then instructions (resumable).
     Pretrain {
         /// The model's config.json.
         #[arg(long, default_value = "configs/llava-mini.json")]
@@ -286,15 +292,33 @@ enum Command {
         /// Seed of the initialisation, the tokenizer corpus and the batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Optimiser steps (the shipped model: 800).
-        #[arg(long, default_value_t = 800)]
-        steps: usize,
+        /// Optimiser steps of stage 1, captions (the shipped model: see its pretrain.json).
+        #[arg(long, default_value_t = 600)]
+        caption_steps: usize,
+        /// Optimiser steps of stage 2, instructions.
+        #[arg(long, default_value_t = 2400)]
+        instruction_steps: usize,
         /// Samples per step.
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        /// Peak learning rate.
+        /// Peak learning rate of stage 1.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
+        /// Peak learning rate of stage 2.
+        #[arg(long, default_value_t = 5e-4)]
+        instruction_lr: f64,
+        /// Share of stage 2's samples that are captions.
+        #[arg(long, default_value_t = 0.2)]
+        caption_share: f64,
+        /// Checkpoint every this many steps (0: never).
+        #[arg(long, default_value_t = 50)]
+        checkpoint_every: usize,
+        /// Continue the pretraining checkpointed in OUT/pretrain-checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps, as if killed (tests of --resume).
+        #[arg(long, hide = true)]
+        stop_after_steps: Option<usize>,
         /// Descriptions in the tokenizer's training corpus.
         #[arg(long, default_value_t = 20000)]
         tokenizer_corpus: usize,
@@ -569,25 +593,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             out,
             seed,
-            steps,
+            caption_steps,
+            instruction_steps,
             batch,
             lr,
+            instruction_lr,
+            caption_share,
+            checkpoint_every,
+            resume,
+            stop_after_steps,
             tokenizer_corpus,
             backend,
         } => {
             let report = run_on(
                 backend,
-                PretrainTask(PretrainConfig {
-                    model_config: config,
-                    out,
-                    seed,
-                    steps,
-                    batch,
-                    lr,
-                    tokenizer_corpus,
-                }),
+                PretrainTask {
+                    config: PretrainConfig {
+                        model_config: config,
+                        out,
+                        seed,
+                        caption_steps,
+                        instruction_steps,
+                        batch,
+                        lr,
+                        instruction_lr,
+                        caption_share,
+                        tokenizer_corpus,
+                        checkpoint_every,
+                    },
+                    resume,
+                    stop_after_steps,
+                },
             )??;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Command::PlotTable1 { table } => {
+            for path in llava_cmoe::plots::table1_figures(&table)? {
+                println!("{}", path.display());
+            }
             Ok(())
         }
         Command::MiniCoin {
