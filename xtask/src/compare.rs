@@ -49,6 +49,9 @@ pub struct Runner<'a> {
     pub backend: &'a str,
     /// Where the runs and tables go.
     pub out: &'a Path,
+    /// Seeds of the free comparison: each run is made once per seed and the table gives the
+    /// mean and standard deviation over them.
+    pub seeds: &'a [u64],
 }
 
 impl Runner<'_> {
@@ -85,26 +88,45 @@ impl Runner<'_> {
         Ok(())
     }
 
-    /// The free comparison: one summary row per run.
+    /// The free comparison: one summary row per run, over every seed of `seeds` (mean and
+    /// sample standard deviation when there are several).
     pub fn runs(&self, specs: &[RunSpec]) -> anyhow::Result<()> {
+        let seeds = match self.seeds {
+            [] => &[0][..],
+            s => s,
+        };
         let mut md = format!(
-            "# Mini-CoIN comparison ({} preset, {})\n\n| run | mean immediate | mean last | BWT | PTL accuracy | trainable params per task (mean) | wall s |\n|---|---|---|---|---|---|---|\n",
+            "# Mini-CoIN comparison ({} preset, {}, seeds {seeds:?})\n\n| run | mean immediate | mean last | BWT | PTL accuracy | trainable params per task (mean) | wall s |\n|---|---|---|---|---|---|---|\n",
             self.preset, self.backend
         );
         let mut rows = Vec::new();
         for spec in specs {
-            let r = self.report(spec)?;
+            // Seed 0 is the run as named (so the default run is shared); others add `seed=N`.
+            let reports: Vec<Value> = seeds
+                .iter()
+                .map(|&seed| match seed {
+                    0 => self.report(spec),
+                    _ => self.report(&RunSpec(format!("{}:seed={seed}", spec.0))),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let stat = |key: &str, decimals: usize| spread(&reports, |r| r[key].as_f64(), decimals);
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
                 spec.0,
-                number(&r["mean_immediate"], 2),
-                number(&r["mean_last"], 2),
-                number(&r["bwt"], 2),
-                number(&r["ptl_accuracy"], 3),
-                mean_params(&r),
-                number(&r["wall_seconds"], 0)
+                stat("mean_immediate", 2),
+                stat("mean_last", 2),
+                stat("bwt", 2),
+                stat("ptl_accuracy", 3),
+                spread(&reports, mean_params_value, 0),
+                stat("wall_seconds", 0)
             ));
-            rows.push(json!({ "run": spec.0, "report": r }));
+            rows.push(json!({ "run": spec.0, "seeds": seeds, "reports": reports }));
+        }
+        if seeds.len() > 1 {
+            md.push_str(&format!(
+                "\nEach cell: mean ± sample standard deviation over the {} seeds.\n",
+                seeds.len()
+            ));
         }
         self.write(
             &format!("compare-{}", self.preset),
@@ -463,6 +485,20 @@ fn cells(v: &[Option<f64>]) -> String {
 
 fn number(v: &Value, decimals: usize) -> String {
     v.as_f64().map_or("-".into(), |x| format!("{x:.decimals$}"))
+}
+
+/// `value` of each report as "mean ± std" (sample standard deviation), or the one value.
+fn spread(reports: &[Value], value: impl Fn(&Value) -> Option<f64>, decimals: usize) -> String {
+    let values: Vec<f64> = reports.iter().filter_map(value).collect();
+    match values.len() {
+        0 => "-".into(),
+        1 => format!("{:.decimals$}", values[0]),
+        n => {
+            let mean = values.iter().sum::<f64>() / n as f64;
+            let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            format!("{mean:.decimals$} ± {:.decimals$}", var.sqrt())
+        }
+    }
 }
 
 fn mean_params_value(r: &Value) -> Option<f64> {

@@ -93,6 +93,10 @@ enum Task {
         /// Where the runs and the table go.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
+        /// Seeds of the free comparison (`--seeds 0,1,2`): every run once per seed, the table
+        /// with the mean and standard deviation over them.
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        seeds: Vec<u64>,
     },
     /// Forward, forward+backward and generation throughput of Burn vs PyTorch on the same shapes.
     Bench {
@@ -188,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             paper,
             ablations,
             out,
+            seeds,
         } => {
             let cmoe = build_cmoe(&backend)?;
             let train = |flags: &[String]| {
@@ -219,6 +224,7 @@ fn main() -> anyhow::Result<()> {
                 preset: &preset,
                 backend: &backend,
                 out: &out,
+                seeds: &seeds,
             };
             if paper {
                 runner.paper()
