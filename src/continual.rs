@@ -365,8 +365,8 @@ impl RunConfig {
         let base = Self {
             model: PathBuf::from("assets/llava-mini"),
             data: MiniCoinConfig {
-                train_per_task: 400,
-                test_per_task: 60,
+                train_per_task: 1000,
+                test_per_task: 100,
                 init_samples: 400,
                 ..MiniCoinConfig::default()
             },

@@ -310,6 +310,7 @@ pub fn lines(path: &Path, l: &Lines) -> anyhow::Result<()> {
             .map_err(e)?;
         chart
             .configure_mesh()
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .x_desc(l.x_label)
             .y_desc(l.y_label)
             .axis_desc_style((FAMILY, 15).into_font().color(&INK))

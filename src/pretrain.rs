@@ -98,7 +98,7 @@ pub struct StageReport {
 pub const CURVE_WINDOW: usize = 25;
 
 /// What a pretraining run reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PretrainReport {
     /// The settings.
     pub config: PretrainConfig,
@@ -357,7 +357,7 @@ fn pretrain<B: Backend>(
         config,
     };
     write_json(&report.config.out.join("pretrain.json"), &report)?;
-    loss_figure(&report)?;
+    loss_figure(&report, &report.config.out.join("pretrain_loss.png"))?;
     for dir in [
         checkpoint_dir.clone(),
         checkpoint_dir.with_extension("old"),
@@ -371,8 +371,9 @@ fn pretrain<B: Backend>(
     Ok(report)
 }
 
-/// `pretrain_loss.png` beside `pretrain.json`: each stage's loss curve over the steps of both.
-fn loss_figure(report: &PretrainReport) -> anyhow::Result<()> {
+/// The loss figure of a pretraining (`pretrain_loss.png` beside its `pretrain.json`): each
+/// stage's loss curve over the steps of both.
+pub fn loss_figure(report: &PretrainReport, path: &Path) -> anyhow::Result<()> {
     let mut offset = 0.0;
     let series: Vec<(String, Vec<(f64, f64)>)> = report
         .stages
@@ -389,7 +390,7 @@ fn loss_figure(report: &PretrainReport) -> anyhow::Result<()> {
         })
         .collect();
     lines(
-        &report.config.out.join("pretrain_loss.png"),
+        path,
         &Lines {
             title: &format!(
                 "Pretraining the small LLaVA ({:.0} min, batch {})",

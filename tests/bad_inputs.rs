@@ -319,3 +319,39 @@ fn a_prompt_without_its_image_mark_says_to_write_one() {
         &["0 <image> mark(s) for 1 image(s)", "generate expands it"],
     );
 }
+
+#[test]
+fn a_tokenizer_that_does_not_match_the_model_stops_a_run_before_any_work() {
+    let runs = scratch("tokenizer");
+    let model = runs.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("assets/llava-mini")
+                .join(file),
+            model.join(file),
+        )
+        .unwrap();
+    }
+    // A 32,000-token LLaMA tokenizer for a 2,048-token model.
+    std::fs::copy(
+        fixture("tiny-llava-b").join("tokenizer.json"),
+        model.join("tokenizer.json"),
+    )
+    .unwrap();
+    let out = smoke(&runs, "t", &[])
+        .arg("--model")
+        .arg(&model)
+        .output()
+        .unwrap();
+    fails_with(&out, &["tokenizer.json", "do not match"]);
+    assert!(
+        !runs.join("t/progress.json").exists(),
+        "the run started before the tokenizer was checked"
+    );
+}

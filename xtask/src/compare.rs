@@ -41,7 +41,7 @@ impl RunSpec {
 pub struct Runner<'a> {
     /// Runs `cmoe train` with these flags (the backend's binary, built once).
     pub train: &'a dyn Fn(&[String]) -> anyhow::Result<()>,
-    /// Runs `cmoe plot-table1` on a table's JSON (its figures go beside it).
+    /// Runs `cmoe plot` on a table's JSON (its figures go beside it).
     pub plot: &'a dyn Fn(&Path) -> anyhow::Result<()>,
     /// Size preset.
     pub preset: &'a str,

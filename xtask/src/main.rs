@@ -209,12 +209,12 @@ fn main() -> anyhow::Result<()> {
             };
             let plot = |table: &Path| {
                 let status = Command::new(&cmoe)
-                    .arg("plot-table1")
+                    .arg("plot")
                     .arg(table)
                     .status()
                     .with_context(|| format!("cannot run {}", cmoe.display()))?;
                 if !status.success() {
-                    bail!("cmoe plot-table1 {} failed", table.display());
+                    bail!("cmoe plot {} failed", table.display());
                 }
                 Ok(())
             };

@@ -139,7 +139,10 @@ fn class_names_are_no_other_tasks_answers_and_words_fit_a_row() {
         }
     }
     let classes: HashSet<String> = CLASSES.iter().map(|c| c.2.to_string()).collect();
-    assert!(imagenet.is_subset(&classes) && imagenet.len() >= 10, "{imagenet:?}");
+    assert!(
+        imagenet.is_subset(&classes) && imagenet.len() >= 10,
+        "{imagenet:?}"
+    );
     assert!(
         imagenet.is_disjoint(&others),
         "{:?}",

@@ -145,11 +145,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Draw the figures of a Table 1 comparison (`cargo xtask compare --paper` writes the
-    /// table's JSON): mean Immediate / Last per method and parameters per task, as PNG beside it.
-    PlotTable1 {
-        /// The table's JSON (`paper-table1-<preset>.json`).
-        table: PathBuf,
+    /// Redraw figures from a JSON file, as PNG beside it: a pretraining's `pretrain.json` (its
+    /// loss curve) or a Table 1 comparison's `paper-table1-<preset>.json` (mean Immediate /
+    /// Last and parameters per method). A run's figures come with `cargo xtask report`.
+    Plot {
+        /// The JSON file.
+        file: PathBuf,
     },
     /// Generate Mini-CoIN (eight synthetic tasks in CoIN's formats) from a seed.
     MiniCoin {
@@ -628,8 +629,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::PlotTable1 { table } => {
-            for path in llava_cmoe::plots::table1_figures(&table)? {
+        Command::Plot { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: malformed", file.display()))?;
+            let paths = if json.get("stages").is_some() {
+                let report: llava_cmoe::pretrain::PretrainReport = serde_json::from_value(json)
+                    .with_context(|| format!("{}: not a pretrain.json", file.display()))?;
+                let out = file.with_file_name("pretrain_loss.png");
+                llava_cmoe::pretrain::loss_figure(&report, &out)?;
+                vec![out]
+            } else if json.get("rows").is_some() {
+                llava_cmoe::plots::table1_figures(&file)?
+            } else {
+                anyhow::bail!(
+                    "{}: neither a pretrain.json nor a Table 1 comparison's JSON",
+                    file.display()
+                );
+            };
+            for path in paths {
                 println!("{}", path.display());
             }
             Ok(())
