@@ -174,7 +174,7 @@ pub fn heatmap(path: &Path, h: &Heatmap) -> anyhow::Result<()> {
     draw(&root).map_err(|e| drawing_error(path, e))
 }
 
-/// Bars grouped by category, one colour per series, with a legend.
+/// Bars grouped by category, one colour per series, with a legend under the chart.
 pub struct Bars<'a> {
     /// Title above the chart.
     pub title: &'a str,
@@ -202,7 +202,7 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
         .unwrap_or(60);
     let group_w = label_w.max(36 * b.series.len() as u32 + 16);
     let width = (90 + group_w * n as u32 + 30).max(520);
-    let height = 440;
+    let height = 460;
     let largest = b
         .series
         .iter()
@@ -216,9 +216,9 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
         let mut chart = ChartBuilder::on(root)
             .caption(b.title, (FAMILY, 19).into_font().color(&INK))
             .margin(12)
-            .x_label_area_size(34)
+            .x_label_area_size(62)
             .y_label_area_size(70)
-            .build_cartesian_2d(0f64..n as f64, 0f64..y_max * 1.3)
+            .build_cartesian_2d(0f64..n as f64, 0f64..y_max * 1.08)
             .map_err(e)?;
         chart
             .configure_mesh()
@@ -240,11 +240,20 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
                 .draw_series(values.iter().enumerate().map(|(g, &v)| {
                     Rectangle::new([(left(g), 0.0), (left(g) + bar * 0.92, v)], colour.filled())
                 }))
-                .map_err(e)?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled())
-                });
+                .map_err(e)?;
+            // The legend, in one row under the group names.
+            let (x, y) = (90 + k as i32 * 230, height as i32 - 20);
+            root.draw(&Rectangle::new(
+                [(x, y - 7), (x + 14, y + 7)],
+                colour.filled(),
+            ))
+            .map_err(e)?;
+            root.draw(&Text::new(
+                name.clone(),
+                (x + 20, y),
+                text(14, &INK, HPos::Left, VPos::Center),
+            ))
+            .map_err(e)?;
             if let Some(decimals) = b.decimals {
                 for (g, &v) in values.iter().enumerate() {
                     let (x, y) = chart.backend_coord(&(left(g) + bar * 0.46, v));
@@ -266,14 +275,6 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
             ))
             .map_err(e)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FAMILY, 14).into_font().color(&INK))
-            .background_style(WHITE.mix(0.9))
-            .border_style(RGBColor(160, 160, 160))
-            .draw()
-            .map_err(e)?;
         root.present().map_err(e)
     };
     draw(&root).map_err(|e| drawing_error(path, e))
@@ -344,24 +345,51 @@ pub fn lines(path: &Path, l: &Lines) -> anyhow::Result<()> {
     draw(&root).map_err(|e| drawing_error(path, e))
 }
 
-/// The figures of a Table 1 comparison (`cargo xtask compare --paper` writes its rows to
-/// `<name>.json`): `<name>-methods.png`, mean Immediate and mean Last per method, and
-/// `<name>-params.png`, the parameters each method trains per task. Returns their paths.
-pub fn table1_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+/// The figures of a comparison (`cargo xtask compare` writes `<name>.json`: the rows of Table 1
+/// with `--paper`, the runs' reports otherwise): `<name>-methods.png`, mean Immediate and mean
+/// Last per method (over the seeds of a run, if several), and `<name>-params.png`, the
+/// parameters each method trains per task. Returns their paths.
+pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let text = std::fs::read_to_string(table)
         .with_context(|| format!("cannot read {}", table.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: malformed", table.display()))?;
-    let rows = json["rows"]
-        .as_array()
-        .with_context(|| format!("{}: no \"rows\" array", table.display()))?;
+    let mut methods: Vec<String> = Vec::new();
+    let (mut immediate, mut last, mut params) = (Vec::new(), Vec::new(), Vec::new());
+    if let Some(runs) = json["runs"].as_array() {
+        for run in runs {
+            let reports = run["reports"]
+                .as_array()
+                .with_context(|| format!("{}: a run without \"reports\"", table.display()))?;
+            let mean_of = |value: &dyn Fn(&serde_json::Value) -> Option<f64>| {
+                let values: Vec<f64> = reports.iter().filter_map(value).collect();
+                values.iter().sum::<f64>() / values.len().max(1) as f64
+            };
+            methods.push(run["run"].as_str().unwrap_or("?").to_string());
+            immediate.push(mean_of(&|r| r["mean_immediate"].as_f64()));
+            last.push(mean_of(&|r| r["mean_last"].as_f64()));
+            params.push(
+                mean_of(&|r| {
+                    let p: Vec<f64> = r["trainable_params_per_task"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(serde_json::Value::as_f64)
+                        .collect();
+                    Some(p.iter().sum::<f64>() / p.len().max(1) as f64)
+                }) / 1e3,
+            );
+        }
+    }
+    let rows = match json["rows"].as_array() {
+        Some(rows) => rows.as_slice(),
+        None if !methods.is_empty() => &[],
+        None => anyhow::bail!("{}: no \"rows\" or \"runs\" array", table.display()),
+    };
     let field = |row: &serde_json::Value, key: &str| -> anyhow::Result<f64> {
         row[key]
             .as_f64()
             .with_context(|| format!("{}: a row without a numeric {key:?}", table.display()))
     };
-    let mut methods: Vec<String> = Vec::new();
-    let (mut immediate, mut last, mut params) = (Vec::new(), Vec::new(), Vec::new());
     for row in rows {
         let method = row["method"].as_str().unwrap_or("?").to_string();
         let mean = field(row, "mean")?;

@@ -41,7 +41,7 @@ impl RunSpec {
 pub struct Runner<'a> {
     /// Runs `cmoe train` with these flags (the backend's binary, built once).
     pub train: &'a dyn Fn(&[String]) -> anyhow::Result<()>,
-    /// Runs `cmoe plot` on a table's JSON (its figures go beside it).
+    /// Runs `cmoe plot` on a comparison's JSON (its figures go beside it).
     pub plot: &'a dyn Fn(&Path) -> anyhow::Result<()>,
     /// Size preset.
     pub preset: &'a str,
@@ -128,11 +128,13 @@ impl Runner<'_> {
                 seeds.len()
             ));
         }
+        let name = format!("compare-{}", self.preset);
         self.write(
-            &format!("compare-{}", self.preset),
+            &name,
             &md,
             &json!({ "preset": self.preset, "backend": self.backend, "runs": rows }),
-        )
+        )?;
+        (self.plot)(&self.out.join(format!("{name}.json")))
     }
 
     /// The paper's Table 1: Multitask, then every method's Immediate row, then every method's

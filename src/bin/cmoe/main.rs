@@ -146,8 +146,8 @@ enum Command {
         json: bool,
     },
     /// Redraw figures from a JSON file, as PNG beside it: a pretraining's `pretrain.json` (its
-    /// loss curve) or a Table 1 comparison's `paper-table1-<preset>.json` (mean Immediate /
-    /// Last and parameters per method). A run's figures come with `cargo xtask report`.
+    /// loss curve) or a comparison's JSON from `cargo xtask compare` (mean Immediate / Last and
+    /// parameters per method). A run's figures come with `cargo xtask report`.
     Plot {
         /// The JSON file.
         file: PathBuf,
@@ -640,8 +640,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let out = file.with_file_name("pretrain_loss.png");
                 llava_cmoe::pretrain::loss_figure(&report, &out)?;
                 vec![out]
-            } else if json.get("rows").is_some() {
-                llava_cmoe::plots::table1_figures(&file)?
+            } else if json.get("rows").is_some() || json.get("runs").is_some() {
+                llava_cmoe::plots::comparison_figures(&file)?
             } else {
                 anyhow::bail!(
                     "{}: neither a pretrain.json nor a Table 1 comparison's JSON",
