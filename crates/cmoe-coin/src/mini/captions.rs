@@ -8,7 +8,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 
 use super::draw::{COLOURS, Canvas, PixelBox, Shape};
 use super::tasks::{
-    AUTHORS, Sample, TITLES, draw_cover, reading_vocabulary, word_position, write_word,
+    AUTHORS, BACKGROUND, Sample, TITLES, draw_cover, reading_vocabulary, word_position, write_word,
 };
 
 const INSTRUCTIONS: [&str; 4] = [
@@ -18,14 +18,30 @@ const INSTRUCTIONS: [&str; 4] = [
     "Describe this picture briefly.",
 ];
 
-const BACKGROUND: [u8; 3] = [245, 245, 240];
-
 fn number(n: usize) -> &'static str {
     ["no", "one", "two", "three", "four", "five", "six"][n.min(6)]
 }
 
+/// `n` copies of `shape` in distinct cells of a 3 x 3 grid (the counting scenes).
+pub(super) fn draw_copies(
+    rng: &mut impl Rng,
+    canvas: &mut Canvas,
+    n: usize,
+    shape: Shape,
+    rgb: [u8; 3],
+) {
+    let mut cells: Vec<u32> = (0..9).collect();
+    cells.shuffle(rng);
+    let cell = canvas.image.width() / 3;
+    for &c in &cells[..n] {
+        let side = cell * 2 / 3;
+        let (x0, y0) = ((c % 3) * cell + cell / 6, (c / 3) * cell + cell / 6);
+        canvas.shape(shape, [x0, y0, x0 + side, y0 + side], rgb);
+    }
+}
+
 /// Where a box sits: "top left", "center", "bottom right", ...
-fn position(b: PixelBox, size: u32) -> String {
+pub(super) fn position(b: PixelBox, size: u32) -> String {
     let third = |v: u32| (v * 3 / size).min(2);
     let (cx, cy) = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2);
     let row = ["top", "middle", "bottom"][third(cy) as usize];
@@ -70,14 +86,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
             let (name, rgb) = *COLOURS.choose(rng).expect("colours");
             let sh = *Shape::ALL.choose(rng).expect("shapes");
             let n = rng.random_range(2..=6);
-            let mut cells: Vec<u32> = (0..9).collect();
-            cells.shuffle(rng);
-            let cell = s / 3;
-            for &c in &cells[..n] {
-                let side = cell * 2 / 3;
-                let (x0, y0) = ((c % 3) * cell + cell / 6, (c / 3) * cell + cell / 6);
-                canvas.shape(sh, [x0, y0, x0 + side, y0 + side], rgb);
-            }
+            draw_copies(rng, &mut canvas, n, sh, rgb);
             format!("{} {name} {}s", number(n), sh.name())
         }
         3 => {

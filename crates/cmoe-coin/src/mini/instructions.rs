@@ -10,12 +10,12 @@
 use rand::Rng;
 use rand::seq::{IndexedRandom, SliceRandom};
 
+use super::captions::{draw_copies, position};
 use super::draw::{COLOURS, Canvas, PixelBox, Shape};
 use super::tasks::{
-    AUTHORS, Sample, TITLES, draw_cover, lattice_box, reading_vocabulary, word_position, write_word,
+    AUTHORS, BACKGROUND, Sample, TITLES, draw_cover, lattice_box, reading_vocabulary,
+    word_position, write_word,
 };
-
-const BACKGROUND: [u8; 3] = [245, 245, 240];
 
 fn number(n: usize) -> &'static str {
     ["zero", "one", "two", "three", "four", "five", "six"][n.min(6)]
@@ -34,20 +34,6 @@ fn anywhere(rng: &mut impl Rng, size: u32, side: u32) -> PixelBox {
     let x = rng.random_range(0..=size - side);
     let y = rng.random_range(0..=size - side);
     [x, y, x + side, y + side]
-}
-
-/// Where a box sits in a 3 x 3 grid: "top left", "center", "bottom", ...
-fn position(b: PixelBox, size: u32) -> String {
-    let third = |v: u32| (v * 3 / size).min(2);
-    let (cx, cy) = ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2);
-    let row = ["top", "middle", "bottom"][third(cy) as usize];
-    let col = ["left", "center", "right"][third(cx) as usize];
-    match (row, col) {
-        ("middle", "center") => "the center".into(),
-        ("middle", c) => format!("the {c}"),
-        (r, "center") => format!("the {r}"),
-        (r, c) => format!("the {r} {c}"),
-    }
 }
 
 /// Two or three distinct objects, one per quadrant, on the patch lattice.
@@ -113,14 +99,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
         2 => {
             let ((_, rgb), sh) = (any_colour(rng), any_shape(rng));
             let n = rng.random_range(1..=6);
-            let mut cells: Vec<u32> = (0..9).collect();
-            cells.shuffle(rng);
-            let cell = s / 3;
-            for &c in &cells[..n] {
-                let side = cell * 2 / 3;
-                let (x0, y0) = ((c % 3) * cell + cell / 6, (c / 3) * cell + cell / 6);
-                canvas.shape(sh, [x0, y0, x0 + side, y0 + side], rgb);
-            }
+            draw_copies(rng, &mut canvas, n, sh, rgb);
             (
                 format!("Count the {}s in the picture.", sh.name()),
                 format!("I count {}.", number(n)),
@@ -132,7 +111,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
             let (name, sh, b) = *objects.choose(rng).expect("objects");
             (
                 format!("Where is the {name} {} placed?", sh.name()),
-                format!("It is at {}.", position(b, s)),
+                format!("It is at the {}.", position(b, s)),
             )
         }
         4 => {

@@ -115,7 +115,8 @@ pub struct Sample {
     pub bbox: Option<[f64; 4]>,
 }
 
-const BACKGROUND: [u8; 3] = [245, 245, 240];
+/// The light background of every Mini-CoIN image.
+pub(super) const BACKGROUND: [u8; 3] = [245, 245, 240];
 
 fn colour(rng: &mut impl Rng) -> (&'static str, [u8; 3]) {
     *COLOURS.choose(rng).expect("colours")
