@@ -250,7 +250,7 @@ impl BackendTask for MoeDispatchTask {
     type Output = Vec<MoeDispatchResult>;
 
     fn run<B: Backend>(self, device: B::Device) -> Vec<MoeDispatchResult> {
-        use cmoe_moe::moe_ffn::{FfnTargets, MoeLoraFfn};
+        use cmoe_moe::MoeLoraFfnConfig;
         let (hidden, intermediate, rank) = (256, 688, 16);
         let text: cmoe_llava::config::TextConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 1,
@@ -262,17 +262,13 @@ impl BackendTask for MoeDispatchTask {
         self.experts
             .iter()
             .map(|&n| {
-                let layer = MoeLoraFfn::<B>::new(
-                    hidden,
-                    intermediate,
-                    n,
-                    rank,
-                    32.0,
-                    0.0,
-                    self.top_k,
-                    FfnTargets::default(),
-                    &device,
-                );
+                let layer = MoeLoraFfnConfig::new(hidden, intermediate)
+                    .with_experts(n)
+                    .with_rank(rank)
+                    .with_alpha(32.0)
+                    .with_dropout(0.0)
+                    .with_top_k(self.top_k)
+                    .init::<B>(&device);
                 let sparse_s = time::<B>(&device, self.repeats, || {
                     let _ = layer.forward(&base, x.clone(), 0, None).0.into_data();
                 });
@@ -536,7 +532,6 @@ impl ContinualBenchTask {
         config: &LlavaConfig,
         device: &B::Device,
     ) -> anyhow::Result<f64> {
-        use cmoe_moe::learner::TaskLocator;
         use cmoe_moe::model::CmoeModel;
         use cmoe_moe::pgke::ExpansionPlan;
         use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
@@ -577,7 +572,7 @@ impl ContinualBenchTask {
             plans: Vec::new(),
             first_expert: Vec::new(),
         };
-        let locator = TaskLocator::new(&vaes, &meta, device);
+        let locator = meta.ptl.locator().init(&vaes, meta.bank.clone(), device);
         let per_image = config.image_tokens_per_image();
         let image = config.image_token_index;
         let text_range = config.text_config.vocab_size.min(image as usize) as u32 - 3;
@@ -629,7 +624,7 @@ impl ContinualBenchTask {
             crate::continual::in_parallel(chunks.len(), |c| {
                 let chunk = chunks[c];
                 let input = crate::dataset::collate_prompts::<B>(chunk, pad, device);
-                let located = locator.locate(&model, input)?;
+                let located = model.locate(&locator, input)?;
                 assert_eq!(located.tasks.len(), chunk.len());
                 let chosen = routers(c * self.eval_batch, chunk.len());
                 crate::continual::generate_grouped(&model, chunk, &chosen, pad, &generation, device)

@@ -18,9 +18,10 @@ use cmoe_coin::mini::{self, MiniCoinConfig, TASKS};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_data::prompt::Conversation;
 use cmoe_llava::{GenerationConfig, Sampling};
+use cmoe_moe::TaskLocator;
 use cmoe_moe::baselines::{Ewc, Lwf};
 use cmoe_moe::checkpoint::{self, StageCheckpoints};
-use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskLocator, TaskRecipe};
+use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::moe_ffn::FfnTargets;
 use cmoe_moe::pgke::ExpansionMode;
@@ -1906,7 +1907,7 @@ impl BackendTask for AskTask {
         };
         let prompt = [encoder.encode_prompt(&record)?];
         let (task, z_scores) = if !config.method.shared_router() {
-            let location = locator.locate(&model, collate_prompts::<B>(&prompt, pad, &device))?;
+            let location = model.locate(&locator, collate_prompts::<B>(&prompt, pad, &device))?;
             let z = names
                 .iter()
                 .cloned()
@@ -2003,8 +2004,8 @@ impl<B: Backend> Evaluator<'_, B> {
             let chosen: Vec<usize> = match router {
                 _ if shared => vec![0; n],
                 RouterChoice::Ptl => {
-                    locator
-                        .locate(model, collate_prompts::<B>(prompts, pad, device))?
+                    model
+                        .locate(locator, collate_prompts::<B>(prompts, pad, device))?
                         .tasks
                 }
                 RouterChoice::Last => vec![t; n],

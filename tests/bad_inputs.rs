@@ -7,14 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cmoe_test_support::scratch;
 use common::{fixture, photo};
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cmoe-bad-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// Asserts that `out` failed and that its message holds every one of `parts`.
 fn fails_with(out: &Output, parts: &[&str]) {

@@ -4,6 +4,7 @@ mod common;
 
 use std::process::Command;
 
+use cmoe_test_support::scratch;
 use common::{fixture, max_abs_diff, photo, reference};
 use llava_cmoe::tensor_io::read_tensor;
 
@@ -18,10 +19,6 @@ fn cmoe(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn scratch(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("cmoe-cli-{}-{name}", std::process::id()))
 }
 
 #[test]
@@ -55,7 +52,7 @@ fn preprocess_then_forward_matches_transformers() {
     let model = "tiny-llava";
     let (r, tensor) = reference(model);
     let dir = fixture(model);
-    let pixels = scratch("pixels.safetensors");
+    let pixels = scratch("cli-pixels").join("pixels.safetensors");
     cmoe(&[
         "preprocess",
         "--model",
@@ -69,7 +66,7 @@ fn preprocess_then_forward_matches_transformers() {
     assert_eq!(ours.shape, vec![1, 3, 32, 32]);
     assert!(max_abs_diff(&ours, &tensor("pixel_values")) <= 1e-5);
 
-    let logits_file = scratch("logits.safetensors");
+    let logits_file = scratch("cli-logits").join("logits.safetensors");
     let ids: Vec<String> = r.prompt_ids.iter().map(u32::to_string).collect();
     cmoe(&[
         "forward",
@@ -157,7 +154,7 @@ fn user_errors_exit_non_zero_with_a_message() {
 
 #[test]
 fn devices_the_backend_lacks_are_refused_before_anything_is_written() {
-    let runs = scratch("devices");
+    let runs = scratch("cli-devices").join("runs");
     for (devices, expected) in [
         ("0,1", "there is no device 1; backend flex has 1 device(s)"),
         // The CPU runs several replicas on its one device, but no more than a step's
@@ -187,7 +184,7 @@ fn devices_the_backend_lacks_are_refused_before_anything_is_written() {
 
 #[test]
 fn score_prints_the_accuracy_and_json_and_names_bad_files() {
-    let dir = scratch("score");
+    let dir = scratch("cli-score");
     std::fs::create_dir_all(&dir).unwrap();
     let test = dir.join("test.json");
     std::fs::write(

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cmoe_test_support::scratch;
 use serde_json::Value;
 
 fn cmoe(args: &[&str]) -> std::process::Output {
@@ -72,8 +73,7 @@ fn damaged_coin_folder(root: &Path) -> String {
 
 #[test]
 fn coin_folder_runs_through_import_train_eval_and_report() {
-    let root = std::env::temp_dir().join(format!("cmoe-coin-folder-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let root = scratch("coin-folder");
     let data = root.join("coin");
     let missing_id = damaged_coin_folder(&data);
     let model: PathBuf = [env!("CARGO_MANIFEST_DIR"), "assets", "llava-mini"]

@@ -5,6 +5,7 @@
 mod common;
 
 use burn::tensor::ElementConversion;
+use cmoe_test_support::scratch;
 use common::fixture;
 use llava_cmoe::coin::format::{QuestionId, TestRecord, TrainRecord, read_test, read_train};
 use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
@@ -36,8 +37,7 @@ fn as_question(record: &TrainRecord) -> TestRecord {
 #[test]
 fn coin_records_become_batches_and_ptl_features_match_inference() {
     let device = Default::default();
-    let data = std::env::temp_dir().join(format!("cmoe-dataset-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let data = scratch("dataset").join("data");
     let config = MiniCoinConfig {
         train_per_task: 3,
         test_per_task: 3,

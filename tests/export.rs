@@ -4,6 +4,7 @@
 mod common;
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use cmoe_test_support::scratch;
 use common::fixture;
 use llava_cmoe::llava::export::save_hf;
 use llava_cmoe::llava::{LlavaInput, load_llava};
@@ -14,7 +15,7 @@ type B = burn_flex::Flex;
 fn hf_export_round_trips() {
     let device = Default::default();
     let (config, model) = load_llava::<B>(&fixture("tiny-llava"), DType::F32, &device).unwrap();
-    let dir = std::env::temp_dir().join(format!("cmoe-export-{}", std::process::id()));
+    let dir = scratch("export");
     save_hf(&model, &config, &dir, DType::F32).unwrap();
     let (_, again) = load_llava::<B>(&dir, DType::F32, &device).unwrap();
     let mut ids = vec![1i64, 3148];

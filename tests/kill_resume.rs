@@ -5,18 +5,12 @@
 //! and the same report. The moments are drawn from a seed printed by the test (set
 //! `CMOE_KILL_SEED` to replay one).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cmoe_test_support::scratch;
 use rand::{Rng, SeedableRng};
-
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cmoe-kill-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn spawn(runs: &Path, settings: &Path, name: &str, resume: bool) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_cmoe"));
@@ -68,7 +62,7 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_bytes() {
         });
     eprintln!("kill moments drawn with CMOE_KILL_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let root = scratch();
+    let root = scratch("kill");
     let runs = root.join("runs");
     let settings = root.join("smoke.toml");
     std::fs::write(&settings, "epochs = 2\ncheckpoint_every = 1\n").unwrap();

@@ -8,6 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
+use cmoe_test_support::scratch;
 use common::fixture;
 use llava_cmoe::coin::format::read_train;
 use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
@@ -42,8 +43,7 @@ fn pass(source: &mut dyn BatchSource<B>) -> Vec<(usize, Contents)> {
 #[test]
 fn streamed_batches_repeat_skip_exactly_and_count_bad_samples_once() {
     let device = Default::default();
-    let data = std::env::temp_dir().join(format!("cmoe-loader-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
+    let data = scratch("loader").join("data");
     let config = MiniCoinConfig {
         train_per_task: 10,
         test_per_task: 1,

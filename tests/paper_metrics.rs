@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cmoe_test_support::scratch;
 use serde_json::Value;
 
 fn cmoe(args: &[&str]) {
@@ -38,10 +39,7 @@ struct Runs {
 impl Runs {
     /// A scratch folder of its own for the test `test`.
     fn new(test: &str) -> Self {
-        let root =
-            std::env::temp_dir().join(format!("cmoe-paper-metrics-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
+        let root = scratch(&format!("paper-metrics-{test}"));
         let settings = root.join("three-tasks.toml");
         std::fs::write(
             &settings,

@@ -8,6 +8,7 @@
 mod common;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use cmoe_test_support::on_backends;
 use common::{max_abs_diff, photo, reference};
 use llava_cmoe::llava::{GenerationConfig, LlavaInput, Sampling, generate};
 use llava_cmoe::pipeline::LlavaPipeline;
@@ -109,24 +110,19 @@ fn check_model<B: Backend>(model: &str, device: &B::Device) {
     );
 }
 
-macro_rules! backend_parity {
-    ($feature:literal, $module:ident, $backend:ty) => {
-        #[cfg(feature = $feature)]
-        mod $module {
-            #[test]
-            fn tiny_llava_v5_fp16_sharded_gqa() {
-                super::check_model::<$backend>("tiny-llava", &Default::default());
-            }
-
-            #[test]
-            fn tiny_llava_b_v4_bf16_full_pad() {
-                super::check_model::<$backend>("tiny-llava-b", &Default::default());
-            }
-        }
-    };
+fn tiny_llava_v5_fp16_sharded_gqa<B: Backend>() {
+    check_model::<B>("tiny-llava", &Default::default());
 }
 
-backend_parity!("flex", flex, burn_flex::Flex);
-backend_parity!("ndarray", ndarray, burn_ndarray::NdArray);
-backend_parity!("wgpu", wgpu, burn_wgpu::Wgpu);
-backend_parity!("cuda", cuda, burn_cuda::Cuda);
+fn tiny_llava_b_v4_bf16_full_pad<B: Backend>() {
+    check_model::<B>("tiny-llava-b", &Default::default());
+}
+
+on_backends! {
+    #[cfg(feature = "flex")] flex: burn_flex::Flex,
+    #[cfg(feature = "ndarray")] ndarray: burn_ndarray::NdArray,
+    #[cfg(feature = "wgpu")] wgpu: burn_wgpu::Wgpu,
+    #[cfg(feature = "cuda")] cuda: burn_cuda::Cuda;
+    tiny_llava_v5_fp16_sharded_gqa: B,
+    tiny_llava_b_v4_bf16_full_pad: B,
+}

@@ -2,6 +2,7 @@
 
 mod common;
 
+use cmoe_test_support::scratch;
 use common::{fixture, max_abs_diff, photo};
 use llava_cmoe::data::ImageProcessorConfig;
 use llava_cmoe::data::image::{CLIP_MEAN, CLIP_STD, SizeSpec};
@@ -74,8 +75,7 @@ fn preprocessor_config_is_read_from_the_model_dir() {
 
 #[test]
 fn unreadable_images_are_errors_that_name_the_file() {
-    let dir = std::env::temp_dir().join(format!("cmoe-bad-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("bad-image");
     let corrupt = dir.join("corrupt.jpg");
     let mut bytes = std::fs::read(photo()).unwrap();
     bytes.truncate(200);

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use cmoe_test_support::scratch;
 use llava_cmoe::continual::{ExpertsPerLayer, InitChoice, Method, Preset, RunConfig};
 
 fn preset() -> RunConfig {
@@ -33,8 +34,7 @@ fn the_7b_coin_file_carries_the_paper_settings() {
 
 #[test]
 fn unknown_or_mistyped_settings_are_errors_naming_them() {
-    let dir = std::env::temp_dir().join(format!("cmoe-run-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("run-config");
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();

@@ -9,9 +9,7 @@ use serde::Deserialize;
 
 /// `tests/fixtures/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    cmoe_test_support::fixtures().join(name)
 }
 
 /// The photo every reference was computed on.
@@ -57,9 +55,7 @@ pub fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> f32 {
 /// A copy of a fixture model directory in a fresh temp dir, for tests that break it.
 pub fn scratch_copy(model: &str, tag: &str) -> PathBuf {
     let src = fixture(model);
-    let dst = std::env::temp_dir().join(format!("cmoe-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
+    let dst = cmoe_test_support::scratch(&format!("copy-{tag}"));
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
         // Follow symlinks (the second fixture shares the first one's tokenizer).

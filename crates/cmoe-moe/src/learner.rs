@@ -6,15 +6,15 @@
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use cmoe_llava::{Llava, LlavaError, LlavaInput};
+use burn::tensor::backend::AutodiffBackend;
+use cmoe_llava::{Llava, LlavaError};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, StageCheckpoints};
 use crate::loss::LossValues;
 use crate::model::{CmoeModel, MoeConfig};
 use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, PlanSource, plan_from_stats};
-use crate::ptl::{Location, PrimitiveBank, PtlConfig, PtlFeature, StackedVaes, TaskVae};
+use crate::ptl::{PrimitiveBank, PtlConfig, TaskLocator, TaskVae};
 use crate::source::BatchSource;
 pub use crate::source::{TaskData, TaskSource};
 use crate::stages::{
@@ -568,7 +568,11 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let model = self.model.valid();
         let vaes: Vec<_> = self.vaes.iter().map(AutodiffModule::valid).collect();
         let device = model.devices().into_iter().next().unwrap_or_default();
-        let locator = TaskLocator::new(&vaes, &self.meta, &device);
+        let locator = self
+            .meta
+            .ptl
+            .locator()
+            .init(&vaes, self.meta.bank.clone(), &device);
         (model, locator)
     }
 }
@@ -629,40 +633,4 @@ fn place(
         layer.init_from = (0..freq.len()).fold(0, |b, i| if freq[i] > freq[b] { i } else { b });
     }
     plan
-}
-
-/// Task-agnostic routing: every task's VAE (stacked, scored in one pass) and the bank.
-#[derive(Debug)]
-pub struct TaskLocator<B: Backend> {
-    vaes: Option<StackedVaes<B>>,
-    bank: PrimitiveBank,
-    feature: PtlFeature,
-}
-
-impl<B: Backend> TaskLocator<B> {
-    /// Stacks `vaes` with the scoring draws of `meta.ptl` and the bank of `meta`.
-    pub fn new(vaes: &[TaskVae<B>], meta: &ContinualMeta, device: &B::Device) -> Self {
-        let refs: Vec<&TaskVae<B>> = vaes.iter().collect();
-        Self {
-            vaes: (!refs.is_empty())
-                .then(|| StackedVaes::new(&refs, meta.ptl.scoring_draws(device))),
-            bank: meta.bank.clone(),
-            feature: meta.ptl.feature,
-        }
-    }
-
-    /// Which task each prompt (image + question, left-padded, no answer) belongs to, with
-    /// every task's scores.
-    pub fn locate(
-        &self,
-        model: &CmoeModel<B>,
-        prompts: LlavaInput<B>,
-    ) -> Result<Location, LlavaError> {
-        let vaes = self
-            .vaes
-            .as_ref()
-            .ok_or_else(|| LlavaError::Input("no task has been learned yet".into()))?;
-        let features = model.task_features(prompts, self.feature)?;
-        Ok(vaes.locate(features, &self.bank))
-    }
 }

@@ -32,3 +32,10 @@ pub mod router;
 pub mod source;
 pub mod stages;
 pub mod state;
+
+pub use learner::ContinualLearner;
+pub use lora::{LoraExpert, LoraExpertConfig};
+pub use model::{CmoeModel, MoeConfig};
+pub use moe_ffn::{FfnExpert, FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
+pub use ptl::{PtlConfig, PtlFeature, TaskLocator, TaskLocatorConfig, TaskVae, TaskVaeConfig};
+pub use router::{RouterBank, TaskRouter, TaskRouterConfig};

@@ -1,7 +1,36 @@
 //! One LoRA expert: the low-rank pair `A: d_in -> r`, `B: r -> d_out` of paper Eq. 1.
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+/// Configuration of a [`LoraExpert`] on a projection `d_input -> d_output`.
+#[derive(Config, Debug)]
+pub struct LoraExpertConfig {
+    /// Input width of the wrapped projection.
+    pub d_input: usize,
+    /// Output width of the wrapped projection.
+    pub d_output: usize,
+    /// Rank `r` (the paper's 64).
+    #[config(default = 64)]
+    pub rank: usize,
+}
+
+impl LoraExpertConfig {
+    /// A fresh expert as PEFT initialises one: `A` uniform in `±1/sqrt(d_input)`, `B` zero (so
+    /// a new expert starts as the identity on the base projection).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> LoraExpert<B> {
+        let bound = 1.0 / (self.d_input as f64).sqrt();
+        LoraExpert {
+            lora_a: Param::from_tensor(Tensor::random(
+                [self.d_input, self.rank],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            lora_b: Param::from_tensor(Tensor::zeros([self.rank, self.d_output], device)),
+        }
+    }
+}
 
 /// A LoRA pair; its contribution to a projection is `scale * x A B`.
 #[derive(Module, Debug)]
@@ -13,20 +42,6 @@ pub struct LoraExpert<B: Backend> {
 }
 
 impl<B: Backend> LoraExpert<B> {
-    /// A fresh expert as PEFT initialises one: `A` uniform in `±1/sqrt(d_in)`, `B` zero (so a new
-    /// expert starts as the identity on the base projection).
-    pub fn new(d_in: usize, d_out: usize, rank: usize, device: &B::Device) -> Self {
-        let bound = 1.0 / (d_in as f64).sqrt();
-        Self {
-            lora_a: Param::from_tensor(Tensor::random(
-                [d_in, rank],
-                Distribution::Uniform(-bound, bound),
-                device,
-            )),
-            lora_b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
-        }
-    }
-
     /// `x A B` for rows `x` `[n, d_in]` (the caller applies the scale and routing weight).
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         x.matmul(self.lora_a.val()).matmul(self.lora_b.val())

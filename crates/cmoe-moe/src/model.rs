@@ -10,8 +10,8 @@ use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with}
 use serde::{Deserialize, Serialize};
 
 use crate::loss::AnswerTargets;
-use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn};
-use crate::ptl::PtlFeature;
+use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
+use crate::ptl::{Location, PtlFeature, TaskLocator};
 
 /// Shape of the experts (paper defaults: rank 64, alpha 128, 8 initial experts, top-2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -31,25 +31,16 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
-    /// A layer of `n_experts` fresh experts (and a first router) for an FFN of these widths.
-    pub fn init_layer<B: Backend>(
-        &self,
-        hidden: usize,
-        intermediate: usize,
-        n_experts: usize,
-        device: &B::Device,
-    ) -> MoeLoraFfn<B> {
-        MoeLoraFfn::new(
-            hidden,
-            intermediate,
-            n_experts,
-            self.rank,
-            self.alpha,
-            self.dropout,
-            self.top_k,
-            self.targets,
-            device,
-        )
+    /// The configuration of a layer of `experts` experts shaped like these settings, for an
+    /// FFN of widths `d_model` / `d_ff`.
+    pub fn layer(&self, d_model: usize, d_ff: usize, experts: usize) -> MoeLoraFfnConfig {
+        MoeLoraFfnConfig::new(d_model, d_ff)
+            .with_experts(experts)
+            .with_rank(self.rank)
+            .with_alpha(self.alpha)
+            .with_dropout(self.dropout)
+            .with_top_k(self.top_k)
+            .with_targets(self.targets)
     }
 }
 
@@ -93,7 +84,9 @@ impl<B: Backend> CmoeModel<B> {
             .iter()
             .map(|layer| {
                 let [hidden, intermediate] = layer.mlp.gate_proj.weight.dims();
-                config.init_layer(hidden, intermediate, config.initial_experts, device)
+                config
+                    .layer(hidden, intermediate, config.initial_experts)
+                    .init(device)
             })
             .collect();
         Self {
@@ -192,6 +185,19 @@ impl<B: Backend> CmoeModel<B> {
             real,
             first_pass_done: Cell::new(false),
         })
+    }
+
+    /// Which task each prompt (image + question, left-padded, no answer) belongs to, by
+    /// `locator` on the prompts' features, with every task's scores.
+    pub fn locate(
+        &self,
+        locator: &TaskLocator<B>,
+        prompts: LlavaInput<B>,
+    ) -> Result<Location, LlavaError> {
+        let features = self.task_features(prompts, locator.feature())?;
+        locator
+            .locate(features)
+            .ok_or_else(|| LlavaError::Input("no task has been learned yet".into()))
     }
 
     /// PTL's feature of prompts (image + question, left-padded, no answer), `[batch, width]`:

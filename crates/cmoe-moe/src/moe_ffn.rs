@@ -7,6 +7,7 @@
 //! run through that expert only, and scatter-added back, so the cost grows with `k`, not with
 //! the number of experts.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{
@@ -15,9 +16,9 @@ use burn::tensor::{
 use cmoe_llava::llama::LlamaMlp;
 use serde::{Deserialize, Serialize};
 
-use crate::lora::LoraExpert;
+use crate::lora::{LoraExpert, LoraExpertConfig};
 use crate::noise;
-use crate::router::{RouterBank, TaskRouter};
+use crate::router::{RouterBank, TaskRouter, TaskRouterConfig};
 
 /// Which projections of the FFN carry experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,27 +53,6 @@ pub struct FfnExpert<B: Backend> {
 }
 
 impl<B: Backend> FfnExpert<B> {
-    /// A fresh expert for an FFN of widths `hidden` / `intermediate`.
-    pub fn new(
-        hidden: usize,
-        intermediate: usize,
-        rank: usize,
-        targets: FfnTargets,
-        device: &B::Device,
-    ) -> Self {
-        Self {
-            gate: targets
-                .gate
-                .then(|| LoraExpert::new(hidden, intermediate, rank, device)),
-            up: targets
-                .up
-                .then(|| LoraExpert::new(hidden, intermediate, rank, device)),
-            down: targets
-                .down
-                .then(|| LoraExpert::new(intermediate, hidden, rank, device)),
-        }
-    }
-
     /// A trainable copy (new parameter ids).
     pub fn duplicate(&self) -> Self {
         Self {
@@ -92,6 +72,65 @@ impl<B: Backend> FfnExpert<B> {
             gate: part(|e| e.gate.as_ref()),
             up: part(|e| e.up.as_ref()),
             down: part(|e| e.down.as_ref()),
+        }
+    }
+}
+
+/// Configuration of a [`MoeLoraFfn`] around a SwiGLU FFN `d_model -> d_ff -> d_model`
+/// (defaults: the paper's rank 64, alpha 128, top-2, 8 experts, experts on all three
+/// projections).
+#[derive(Config, Debug)]
+pub struct MoeLoraFfnConfig {
+    /// Width of the FFN's input and output.
+    pub d_model: usize,
+    /// Width of the FFN's intermediate layer.
+    pub d_ff: usize,
+    /// Experts the layer starts with (task 0's router scores them all).
+    #[config(default = 8)]
+    pub experts: usize,
+    /// LoRA rank `r`.
+    #[config(default = 64)]
+    pub rank: usize,
+    /// LoRA alpha (`scale = alpha / r`).
+    #[config(default = 128.0)]
+    pub alpha: f64,
+    /// LoRA dropout on each expert's input.
+    #[config(default = 0.05)]
+    pub dropout: f64,
+    /// Experts per token.
+    #[config(default = 2)]
+    pub top_k: usize,
+    /// Projections carrying experts.
+    #[config(default = "FfnTargets::default()")]
+    pub targets: FfnTargets,
+}
+
+impl MoeLoraFfnConfig {
+    /// A layer with [`Self::experts`] fresh experts and task 0's router.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> MoeLoraFfn<B> {
+        MoeLoraFfn {
+            experts: (0..self.experts)
+                .map(|_| self.init_expert(device))
+                .collect(),
+            routers: TaskRouterConfig::new(self.d_model, self.experts).init_bank(device),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            scale: self.alpha / self.rank as f64,
+            top_k: self.top_k,
+        }
+    }
+
+    /// One fresh expert: a LoRA pair on each targeted projection.
+    pub fn init_expert<B: Backend>(&self, device: &B::Device) -> FfnExpert<B> {
+        let lora = |d_input, d_output| {
+            LoraExpertConfig::new(d_input, d_output)
+                .with_rank(self.rank)
+                .init(device)
+        };
+        let (d, d_ff, targets) = (self.d_model, self.d_ff, self.targets);
+        FfnExpert {
+            gate: targets.gate.then(|| lora(d, d_ff)),
+            up: targets.up.then(|| lora(d, d_ff)),
+            down: targets.down.then(|| lora(d_ff, d)),
         }
     }
 }
@@ -139,29 +178,6 @@ struct Routes<B: Backend> {
 }
 
 impl<B: Backend> MoeLoraFfn<B> {
-    /// A layer with `n_experts` fresh experts and task 0's router.
-    pub fn new(
-        hidden: usize,
-        intermediate: usize,
-        n_experts: usize,
-        rank: usize,
-        alpha: f64,
-        dropout: f64,
-        top_k: usize,
-        targets: FfnTargets,
-        device: &B::Device,
-    ) -> Self {
-        Self {
-            experts: (0..n_experts)
-                .map(|_| FfnExpert::new(hidden, intermediate, rank, targets, device))
-                .collect(),
-            routers: RouterBank::first(TaskRouter::new(hidden, n_experts, device)),
-            dropout: DropoutConfig::new(dropout).init(),
-            scale: alpha / rank as f64,
-            top_k,
-        }
-    }
-
     /// Routes the rows of `x` `[n, d]`; only the rows `real` marks (all when `None`) are sent
     /// to experts and counted in the statistics and the aux loss: padding takes no part.
     fn route(

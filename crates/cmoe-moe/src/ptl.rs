@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, TensorData, activation, backend::Backend};
@@ -114,21 +115,52 @@ fn default_feature_memory() -> usize {
 impl PtlConfig {
     /// A fresh VAE for features of width `d`.
     pub fn init_vae<B: Backend>(&self, d: usize, device: &B::Device) -> TaskVae<B> {
-        TaskVae::new(d, self.hidden, self.latent, device)
+        self.vae(d).init(device)
     }
 
-    /// The fixed standard-normal draws `[n_rep, latent]` every score uses, the same on every
-    /// backend (drawn on the host from [`Self::seed`], Box-Muller).
-    pub fn scoring_draws<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
-        let mut rng = StdRng::seed_from_u64(self.seed);
-        let values: Vec<f32> = (0..self.n_rep * self.latent)
-            .map(|_| {
-                let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-                let v: f64 = rng.random();
-                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(values, [self.n_rep, self.latent]), device)
+    /// The configuration of a task VAE for features of width `d`.
+    pub fn vae(&self, d: usize) -> TaskVaeConfig {
+        TaskVaeConfig::new(d)
+            .with_hidden(self.hidden)
+            .with_latent(self.latent)
+    }
+
+    /// The configuration of the locator over VAEs made with these settings.
+    pub fn locator(&self) -> TaskLocatorConfig {
+        TaskLocatorConfig::new(self.latent)
+            .with_n_rep(self.n_rep)
+            .with_seed(self.seed)
+            .with_feature(self.feature)
+    }
+}
+
+/// Configuration of a [`TaskVae`] over features of width `d_feature` (the paper gives no VAE
+/// sizes; the defaults are ours).
+#[derive(Config, Debug)]
+pub struct TaskVaeConfig {
+    /// Width of the modelled feature.
+    pub d_feature: usize,
+    /// Hidden width of the encoder and decoder FFNs.
+    #[config(default = 256)]
+    pub hidden: usize,
+    /// Latent width.
+    #[config(default = 32)]
+    pub latent: usize,
+}
+
+impl TaskVaeConfig {
+    /// A randomly initialised VAE (Burn's default `Linear` initialisation).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> TaskVae<B> {
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let (d, hidden, latent) = (self.d_feature, self.hidden, self.latent);
+        TaskVae {
+            encoder: linear(d, hidden),
+            enc_mu: linear(hidden, latent),
+            enc_sigma: linear(hidden, latent),
+            decoder: linear(latent, hidden),
+            dec_mu: linear(hidden, d),
+            dec_sigma: linear(hidden, d),
+        }
     }
 }
 
@@ -162,19 +194,6 @@ pub struct VaeLoss<B: Backend> {
 }
 
 impl<B: Backend> TaskVae<B> {
-    /// A randomly initialised VAE for features of width `d`.
-    pub fn new(d: usize, hidden: usize, latent: usize, device: &B::Device) -> Self {
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
-        Self {
-            encoder: linear(d, hidden),
-            enc_mu: linear(hidden, latent),
-            enc_sigma: linear(hidden, latent),
-            decoder: linear(latent, hidden),
-            dec_mu: linear(hidden, d),
-            dec_sigma: linear(hidden, d),
-        }
-    }
-
     /// Posterior `(mu, sigma)` `[n, latent]` of features `[n, d]`.
     pub fn encode(&self, features: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let h = activation::gelu(self.encoder.forward(features));
@@ -513,5 +532,74 @@ impl<B: Backend> StackedVaes<B> {
             location.log_likelihoods.push(ll);
         }
         location
+    }
+}
+
+/// Configuration of a [`TaskLocator`]: how its scores are drawn and which feature it reads.
+#[derive(Config, Debug)]
+pub struct TaskLocatorConfig {
+    /// Latent width of the VAEs.
+    pub latent: usize,
+    /// `N_rep`: reparameterised draws per feature.
+    #[config(default = 8)]
+    pub n_rep: usize,
+    /// Seed of the fixed draws every score uses (bank entries and inference).
+    #[config(default = 0x5EED)]
+    pub seed: u64,
+    /// The input feature the VAEs model.
+    #[config(default = "PtlFeature::Last")]
+    pub feature: PtlFeature,
+}
+
+impl TaskLocatorConfig {
+    /// The locator over `vaes` (task `t`'s VAE at `t`, stacked with the scoring draws) and the
+    /// primitive bank `bank`.
+    pub fn init<B: Backend>(
+        &self,
+        vaes: &[TaskVae<B>],
+        bank: PrimitiveBank,
+        device: &B::Device,
+    ) -> TaskLocator<B> {
+        let refs: Vec<&TaskVae<B>> = vaes.iter().collect();
+        TaskLocator {
+            vaes: (!refs.is_empty()).then(|| StackedVaes::new(&refs, self.scoring_draws(device))),
+            bank,
+            feature: self.feature,
+        }
+    }
+
+    /// The fixed standard-normal draws `[n_rep, latent]` every score uses, the same on every
+    /// backend (drawn on the host from [`Self::seed`], Box-Muller).
+    pub fn scoring_draws<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let values: Vec<f32> = (0..self.n_rep * self.latent)
+            .map(|_| {
+                let u: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+                let v: f64 = rng.random();
+                ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, [self.n_rep, self.latent]), device)
+    }
+}
+
+/// Task-agnostic routing: every task's VAE (stacked, scored in one pass) and the bank.
+#[derive(Debug)]
+pub struct TaskLocator<B: Backend> {
+    vaes: Option<StackedVaes<B>>,
+    bank: PrimitiveBank,
+    feature: PtlFeature,
+}
+
+impl<B: Backend> TaskLocator<B> {
+    /// The input feature the locator reads (the host model computes it).
+    pub fn feature(&self) -> PtlFeature {
+        self.feature
+    }
+
+    /// Which task each row of `features` `[n, width]` belongs to, with every task's scores;
+    /// `None` before any task has been learned.
+    pub fn locate(&self, features: Tensor<B, 2>) -> Option<Location> {
+        Some(self.vaes.as_ref()?.locate(features, &self.bank))
     }
 }

@@ -2,8 +2,41 @@
 //! experts that existed when that task was trained; growing a layer adds columns to the *new*
 //! task's router and never touches an older one.
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+/// Configuration of a [`TaskRouter`], and of a [`RouterBank`] whose first router it is.
+#[derive(Config, Debug)]
+pub struct TaskRouterConfig {
+    /// Width of the tokens routed.
+    pub d_model: usize,
+    /// Experts the router scores.
+    pub n_experts: usize,
+}
+
+impl TaskRouterConfig {
+    /// A router with weights uniform in `±1/sqrt(d_model)`.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> TaskRouter<B> {
+        TaskRouter {
+            weight: Param::from_tensor(random_columns(self.d_model, self.n_experts, device)),
+        }
+    }
+
+    /// A bank whose only router (task 0's) is [`Self::init`]'s.
+    pub fn init_bank<B: Backend>(&self, device: &B::Device) -> RouterBank<B> {
+        RouterBank {
+            routers: vec![self.init(device)],
+            initial: None,
+        }
+    }
+}
+
+/// `n` router columns `[d_model, n]`, uniform in `±1/sqrt(d_model)`.
+fn random_columns<B: Backend>(d_model: usize, n: usize, device: &B::Device) -> Tensor<B, 2> {
+    let bound = 1.0 / (d_model as f64).sqrt();
+    Tensor::random([d_model, n], Distribution::Uniform(-bound, bound), device)
+}
 
 /// Router `G: d -> N_e` without bias (paper Eq. 1: `g = G x`), stored `[d, N_e]`.
 #[derive(Module, Debug)]
@@ -13,18 +46,6 @@ pub struct TaskRouter<B: Backend> {
 }
 
 impl<B: Backend> TaskRouter<B> {
-    /// A random router over `n_experts` experts.
-    pub fn new(d_model: usize, n_experts: usize, device: &B::Device) -> Self {
-        Self {
-            weight: Param::from_tensor(Self::random_columns(d_model, n_experts, device)),
-        }
-    }
-
-    fn random_columns(d_model: usize, n: usize, device: &B::Device) -> Tensor<B, 2> {
-        let bound = 1.0 / (d_model as f64).sqrt();
-        Tensor::random([d_model, n], Distribution::Uniform(-bound, bound), device)
-    }
-
     /// Number of experts this router scores.
     pub fn num_experts(&self) -> usize {
         self.weight.dims()[1]
@@ -45,7 +66,7 @@ impl<B: Backend> TaskRouter<B> {
         } else {
             // `detach`: a parameter must be a leaf of the autodiff graph.
             Tensor::cat(
-                vec![old.clone(), Self::random_columns(d, added, &old.device())],
+                vec![old.clone(), random_columns(d, added, &old.device())],
                 1,
             )
             .detach()
@@ -68,14 +89,6 @@ pub struct RouterBank<B: Backend> {
 }
 
 impl<B: Backend> RouterBank<B> {
-    /// A bank whose only router is task 0's.
-    pub fn first(router: TaskRouter<B>) -> Self {
-        Self {
-            routers: vec![router],
-            initial: None,
-        }
-    }
-
     /// Number of tasks with a router.
     pub fn num_tasks(&self) -> usize {
         self.routers.len()

@@ -779,7 +779,7 @@ pub fn bank_entry<B: Backend>(
     let recent = memory
         .recent(config.bank_instances)
         .ok_or(StageError::NoData)?;
-    let scorer = StackedVaes::new(&[vae], config.scoring_draws(&recent.device()));
+    let scorer = StackedVaes::new(&[vae], config.locator().scoring_draws(&recent.device()));
     let scores: Vec<f64> = scorer
         .log_likelihoods(recent)
         .into_data()

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::model::MoeConfig;
 use crate::moe_ffn::{FfnExpert, MoeLoraFfn};
 use crate::pgke::ExpansionPlan;
-use crate::ptl::{PrimitiveBank, PtlConfig, TaskVae};
-use crate::router::{RouterBank, TaskRouter};
+use crate::ptl::{PrimitiveBank, PtlConfig, TaskVae, TaskVaeConfig};
+use crate::router::{RouterBank, TaskRouter, TaskRouterConfig};
 
 /// Manifest format name.
 pub const STATE_FORMAT: &str = "llava-cmoe/continual-state/1";
@@ -42,6 +42,13 @@ impl VaeShape {
             hidden,
             latent: vae.enc_mu.weight.dims()[1],
         }
+    }
+
+    /// The configuration of a VAE of this shape.
+    fn config(&self) -> TaskVaeConfig {
+        TaskVaeConfig::new(self.features)
+            .with_hidden(self.hidden)
+            .with_latent(self.latent)
     }
 }
 
@@ -137,27 +144,15 @@ fn skeleton_layer<B: Backend>(
     config: &MoeConfig,
     device: &B::Device,
 ) -> MoeLoraFfn<B> {
-    let mut layer = config.init_layer(shape.hidden, shape.intermediate, 0, device);
+    let layer_config = config.layer(shape.hidden, shape.intermediate, 0);
+    let router = |n| TaskRouterConfig::new(shape.hidden, n).init(device);
+    let mut layer = layer_config.init(device);
     layer.experts = (0..shape.experts)
-        .map(|_| {
-            FfnExpert::new(
-                shape.hidden,
-                shape.intermediate,
-                config.rank,
-                config.targets,
-                device,
-            )
-        })
+        .map(|_| layer_config.init_expert(device))
         .collect();
     layer.routers = RouterBank {
-        routers: shape
-            .router_experts
-            .iter()
-            .map(|&n| TaskRouter::new(shape.hidden, n, device))
-            .collect(),
-        initial: shape
-            .initial_router_experts
-            .map(|n| TaskRouter::new(shape.hidden, n, device)),
+        routers: shape.router_experts.iter().map(|&n| router(n)).collect(),
+        initial: shape.initial_router_experts.map(router),
     };
     layer
 }
@@ -205,7 +200,7 @@ impl<B: Backend> ContinualTensors<B> {
             .collect();
         let vaes = match manifest.vae {
             Some(v) => (0..manifest.vaes)
-                .map(|_| TaskVae::new(v.features, v.hidden, v.latent, device))
+                .map(|_| v.config().init(device))
                 .collect(),
             None => Vec::new(),
         };
@@ -346,22 +341,17 @@ impl<B: Backend> ContinualTensors<B> {
                 .iter()
                 .zip(&m.new_experts)
                 .map(|(&(h, i), &n)| {
-                    (0..n)
-                        .map(|_| FfnExpert::new(h, i, m.config.rank, m.config.targets, device))
-                        .collect()
+                    let layer = m.config.layer(h, i, 0);
+                    (0..n).map(|_| layer.init_expert(device)).collect()
                 })
                 .collect(),
             routers: m
                 .widths
                 .iter()
                 .zip(&m.router_experts)
-                .map(|(&(h, _), &n)| TaskRouter::new(h, n, device))
+                .map(|(&(h, _), &n)| TaskRouterConfig::new(h, n).init(device))
                 .collect(),
-            vae: m
-                .vae
-                .map(|v| TaskVae::new(v.features, v.hidden, v.latent, device))
-                .into_iter()
-                .collect(),
+            vae: m.vae.map(|v| v.config().init(device)).into_iter().collect(),
         };
         load_module(&mut pack, &dir.join("pack.safetensors"), DType::F32)?;
         meta.first_expert

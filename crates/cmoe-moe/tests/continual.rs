@@ -3,80 +3,26 @@
 //! frozen base are bit-identical, task 0's outputs with router 0 are unchanged, and the saved
 //! state reloads onto a freshly loaded base with the same outputs and task scores bit for bit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::checkpoint::StageCheckpoints;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
-use cmoe_moe::stages::{StageConfig, StageError, TrainBatch};
-
-const IMAGE: i64 = 32000;
-
-fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
-}
-
-/// Prompt `[bos, 3 tokens, 16 image tokens, 6 question tokens]`, then a 6-token answer.
-fn rows(seed: i64) -> (Vec<i64>, usize) {
-    let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([IMAGE; 16]);
-    ids.extend((0..12).map(|i| 100 + (seed * 37 + i * 11) % 5000));
-    let prompt = ids.len() - 6;
-    (ids, prompt)
-}
-
-/// Two rows (seeds `seed`, `seed + 1`) with labels on the answers.
-fn batch<Be: Backend>(seed: i64, device: &Be::Device) -> TrainBatch<Be> {
-    let mut ids = Vec::new();
-    let mut labels = Vec::new();
-    let mut n = 0;
-    for s in [seed, seed + 1] {
-        let (row, prompt) = rows(s);
-        n = row.len();
-        labels.extend(
-            row.iter()
-                .enumerate()
-                .map(|(i, &t)| if i >= prompt { t } else { -100 }),
-        );
-        ids.extend(row);
-    }
-    let shade = 0.1 + 0.05 * seed as f32;
-    TrainBatch {
-        input: LlavaInput {
-            input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [2, n]), device),
-            pixel_values: Some(Tensor::ones([2, 3, 32, 32], device) * shade),
-            attention_mask: None,
-        },
-        labels: Tensor::from_data(TensorData::new(labels, [2, n]), device),
-    }
-}
-
-/// The prompt part of `batch(seed)`'s first row.
-fn prompt<Be: Backend>(seed: i64, device: &Be::Device) -> LlavaInput<Be> {
-    let (row, prompt) = rows(seed);
-    LlavaInput {
-        input_ids: Tensor::<Be, 2, Int>::from_data(
-            TensorData::new(row[..prompt].to_vec(), [1, prompt]),
-            device,
-        ),
-        pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * (0.1 + 0.05 * seed as f32)),
-        attention_mask: None,
-    }
-}
+use cmoe_moe::stages::{StageConfig, StageError};
+use cmoe_test_support::{scratch, seeded_batch, seeded_prompt, tiny_llava};
 
 fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
     TaskData {
-        train: (0..2).map(|i| batch(first_seed + 2 * i, device)).collect(),
-        probe_train: vec![batch(first_seed + 10, device)],
-        probe_eval: vec![batch(first_seed + 20, device)],
+        train: (0..2)
+            .map(|i| seeded_batch(first_seed + 2 * i, 0, device))
+            .collect(),
+        probe_train: vec![seeded_batch(first_seed + 10, 0, device)],
+        probe_eval: vec![seeded_batch(first_seed + 20, 0, device)],
     }
 }
 
@@ -103,12 +49,6 @@ fn recipe() -> TaskRecipe {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cmoe-continual-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 /// Digests of everything that belongs to task 0, and of the base.
 fn task0_snapshot<Be: AutodiffBackend>(l: &ContinualLearner<Be>) -> Vec<u64> {
     let mut digests = vec![fingerprint(&l.model.base), fingerprint(&l.vaes[0])];
@@ -123,6 +63,7 @@ fn task0_snapshot<Be: AutodiffBackend>(l: &ContinualLearner<Be>) -> Vec<u64> {
 /// (flex does; ndarray was seen to differ in the last bits, with or without a resume).
 fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     let device = Default::default();
+    let folder = scratch(&format!("continual-{name}"));
     let config = MoeConfig {
         rank: 4,
         alpha: 8.0,
@@ -143,7 +84,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     };
     let recipe = recipe();
 
-    let learner = ContinualLearner::<Be>::new(tiny(&device), config, ptl, &device);
+    let learner = ContinualLearner::<Be>::new(tiny_llava(&device), config, ptl, &device);
     let mut stages = Vec::new();
     let mut losses = Vec::new();
     let learner = learner
@@ -165,7 +106,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     assert!(entry0.mean.is_finite() && entry0.std > 0.0);
 
     let before = task0_snapshot(&learner);
-    let probe_input = prompt::<Be>(0, &device);
+    let probe_input = seeded_prompt::<Be>(0, &device);
     let output0 = learner
         .model
         .forward(probe_input.clone(), 0)
@@ -192,7 +133,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     let (expanded, first) = learner
         .expand_for_task(&data1, &recipe, &mut observe)
         .unwrap();
-    let expanded_dir = scratch(&format!("{name}-expanded"));
+    let expanded_dir = folder.join("expanded");
     expanded.save(&expanded_dir).unwrap();
     Be::seed(&device, 12); // the new VAE
     let learner = expanded
@@ -231,8 +172,9 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
 
     // The training stage stopped while writing its step-2 checkpoint and resumed from the
     // step-1 one ends where the unbroken stage did, bit for bit.
-    let stage_dir = scratch(&format!("{name}-stage"));
-    let from_expansion = || ContinualLearner::<Be>::load(tiny(&device), &expanded_dir, &device);
+    let stage_dir = folder.join("stage");
+    let from_expansion =
+        || ContinualLearner::<Be>::load(tiny_llava(&device), &expanded_dir, &device);
     let mut stop_at_2 = |_: &Path, step: usize| match step {
         2 => Err(StageError::Data("killed".into())),
         _ => Ok(()),
@@ -279,7 +221,11 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
         assert_eq!(resumed.meta, learner.meta);
     } else {
         let logits = |l: &ContinualLearner<Be>| {
-            let out = l.model.forward(prompt(100, &device), 1).unwrap().logits;
+            let out = l
+                .model
+                .forward(seeded_prompt(100, &device), 1)
+                .unwrap()
+                .logits;
             out.into_data().iter::<f32>().collect::<Vec<_>>()
         };
         let diff = logits(&learner)
@@ -292,18 +238,16 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
             "task 1's outputs moved by {diff} after resuming"
         );
     }
-    let _ = std::fs::remove_dir_all(&stage_dir);
-    let _ = std::fs::remove_dir_all(&expanded_dir);
 
     // Save, reload onto a freshly loaded base, compare outputs and scores bit for bit.
-    let dir = scratch(name);
+    let dir = folder.join("learner");
     learner.save(&dir).unwrap();
-    let reloaded = ContinualLearner::<Be>::load(tiny(&device), &dir, &device).unwrap();
+    let reloaded = ContinualLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
     assert_eq!(reloaded.meta, learner.meta);
     let (model_a, locator_a) = learner.valid();
     let (model_b, locator_b) = reloaded.valid();
     for task in 0..2 {
-        let input = prompt(100 * task as i64, &device);
+        let input = seeded_prompt(100 * task as i64, &device);
         let a = model_a
             .forward(input.clone(), task)
             .unwrap()
@@ -315,8 +259,8 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
             .logits
             .into_data();
         assert_eq!(a, b, "task {task}: reloaded outputs differ");
-        let where_a = locator_a.locate(&model_a, input.clone()).unwrap();
-        let where_b = locator_b.locate(&model_b, input).unwrap();
+        let where_a = model_a.locate(&locator_a, input.clone()).unwrap();
+        let where_b = model_b.locate(&locator_b, input).unwrap();
         assert_eq!(where_a, where_b);
         // z-scores are the bank's normalisation of the raw scores.
         for (t, entry) in reloaded.meta.bank.entries.iter().enumerate() {
@@ -324,7 +268,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
             assert!((where_a.z_scores[0][t] - z).abs() < 1e-9);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&folder);
 }
 
 #[test]

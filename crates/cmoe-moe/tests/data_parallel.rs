@@ -7,11 +7,7 @@
 //! distinct devices. Burn 0.21 cannot copy between two wgpu devices (see
 //! `cmoe_moe::data_parallel`), and CUDA cannot run here.
 
-use std::path::Path;
-
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use cmoe_llava::{Llava, LlavaInput, load_llava};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
@@ -21,11 +17,7 @@ use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{
     StageConfig, StageControl, StageError, TrainBatch, VaeFit, batch_features, train_stage_with,
 };
-
-fn tiny_base<AD: AutodiffBackend>(device: &AD::Device) -> Llava<AD> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    load_llava::<AD>(&dir, DType::F32, device).unwrap().1
-}
+use cmoe_test_support::{IGNORE, on_backends, prompt_ids, tiny_llava, train_batch};
 
 /// No dropout: training draws nothing at random, so every run starts and goes alike.
 fn moe_config() -> MoeConfig {
@@ -40,26 +32,15 @@ fn moe_config() -> MoeConfig {
 }
 
 fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> CmoeModel<AD> {
-    CmoeModel::new(tiny_base(device), &moe_config(), device)
+    CmoeModel::new(tiny_llava(device), &moe_config(), device)
 }
 
 /// A one-row batch whose image is shifted by `shift` (so every batch has its own gradient).
 fn batch<AD: AutodiffBackend>(shift: usize, device: &AD::Device) -> TrainBatch<AD> {
-    let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([32000; 16]);
-    ids.extend([13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
-    let n = ids.len();
-    let input_ids = Tensor::<AD, 2, Int>::from_data(TensorData::new(ids, [1, n]), device);
-    let mut labels = vec![-100i64; n - 5];
+    let ids = prompt_ids(&[13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
+    let mut labels = vec![IGNORE; ids.len() - 5];
     labels.extend([29901, 15317 + shift as i64, 2, 13, 5618]);
-    TrainBatch {
-        input: LlavaInput {
-            input_ids,
-            pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * (0.1 + 0.2 * shift as f64)),
-            attention_mask: None,
-        },
-        labels: Tensor::from_data(TensorData::new(labels, [1, n]), device),
-    }
+    train_batch(&[(ids, labels)], 0, 0.1 + 0.2 * shift as f64, device)
 }
 
 fn stage(accumulation: usize) -> StageConfig {
@@ -111,7 +92,9 @@ fn max_diff(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// A stage on `two` (the model starts on the first) equals the stage on the first alone.
-fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
+    let _alone = alone();
+    let two = one_device_twice::<AD>();
     let device = two[0].clone();
     let start = tiny_model::<AD>(&device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
@@ -141,13 +124,15 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>(two: [AD::Device; 
 /// streams: a seeded stage repeats, whichever replica's thread draws first. (Up to float sums:
 /// ndarray's rayon reductions split work by what the other thread leaves free. Draws taken in
 /// thread order would move the losses by percents.)
-fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>() {
+    let _alone = alone();
+    let two = one_device_twice::<AD>();
     let device = two[0].clone();
     let moe = MoeConfig {
         dropout: 0.3,
         ..moe_config()
     };
-    let start = CmoeModel::new(tiny_base::<AD>(&device), &moe, &device);
+    let start = CmoeModel::new(tiny_llava::<AD>(&device), &moe, &device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
     let width = batch_features(&start, &batches[0], 0, PtlFeature::Last)
         .unwrap()
@@ -190,7 +175,9 @@ fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>(two: [AD::Devi
 }
 
 /// A stage fitting a VAE on `two` keeps the feature memory the one-device stage keeps.
-fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
+    let _alone = alone();
+    let two = one_device_twice::<AD>();
     let device = two[0].clone();
     let start = tiny_model::<AD>(&device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
@@ -229,9 +216,11 @@ fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>(two: [AD::Devic
 /// A continual learner spread over `two` learns two tasks (probes, plan, expansion, experts,
 /// routers, VAEs) with the one-device learner's plans and experts, and leaves task 0's experts
 /// bit-identical while it learns task 1.
-fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>(two: [AD::Device; 2]) {
+fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
+    let _alone = alone();
+    let two = one_device_twice::<AD>();
     let device = two[0].clone();
-    let base = tiny_base::<AD>(&device);
+    let base = tiny_llava::<AD>(&device);
     let ptl = PtlConfig {
         hidden: 16,
         latent: 4,
@@ -307,6 +296,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>(two: [AD::Devi
 
 /// Three devices for two micro-batches per step is refused.
 fn more_devices_than_micro_batches_is_an_error<AD: AutodiffBackend>() {
+    let _alone = alone();
     let device = AD::Device::default();
     let start = tiny_model::<AD>(&device);
     let batches = [batch::<AD>(0, &device)];
@@ -341,49 +331,12 @@ fn one_device_twice<AD: AutodiffBackend>() -> [AD::Device; 2] {
     [device.clone(), device]
 }
 
-macro_rules! on_backend {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type AD = burn::backend::Autodiff<$backend>;
-
-            #[test]
-            fn two_devices_make_the_one_device_steps() {
-                let _alone = super::alone();
-                super::two_devices_make_the_one_device_steps::<AD>(super::one_device_twice::<AD>());
-            }
-
-            #[test]
-            fn replicas_on_one_device_repeat_their_draws() {
-                let _alone = super::alone();
-                super::replicas_on_one_device_repeat_their_draws::<AD>(
-                    super::one_device_twice::<AD>(),
-                );
-            }
-
-            #[test]
-            fn the_feature_memory_is_the_one_device_one() {
-                let _alone = super::alone();
-                super::the_feature_memory_is_the_one_device_one::<AD>(
-                    super::one_device_twice::<AD>(),
-                );
-            }
-
-            #[test]
-            fn a_learner_on_two_devices_learns_as_on_one() {
-                let _alone = super::alone();
-                super::a_learner_on_two_devices_learns_as_on_one::<AD>(
-                    super::one_device_twice::<AD>(),
-                );
-            }
-
-            #[test]
-            fn more_devices_than_micro_batches_is_an_error() {
-                let _alone = super::alone();
-                super::more_devices_than_micro_batches_is_an_error::<AD>();
-            }
-        }
-    };
+on_backends! {
+    flex: burn_flex::Flex,
+    ndarray: burn_ndarray::NdArray;
+    two_devices_make_the_one_device_steps: AD,
+    replicas_on_one_device_repeat_their_draws: AD,
+    the_feature_memory_is_the_one_device_one: AD,
+    a_learner_on_two_devices_learns_as_on_one: AD,
+    more_devices_than_micro_batches_is_an_error: AD,
 }
-
-on_backend!(flex, burn_flex::Flex);
-on_backend!(ndarray, burn_ndarray::NdArray);

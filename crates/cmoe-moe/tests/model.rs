@@ -1,34 +1,22 @@
 //! The continual model on the tiny HF fixture: fresh experts leave the base untouched, and
 //! gradients reach exactly the trainable parameters.
 
-use std::path::Path;
-
 use burn::optim::GradientsParams;
+use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData};
-use cmoe_llava::{Llava, LlavaInput, load_llava};
+use cmoe_llava::LlavaInput;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{StageConfig, TrainBatch, train_stage};
+use cmoe_test_support::{on_backends, prompt_ids, prompt_input, tiny_llava};
 
-fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
-}
-
+/// The tiny fixture's prompt with a question and its answer, on a grey image.
 fn input<Be: Backend>(device: &Be::Device) -> LlavaInput<Be> {
-    let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([32000; 16]);
-    ids.extend([13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
-    let n = ids.len();
-    LlavaInput {
-        input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [1, n]), device),
-        pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * 0.3),
-        attention_mask: None,
-    }
+    let ids = prompt_ids(&[13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
+    prompt_input(&ids, 0.3, device)
 }
 
 fn config() -> MoeConfig {
@@ -44,7 +32,7 @@ fn config() -> MoeConfig {
 
 fn fresh_experts_leave_the_base_model_unchanged<B: Backend>() {
     let device = Default::default();
-    let base = tiny::<B>(&device);
+    let base = tiny_llava::<B>(&device);
     let expected = base.forward(input(&device)).unwrap();
     let model = CmoeModel::new(base, &config(), &device);
     let out = model.forward(input(&device), 0).unwrap();
@@ -64,7 +52,7 @@ fn gradients_reach_only_the_experts_and_router<AD: AutodiffBackend>() {
         top_k: 4,
         ..config()
     };
-    let model = CmoeModel::new(tiny::<AD>(&device), &config, &device);
+    let model = CmoeModel::new(tiny_llava::<AD>(&device), &config, &device);
     let base_before = fingerprint(&model.base);
     let x = input::<AD>(&device);
     let labels = x.input_ids.clone();
@@ -87,7 +75,7 @@ fn gradients_reach_only_the_experts_and_router<AD: AutodiffBackend>() {
 
 fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
     let device = Default::default();
-    let model = CmoeModel::new(tiny::<B>(&device), &config(), &device);
+    let model = CmoeModel::new(tiny_llava::<B>(&device), &config(), &device);
     let full = input::<B>(&device);
     let n = full.input_ids.dims()[1];
     let cut = n - 4;
@@ -155,7 +143,7 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
     let (a, b) = (batch(0), batch(1));
     // One start for every run (no dropout: training draws nothing at random), so that tests
     // running beside this one and drawing from the backend's generator change nothing.
-    let start = CmoeModel::new(tiny::<AD>(&device), &config(), &device);
+    let start = CmoeModel::new(tiny_llava::<AD>(&device), &config(), &device);
     let (alone_a, losses_a) = train_from(&start, std::slice::from_ref(&a), 1);
     let (_, losses_b) = train_from(&start, std::slice::from_ref(&b), 1);
     let (ab, losses_ab) = train_from(&start, &[a.clone(), b.clone()], 2);
@@ -181,34 +169,11 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
     );
 }
 
-macro_rules! on_backend {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type B = $backend;
-            type AD = burn::backend::Autodiff<B>;
-
-            #[test]
-            fn fresh_experts_leave_the_base_model_unchanged() {
-                super::fresh_experts_leave_the_base_model_unchanged::<B>();
-            }
-
-            #[test]
-            fn gradients_reach_only_the_experts_and_router() {
-                super::gradients_reach_only_the_experts_and_router::<AD>();
-            }
-
-            #[test]
-            fn accumulated_micro_batches_make_one_step() {
-                super::accumulated_micro_batches_make_one_step::<AD>();
-            }
-
-            #[test]
-            fn a_feature_read_inside_a_sequence_equals_the_prompt_alone() {
-                super::a_feature_read_inside_a_sequence_equals_the_prompt_alone::<B>();
-            }
-        }
-    };
+on_backends! {
+    flex: burn_flex::Flex,
+    ndarray: burn_ndarray::NdArray;
+    fresh_experts_leave_the_base_model_unchanged: B,
+    gradients_reach_only_the_experts_and_router: AD,
+    accumulated_micro_batches_make_one_step: AD,
+    a_feature_read_inside_a_sequence_equals_the_prompt_alone: B,
 }
-
-on_backend!(flex, burn_flex::Flex);
-on_backend!(ndarray, burn_ndarray::NdArray);

@@ -1,53 +1,19 @@
 //! The MoE-LoRA FFN layer: sparse dispatch against the dense definition, the single-expert
 //! case against plain LoRA, and routers that never change when a layer grows.
 
-use burn::module::Param;
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
-use cmoe_llava::config::TextConfig;
 use cmoe_llava::llama::LlamaMlp;
-use cmoe_moe::moe_ffn::{FfnExpert, FfnTargets, MoeLoraFfn};
+use cmoe_moe::moe_ffn::{FfnExpert, MoeLoraFfn};
+use cmoe_test_support::{randomize_experts, small_mlp, small_moe_layer};
 
 type B = burn_flex::Flex;
 
 fn base_mlp(device: &burn_flex::FlexDevice) -> LlamaMlp<B> {
-    let config: TextConfig = serde_json::from_str(
-        r#"{"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}"#,
-    )
-    .unwrap();
-    config.init::<B>(false, device).model.layers.remove(0).mlp
-}
-
-/// Gives experts `from..` a non-zero `B` (fresh experts start at zero and would make tests vacuous).
-fn randomize(layer: &mut MoeLoraFfn<B>, from: usize, device: &burn_flex::FlexDevice) {
-    for expert in &mut layer.experts[from..] {
-        for lora in [&mut expert.gate, &mut expert.up, &mut expert.down]
-            .into_iter()
-            .flatten()
-        {
-            let shape = lora.lora_b.dims();
-            lora.lora_b = Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, 0.5),
-                device,
-            ));
-        }
-    }
+    small_mlp(device)
 }
 
 fn layer(n_experts: usize, top_k: usize, device: &burn_flex::FlexDevice) -> MoeLoraFfn<B> {
-    let mut layer = MoeLoraFfn::new(
-        32,
-        48,
-        n_experts,
-        8,
-        16.0,
-        0.0,
-        top_k,
-        FfnTargets::default(),
-        device,
-    );
-    randomize(&mut layer, 0, device);
-    layer
+    small_moe_layer(n_experts, top_k, device)
 }
 
 #[test]
@@ -103,7 +69,7 @@ fn growing_a_layer_never_changes_an_older_task() {
     layer.routers.routers.push(next);
     layer.experts.push(layer.experts[1].duplicate());
     layer.experts.push(layer.experts[3].duplicate());
-    randomize(&mut layer, 4, &device);
+    randomize_experts(&mut layer, 4, &device);
 
     assert_eq!(layer.routers.get(0).weight.val().into_data(), old_router);
     assert_eq!(

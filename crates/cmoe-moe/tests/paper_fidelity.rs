@@ -9,13 +9,10 @@
 //!   them; LwF's target is the frozen previous model's output at the answer positions, and the
 //!   answer-position logits and cross-entropy equal the full forward's there.
 
-use std::path::Path;
-
 use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{DType, Distribution, ElementConversion, Int, Tensor, TensorData};
-use cmoe_llava::{Llava, LlavaInput, load_llava};
+use burn::tensor::{ElementConversion, Tensor};
 use cmoe_moe::baselines::{Ewc, Lwf, distillation};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
@@ -25,61 +22,15 @@ use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{Penalty, StageConfig, TrainBatch, activation_stats};
-
-const IMAGE: i64 = 32000;
-const PAD: i64 = 32001;
-
-fn tiny<Be: Backend>(device: &Be::Device) -> Llava<Be> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    load_llava::<Be>(&dir, DType::F32, device).unwrap().1
-}
-
-/// One row: `[bos, 3 tokens, 16 image tokens, 6 question tokens]`, then a 6-token answer.
-fn row(seed: i64) -> (Vec<i64>, usize) {
-    let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([IMAGE; 16]);
-    ids.extend((0..12).map(|i| 100 + (seed * 37 + i * 11) % 5000));
-    let prompt = ids.len() - 6;
-    (ids, prompt)
-}
-
-/// Two rows with labels on the answers, each followed by `pad` padding positions (attention
-/// mask 0, no label).
-fn batch<Be: Backend>(seed: i64, pad: usize, device: &Be::Device) -> TrainBatch<Be> {
-    let (mut ids, mut labels, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-    let mut n = 0;
-    for s in [seed, seed + 1] {
-        let (r, prompt) = row(s);
-        labels.extend(
-            r.iter()
-                .enumerate()
-                .map(|(i, &t)| if i >= prompt { t } else { -100 }),
-        );
-        mask.extend(std::iter::repeat_n(1i64, r.len()));
-        ids.extend(r.iter().copied());
-        ids.extend(std::iter::repeat_n(PAD, pad));
-        labels.extend(std::iter::repeat_n(-100i64, pad));
-        mask.extend(std::iter::repeat_n(0i64, pad));
-        n = r.len() + pad;
-    }
-    let int = |v: Vec<i64>| Tensor::<Be, 2, Int>::from_data(TensorData::new(v, [2, n]), device);
-    TrainBatch {
-        input: LlavaInput {
-            input_ids: int(ids),
-            pixel_values: Some(Tensor::ones([2, 3, 32, 32], device) * (0.1 + 0.05 * seed as f32)),
-            attention_mask: Some(int(mask)),
-        },
-        labels: int(labels),
-    }
-}
+use cmoe_test_support::{on_backends, randomize_experts, scratch, seeded_batch, tiny_llava};
 
 fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
     TaskData {
         train: (0..2)
-            .map(|i| batch(first_seed + 2 * i, 0, device))
+            .map(|i| seeded_batch(first_seed + 2 * i, 0, device))
             .collect(),
-        probe_train: vec![batch(first_seed + 10, 0, device)],
-        probe_eval: vec![batch(first_seed + 20, 0, device)],
+        probe_train: vec![seeded_batch(first_seed + 10, 0, device)],
+        probe_eval: vec![seeded_batch(first_seed + 20, 0, device)],
     }
 }
 
@@ -137,19 +88,7 @@ fn with_active_experts<Be: Backend>(
     device: &Be::Device,
 ) -> CmoeModel<Be> {
     for layer in &mut model.moe {
-        for expert in &mut layer.experts {
-            for lora in [&mut expert.gate, &mut expert.up, &mut expert.down]
-                .into_iter()
-                .flatten()
-            {
-                let dims = lora.lora_b.dims();
-                lora.lora_b = Param::from_tensor(Tensor::random(
-                    dims,
-                    Distribution::Normal(0.0, 0.5),
-                    device,
-                ));
-            }
-        }
+        randomize_experts(layer, 0, device);
     }
     model
 }
@@ -161,11 +100,11 @@ fn scalar<Be: Backend>(t: Tensor<Be, 1>) -> f64 {
 fn padding_takes_no_part_in_routing<Be: AutodiffBackend>() {
     let device = Default::default();
     let model = with_active_experts(
-        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
-    let plain = batch::<Be>(0, 0, &device);
-    let padded = batch::<Be>(0, 5, &device);
+    let plain = seeded_batch::<Be>(0, 0, &device);
+    let padded = seeded_batch::<Be>(0, 5, &device);
     let a = model.forward(plain.input.clone(), 0).unwrap();
     let b = model.forward(padded.input.clone(), 0).unwrap();
     for (layer, (ra, rb)) in a.routing.iter().zip(&b.routing).enumerate() {
@@ -187,10 +126,13 @@ fn probe_statistics_are_gathered_without_dropout<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 1);
     let model = with_active_experts(
-        CmoeModel::new(tiny::<Be>(&device), &moe(0.5), &device),
+        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.5), &device),
         &device,
     );
-    let batches = [batch::<Be>(3, 2, &device), batch::<Be>(5, 0, &device)];
+    let batches = [
+        seeded_batch::<Be>(3, 2, &device),
+        seeded_batch::<Be>(5, 0, &device),
+    ];
     let stats = |m: &CmoeModel<Be>, seed: u64| {
         Be::seed(&device, seed);
         activation_stats(m, 0, &mut Cycle::new(&batches)).unwrap()
@@ -211,7 +153,7 @@ fn probe_statistics_are_gathered_without_dropout<Be: AutodiffBackend>() {
 fn the_first_task_goes_through_pgke_after_an_initial_phase<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 2);
-    let learner = ContinualLearner::<Be>::new(tiny(&device), moe(0.0), ptl(), &device);
+    let learner = ContinualLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device);
     let learner = learner
         .learn_initial(&task_data(500, &device), &stage(2), |_| {})
         .unwrap();
@@ -287,10 +229,10 @@ fn the_first_task_goes_through_pgke_after_an_initial_phase<Be: AutodiffBackend>(
     assert_eq!(learner.initial_params(), initial_params);
 
     // The state, initial router included, reloads bit for bit.
-    let dir = std::env::temp_dir().join(format!("cmoe-initial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // One folder per backend: the backends' tests run side by side.
+    let dir = scratch(&format!("initial-{}", Be::name(&device)));
     learner.save(&dir).unwrap();
-    let reloaded = ContinualLearner::<Be>::load(tiny(&device), &dir, &device).unwrap();
+    let reloaded = ContinualLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
     for (a, b) in learner.model.moe.iter().zip(&reloaded.model.moe) {
         assert_eq!(fingerprint(a), fingerprint(b));
     }
@@ -302,7 +244,7 @@ fn placements_add_the_configured_experts_per_layer<Be: AutodiffBackend>() {
     let device = Default::default();
     let grow = |placement, per_layer| {
         Be::seed(&device, 4);
-        let learner = ContinualLearner::<Be>::new(tiny(&device), moe(0.0), ptl(), &device)
+        let learner = ContinualLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device)
             .learn_task(
                 &task_data(0, &device),
                 &recipe(placement, per_layer),
@@ -346,13 +288,16 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
     Be::seed(&device, 5);
     // Active experts: with LoRA B at zero, only B would have gradients (and a Fisher).
     let model = with_active_experts(
-        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
     let model = cmoe_moe::stages::set_trainable(model, 0, &[0..3, 0..3]);
-    let batches = [batch::<Be>(0, 0, &device), batch::<Be>(2, 3, &device)];
+    let batches = [
+        seeded_batch::<Be>(0, 0, &device),
+        seeded_batch::<Be>(2, 3, &device),
+    ];
     let mut ewc = Ewc::<Be>::new(10.0, 1.0);
-    let probe = batch::<Be>(4, 0, &device);
+    let probe = seeded_batch::<Be>(4, 0, &device);
     let answers = AnswerTargets::from_labels(&probe.labels);
     let logits = model
         .forward_answers(probe.input.clone(), 0, &answers)
@@ -405,11 +350,11 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 6);
     let previous = with_active_experts(
-        CmoeModel::new(tiny::<Be>(&device), &moe(0.0), &device),
+        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
     let lwf = Lwf::new(&previous, 1.0, 2.0);
-    let probe = batch::<Be>(8, 2, &device);
+    let probe = seeded_batch::<Be>(8, 2, &device);
     let answers = AnswerTargets::from_labels(&probe.labels);
     // Every row's answer occupies labels 26..32: positions 25..31 predict it.
     let [b, s] = probe.labels.dims();
@@ -461,43 +406,13 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     assert!(scalar(distillation(same.clone() * 1.5, same, 2.0)) > 0.0);
 }
 
-macro_rules! on_backend {
-    ($name:ident, $backend:ty) => {
-        mod $name {
-            type AD = burn::backend::Autodiff<$backend>;
-
-            #[test]
-            fn padding_takes_no_part_in_routing() {
-                super::padding_takes_no_part_in_routing::<AD>();
-            }
-
-            #[test]
-            fn probe_statistics_are_gathered_without_dropout() {
-                super::probe_statistics_are_gathered_without_dropout::<AD>();
-            }
-
-            #[test]
-            fn the_first_task_goes_through_pgke_after_an_initial_phase() {
-                super::the_first_task_goes_through_pgke_after_an_initial_phase::<AD>();
-            }
-
-            #[test]
-            fn placements_add_the_configured_experts_per_layer() {
-                super::placements_add_the_configured_experts_per_layer::<AD>();
-            }
-
-            #[test]
-            fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically() {
-                super::ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically::<AD>();
-            }
-
-            #[test]
-            fn lwf_target_is_the_frozen_previous_models_output() {
-                super::lwf_target_is_the_frozen_previous_models_output::<AD>();
-            }
-        }
-    };
+on_backends! {
+    flex: burn_flex::Flex,
+    ndarray: burn_ndarray::NdArray;
+    padding_takes_no_part_in_routing: AD,
+    probe_statistics_are_gathered_without_dropout: AD,
+    the_first_task_goes_through_pgke_after_an_initial_phase: AD,
+    placements_add_the_configured_experts_per_layer: AD,
+    ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically: AD,
+    lwf_target_is_the_frozen_previous_models_output: AD,
 }
-
-on_backend!(flex, burn_flex::Flex);
-on_backend!(ndarray, burn_ndarray::NdArray);

@@ -5,45 +5,27 @@
 //! experts) and move the experts alike (cosine of
 //! the updates > 0.9; 0.986 measured), and PTL's features come out in f32.
 
-use std::path::Path;
-
 use burn::backend::Autodiff;
-use burn::tensor::{DType, Int, Tensor, TensorData};
-use cmoe_llava::{Llava, LlavaInput, load_llava};
+use burn::tensor::{DType, Tensor};
+use cmoe_llava::Llava;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::source::Cycle;
 use cmoe_moe::stages::{StageConfig, TrainBatch, set_trainable, train_stage};
+use cmoe_test_support::{answer_labels, prompt_ids, tiny_llava_in, train_batch};
 
 type Be = Autodiff<burn_flex::Flex>;
 
 fn base(dtype: DType) -> Llava<Be> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
-    load_llava::<Be>(&dir, dtype, &Default::default())
-        .unwrap()
-        .1
+    tiny_llava_in::<Be>(dtype, &Default::default())
 }
 
 /// `[bos, 3 tokens, 16 image tokens, 4 question tokens, 4 answer tokens]`, answers labelled.
 fn batch(device: &burn::tensor::Device<Be>) -> TrainBatch<Be> {
-    let mut ids = vec![1i64, 3148, 1001, 29901];
-    ids.extend([32000; 16]);
-    ids.extend([450, 2927, 338, 29973, 2654, 29889, 2, 2]);
-    let n = ids.len();
-    let labels: Vec<i64> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| if i >= n - 4 { t } else { -100 })
-        .collect();
-    TrainBatch {
-        input: LlavaInput {
-            input_ids: Tensor::<Be, 2, Int>::from_data(TensorData::new(ids, [1, n]), device),
-            pixel_values: Some(Tensor::ones([1, 3, 32, 32], device) * 0.3),
-            attention_mask: None,
-        },
-        labels: Tensor::from_data(TensorData::new(labels, [1, n]), device),
-    }
+    let ids = prompt_ids(&[450, 2927, 338, 29973, 2654, 29889, 2, 2]);
+    let labels = answer_labels(&ids, ids.len() - 4);
+    train_batch(&[(ids, labels)], 0, 0.3, device)
 }
 
 fn values(t: Tensor<Be, 3>) -> Vec<f32> {

@@ -6,7 +6,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Tensor};
-use cmoe_moe::ptl::{BankEntry, PrimitiveBank, StackedVaes, TaskVae};
+use cmoe_moe::ptl::{BankEntry, PrimitiveBank, StackedVaes, TaskVae, TaskVaeConfig};
 
 const D: usize = 16;
 const TASKS: usize = 3;
@@ -22,7 +22,10 @@ fn features<Be: Backend>(task: usize, n: usize, device: &Be::Device) -> Tensor<B
 }
 
 fn train_vae<AD: AutodiffBackend>(task: usize, device: &AD::Device) -> TaskVae<AD::InnerBackend> {
-    let mut vae = TaskVae::<AD>::new(D, 32, 4, device);
+    let mut vae: TaskVae<AD> = TaskVaeConfig::new(D)
+        .with_hidden(32)
+        .with_latent(4)
+        .init(device);
     let mut optim = AdamConfig::new().init();
     for _ in 0..300 {
         let loss = vae.loss(features::<AD>(task, 64, device), 4);

@@ -5,10 +5,11 @@ use burn::module::Param;
 use burn::tensor::{Distribution, Tensor};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::moe_ffn::MoeLoraFfn;
+use cmoe_moe::moe_ffn::{MoeLoraFfn, MoeLoraFfnConfig};
 use cmoe_moe::pgke::{ExpansionPlan, LayerExpansion, PlanSource};
-use cmoe_moe::ptl::{BankEntry, PrimitiveBank, PtlConfig, TaskVae};
+use cmoe_moe::ptl::{BankEntry, PrimitiveBank, PtlConfig, TaskVaeConfig};
 use cmoe_moe::state::{ContinualMeta, ContinualTensors};
+use cmoe_test_support::scratch;
 
 type B = burn_flex::Flex;
 
@@ -27,7 +28,15 @@ fn two_task_state() -> (ContinualTensors<B>, ContinualMeta) {
     };
     let mut moe: Vec<MoeLoraFfn<B>> = WIDTHS
         .iter()
-        .map(|&(h, i)| MoeLoraFfn::new(h, i, 3, 4, 8.0, 0.0, 2, config.targets, &device))
+        .map(|&(h, i)| {
+            MoeLoraFfnConfig::new(h, i)
+                .with_experts(3)
+                .with_rank(4)
+                .with_alpha(8.0)
+                .with_dropout(0.0)
+                .with_targets(config.targets)
+                .init(&device)
+        })
         .collect();
     for (l, layer) in moe.iter_mut().enumerate() {
         let added = if l == 1 { 2 } else { 0 };
@@ -47,7 +56,14 @@ fn two_task_state() -> (ContinualTensors<B>, ContinualMeta) {
             }
         }
     }
-    let vaes = (0..2).map(|_| TaskVae::new(16, 8, 3, &device)).collect();
+    let vaes = (0..2)
+        .map(|_| {
+            TaskVaeConfig::new(16)
+                .with_hidden(8)
+                .with_latent(3)
+                .init(&device)
+        })
+        .collect();
     let meta = ContinualMeta {
         config,
         ptl: PtlConfig::default(),
@@ -81,16 +97,10 @@ fn two_task_state() -> (ContinualTensors<B>, ContinualMeta) {
     (ContinualTensors { moe, vaes }, meta)
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("cmoe-state-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 #[test]
 fn state_round_trips_bit_for_bit() {
     let (state, meta) = two_task_state();
-    let dir = scratch("full");
+    let dir = scratch("state-full");
     state.save(&meta, &WIDTHS, &dir).unwrap();
     let (loaded, loaded_meta) = ContinualTensors::<B>::load(&dir, &Default::default()).unwrap();
     assert_eq!(loaded_meta, meta);
@@ -122,7 +132,7 @@ fn an_adapter_pack_carries_one_task() {
     // Burn initialises parameters lazily, and clones of a lazy parameter initialise separately:
     // read everything once so that the clones below share the values.
     let full = fingerprint(&state);
-    let dir = scratch("pack");
+    let dir = scratch("state-pack");
     state.export_pack(&meta, &WIDTHS, 1, &dir).unwrap();
 
     // The same state as it was after task 0, plus the pack, equals the two-task state.
@@ -160,7 +170,7 @@ fn an_adapter_pack_carries_one_task() {
 #[test]
 fn broken_state_files_are_errors() {
     let (state, meta) = two_task_state();
-    let dir = scratch("broken");
+    let dir = scratch("state-broken");
     state.save(&meta, &WIDTHS, &dir).unwrap();
     std::fs::write(dir.join("state.json"), "{ not json").unwrap();
     let err = ContinualTensors::<B>::load(&dir, &Default::default())
