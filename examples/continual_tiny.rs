@@ -49,7 +49,10 @@ fn main() -> anyhow::Result<()> {
             report.immediate[t], report.last[t]
         );
     }
-    println!("PTL located {:.1} % of the test questions", 100.0 * report.ptl_accuracy.unwrap_or(0.0));
+    println!(
+        "PTL located {:.1} % of the test questions",
+        100.0 * report.ptl_accuracy.unwrap_or(0.0)
+    );
 
     // Reload the run from its folder and ask each task's first test question, unlabelled.
     let data = dir.join("data");

@@ -29,7 +29,8 @@ fn main() -> anyhow::Result<()> {
         [] => {
             // A question of the small LLaVA's own instruction mixture, on a fresh picture.
             let sample = instructions::sample(&mut StdRng::seed_from_u64(7), 64);
-            let image = std::env::temp_dir().join(format!("cmoe-generate-{}.png", std::process::id()));
+            let image =
+                std::env::temp_dir().join(format!("cmoe-generate-{}.png", std::process::id()));
             sample
                 .image
                 .save(&image)

@@ -363,7 +363,7 @@ fn train_batches<B: Backend>(
     case: &BenchCase,
     count: usize,
     device: &B::Device,
-) -> Vec<cmoe_moe::stages::TrainBatch<B>> {
+) -> Vec<cmoe_moe::train::TrainBatch<B>> {
     const ANSWER: usize = 6;
     (0..count)
         .map(|b| {
@@ -391,7 +391,7 @@ fn train_batches<B: Backend>(
                 .collect();
             input.input_ids = Tensor::from_data(TensorData::new(ids, [rows, seq]), device);
             input.attention_mask = Some(Tensor::ones([rows, seq], device));
-            cmoe_moe::stages::TrainBatch {
+            cmoe_moe::train::TrainBatch {
                 input,
                 labels: Tensor::from_data(TensorData::new(labels, [rows, seq]), device),
             }
@@ -403,13 +403,13 @@ fn train_batches<B: Backend>(
 /// one micro-batch per device of `devices` (replicas in threads of their own).
 fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
     model: cmoe_moe::model::CmoeModel<AD>,
-    vae: Option<cmoe_moe::stages::VaeFit<AD>>,
+    vae: Option<cmoe_moe::ptl::VaeFit<AD>>,
     task: usize,
-    batches: &[cmoe_moe::stages::TrainBatch<AD>],
+    batches: &[cmoe_moe::train::TrainBatch<AD>],
     steps: usize,
     devices: &[AD::Device],
 ) -> anyhow::Result<f64> {
-    use cmoe_moe::stages::{StageConfig, StageControl, train_stage_with};
+    use cmoe_moe::train::{StageConfig, StageControl, train_stage_with};
     let config = StageConfig {
         lr: 1e-3,
         warmup_ratio: 0.03,
@@ -419,7 +419,7 @@ fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
         loss: Default::default(),
         seed: Some(0),
     };
-    let mut source = cmoe_moe::source::Cycle::new(batches);
+    let mut source = cmoe_moe::train::Cycle::new(batches);
     let start = Instant::now();
     let (model, _) = train_stage_with(
         model,
@@ -458,7 +458,9 @@ impl BackendTask for ContinualBenchTask {
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<ContinualResult> {
         use cmoe_moe::model::CmoeModel;
         use cmoe_moe::pgke::ExpansionPlan;
-        use cmoe_moe::stages::{VaeFit, expand, set_trainable};
+        use cmoe_moe::pgke::expand;
+        use cmoe_moe::ptl::VaeFit;
+        use cmoe_moe::train::set_trainable;
         type AD<B> = Autodiff<B>;
         let case = &self.case;
         let config = LlavaConfig::from_file(Path::new(&case.config))?;
@@ -534,8 +536,8 @@ impl ContinualBenchTask {
     ) -> anyhow::Result<f64> {
         use cmoe_moe::model::CmoeModel;
         use cmoe_moe::pgke::ExpansionPlan;
+        use cmoe_moe::pgke::expand;
         use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
-        use cmoe_moe::stages::expand;
         use cmoe_moe::state::ContinualMeta;
         const TASKS: usize = 8;
         let case = &self.case;

@@ -12,7 +12,7 @@ use cmoe_data::image::{ImageProcessorConfig, PixelValues};
 use cmoe_data::prompt::{Conversation, IGNORE_INDEX};
 use cmoe_data::tokenizer::{IMAGE_TOKEN, LlavaTokenizer};
 use cmoe_llava::LlavaInput;
-use cmoe_moe::stages::TrainBatch;
+use cmoe_moe::train::TrainBatch;
 
 /// One tokenised sample with its pixels.
 #[derive(Debug, Clone, PartialEq)]

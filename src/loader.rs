@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 
 use burn::tensor::backend::Backend;
 use cmoe_coin::format::{BadRecord, TestRecord, TrainRecord, read_test};
-use cmoe_moe::source::{BatchSource, TaskSource};
-use cmoe_moe::stages::{StageError, TrainBatch};
+use cmoe_moe::train::{BatchSource, TaskSource};
+use cmoe_moe::train::{StageError, TrainBatch};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -13,7 +13,7 @@ use llava_cmoe::data::prompt::{Conversation, IGNORE_INDEX};
 use llava_cmoe::dataset::{CoinEncoder, collate_prompts, collate_train};
 use llava_cmoe::moe::model::{CmoeModel, MoeConfig};
 use llava_cmoe::moe::ptl::PtlFeature;
-use llava_cmoe::moe::stages::batch_features;
+use llava_cmoe::moe::ptl::batch_features;
 use llava_cmoe::pipeline::LlavaPipeline;
 
 type B = burn_flex::Flex;

@@ -15,8 +15,8 @@ use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
 use llava_cmoe::data::prompt::Conversation;
 use llava_cmoe::dataset::CoinEncoder;
 use llava_cmoe::loader::{BadSamples, ProblemKind, StreamSettings, StreamedTask};
-use llava_cmoe::moe::source::{BatchSource, TaskSource};
-use llava_cmoe::moe::stages::TrainBatch;
+use llava_cmoe::moe::train::TrainBatch;
+use llava_cmoe::moe::train::{BatchSource, TaskSource};
 use llava_cmoe::pipeline::LlavaPipeline;
 
 type B = burn_flex::Flex;

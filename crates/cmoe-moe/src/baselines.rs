@@ -20,11 +20,9 @@ use burn::tensor::{DType, Tensor, activation};
 use cmoe_llava::LlavaError;
 use cmoe_llava::store::{load_module, save_module};
 
-use crate::loss::AnswerTargets;
+use crate::layer::MoeLoraFfn;
 use crate::model::CmoeModel;
-use crate::moe_ffn::MoeLoraFfn;
-use crate::source::BatchSource;
-use crate::stages::{Penalty, StageError, TrainBatch};
+use crate::train::{AnswerTargets, BatchSource, Penalty, StageError, TrainBatch};
 
 /// The float parameters of the MoE layers, flattened, in the modules' order.
 fn flat_params<B: Backend>(moe: &[MoeLoraFfn<B>]) -> Vec<Tensor<B, 1>> {

@@ -10,19 +10,19 @@ use burn::tensor::backend::AutodiffBackend;
 use cmoe_llava::{Llava, LlavaError};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, StageCheckpoints};
-use crate::loss::LossValues;
 use crate::model::{CmoeModel, MoeConfig};
-use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, PlanSource, plan_from_stats};
-use crate::ptl::{PrimitiveBank, PtlConfig, TaskLocator, TaskVae};
-use crate::source::BatchSource;
-pub use crate::source::{TaskData, TaskSource};
-use crate::stages::{
-    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, VaeFit,
-    activation_stats, add_probes, bank_entry, expand, fit_vae, new_expert_ranges, set_trainable,
-    train_stage_with,
+use crate::pgke::{
+    ActivationStats, ExpansionMode, ExpansionPlan, PlanSource, activation_stats, add_probes,
+    expand, new_expert_ranges, plan_from_stats,
 };
+use crate::ptl::{PrimitiveBank, PtlConfig, TaskLocator, TaskVae, VaeFit, bank_entry, fit_vae};
 use crate::state::{ContinualMeta, ContinualTensors};
+use crate::train::checkpoint::{self, StageCheckpoints};
+use crate::train::{
+    BatchSource, LossValues, Penalty, SaveSnapshot, StageConfig, StageControl, StageError,
+    StageSnapshot, set_trainable, train_stage_with,
+};
+pub use crate::train::{TaskData, TaskSource};
 
 /// Where a new task's experts go.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -136,7 +136,7 @@ pub struct ContinualLearner<B: AutodiffBackend> {
     pub vaes: Vec<TaskVae<B>>,
     /// Config, bank, plans and where each task's experts start.
     pub meta: ContinualMeta,
-    /// The devices the training stages run on, data-parallel ([`crate::data_parallel`]); the
+    /// The devices the training stages run on, data-parallel ([`crate::train`]); the
     /// first is the model's. Empty: the model's device alone. Not saved.
     pub devices: Vec<B::Device>,
 }
@@ -326,7 +326,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
 
     /// [`Self::train_task`] with checkpoints of the stage in flight: it continues from the
     /// checkpoint in `checkpoints.dir` if that belongs to this task, and writes one every
-    /// `checkpoints.every` steps (see [`crate::checkpoint`]). The checkpoint folder is left in
+    /// `checkpoints.every` steps (see [`crate::train::checkpoint`]). The checkpoint folder is left in
     /// place; a later task ignores it.
     pub fn train_task_checkpointed(
         self,

@@ -9,9 +9,9 @@ use cmoe_llava::llama::{LlamaMlp, MlpOverride};
 use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::AnswerTargets;
-use crate::moe_ffn::{FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
+use crate::layer::{FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
 use crate::ptl::{Location, PtlFeature, TaskLocator};
+use crate::train::AnswerTargets;
 
 /// Shape of the experts (paper defaults: rank 64, alpha 128, 8 initial experts, top-2).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -12,11 +12,10 @@ use cmoe_llava::LlavaError;
 use cmoe_llava::store::{load_module, save_module};
 use serde::{Deserialize, Serialize};
 
+use crate::layer::{FfnExpert, MoeLoraFfn, RouterBank, TaskRouter, TaskRouterConfig};
 use crate::model::MoeConfig;
-use crate::moe_ffn::{FfnExpert, MoeLoraFfn};
 use crate::pgke::ExpansionPlan;
 use crate::ptl::{PrimitiveBank, PtlConfig, TaskVae, TaskVaeConfig};
-use crate::router::{RouterBank, TaskRouter, TaskRouterConfig};
 
 /// Manifest format name.
 pub const STATE_FORMAT: &str = "llava-cmoe/continual-state/1";

@@ -7,13 +7,13 @@ use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use cmoe_moe::checkpoint::StageCheckpoints;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
-use cmoe_moe::stages::{StageConfig, StageError};
+use cmoe_moe::train::checkpoint::StageCheckpoints;
+use cmoe_moe::train::{StageConfig, StageError};
 use cmoe_test_support::{scratch, seeded_batch, seeded_prompt, tiny_llava};
 
 fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {

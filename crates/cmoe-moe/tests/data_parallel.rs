@@ -12,11 +12,8 @@ use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::pgke::ExpansionMode;
-use cmoe_moe::ptl::{PtlConfig, PtlFeature};
-use cmoe_moe::source::Cycle;
-use cmoe_moe::stages::{
-    StageConfig, StageControl, StageError, TrainBatch, VaeFit, batch_features, train_stage_with,
-};
+use cmoe_moe::ptl::{PtlConfig, PtlFeature, VaeFit, batch_features};
+use cmoe_moe::train::{Cycle, StageConfig, StageControl, StageError, TrainBatch, train_stage_with};
 use cmoe_test_support::{IGNORE, on_backends, prompt_ids, tiny_llava, train_batch};
 
 /// No dropout: training draws nothing at random, so every run starts and goes alike.

@@ -6,11 +6,11 @@ use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use cmoe_llava::LlavaInput;
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::loss::causal_lm_loss;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::ptl::PtlFeature;
-use cmoe_moe::source::Cycle;
-use cmoe_moe::stages::{StageConfig, TrainBatch, train_stage};
+use cmoe_moe::train::Cycle;
+use cmoe_moe::train::causal_lm_loss;
+use cmoe_moe::train::{StageConfig, TrainBatch, train_stage};
 use cmoe_test_support::{on_backends, prompt_ids, prompt_input, tiny_llava};
 
 /// The tiny fixture's prompt with a question and its answer, on a grey image.

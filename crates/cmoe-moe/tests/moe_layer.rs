@@ -3,7 +3,7 @@
 
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 use cmoe_llava::llama::LlamaMlp;
-use cmoe_moe::moe_ffn::{FfnExpert, MoeLoraFfn};
+use cmoe_moe::layer::{FfnExpert, MoeLoraFfn};
 use cmoe_test_support::{randomize_experts, small_mlp, small_moe_layer};
 
 type B = burn_flex::Flex;
@@ -43,7 +43,7 @@ fn one_expert_with_top_k_all_is_plain_lora() {
 
     let e: &FfnExpert<B> = &layer.experts[0];
     let flat = x.reshape([10, 32]);
-    let lora = |part: &cmoe_moe::lora::LoraExpert<B>, x: Tensor<B, 2>| {
+    let lora = |part: &cmoe_moe::layer::LoraExpert<B>, x: Tensor<B, 2>| {
         x.matmul(part.lora_a.val()).matmul(part.lora_b.val()) * layer.scale
     };
     let gate = base.gate_proj.forward(flat.clone()) + lora(e.gate.as_ref().unwrap(), flat.clone());

@@ -16,12 +16,13 @@ use burn::tensor::{ElementConversion, Tensor};
 use cmoe_moe::baselines::{Ewc, Lwf, distillation};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
-use cmoe_moe::loss::{AnswerTargets, causal_lm_loss};
 use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::pgke::activation_stats;
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
-use cmoe_moe::source::Cycle;
-use cmoe_moe::stages::{Penalty, StageConfig, TrainBatch, activation_stats};
+use cmoe_moe::train::Cycle;
+use cmoe_moe::train::{AnswerTargets, causal_lm_loss};
+use cmoe_moe::train::{Penalty, StageConfig, TrainBatch};
 use cmoe_test_support::{on_backends, randomize_experts, scratch, seeded_batch, tiny_llava};
 
 fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
@@ -291,7 +292,7 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
         CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
-    let model = cmoe_moe::stages::set_trainable(model, 0, &[0..3, 0..3]);
+    let model = cmoe_moe::train::set_trainable(model, 0, &[0..3, 0..3]);
     let batches = [
         seeded_batch::<Be>(0, 0, &device),
         seeded_batch::<Be>(2, 3, &device),

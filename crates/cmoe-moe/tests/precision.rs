@@ -11,8 +11,8 @@ use cmoe_llava::Llava;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::model::{CmoeModel, MoeConfig};
 use cmoe_moe::ptl::PtlFeature;
-use cmoe_moe::source::Cycle;
-use cmoe_moe::stages::{StageConfig, TrainBatch, set_trainable, train_stage};
+use cmoe_moe::train::Cycle;
+use cmoe_moe::train::{StageConfig, TrainBatch, set_trainable, train_stage};
 use cmoe_test_support::{answer_labels, prompt_ids, tiny_llava_in, train_batch};
 
 type Be = Autodiff<burn_flex::Flex>;

@@ -4,8 +4,8 @@
 use burn::module::Param;
 use burn::tensor::{Distribution, Tensor};
 use cmoe_moe::fingerprint::fingerprint;
+use cmoe_moe::layer::{MoeLoraFfn, MoeLoraFfnConfig};
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::moe_ffn::{MoeLoraFfn, MoeLoraFfnConfig};
 use cmoe_moe::pgke::{ExpansionPlan, LayerExpansion, PlanSource};
 use cmoe_moe::ptl::{BankEntry, PrimitiveBank, PtlConfig, TaskVaeConfig};
 use cmoe_moe::state::{ContinualMeta, ContinualTensors};

@@ -10,7 +10,7 @@ use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use cmoe_llava::config::TextConfig;
 use cmoe_llava::llama::LlamaMlp;
 use cmoe_llava::{Llava, LlavaInput, load_llava};
-use cmoe_moe::stages::TrainBatch;
+use cmoe_moe::train::TrainBatch;
 use cmoe_moe::{MoeLoraFfn, MoeLoraFfnConfig};
 
 /// Re-exported for [`on_backends!`], which names `$crate::burn`.

@@ -17,7 +17,7 @@ use llava_cmoe::continual::{
 };
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::loader::BadSamples;
-use llava_cmoe::moe::moe_ffn::FfnTargets;
+use llava_cmoe::moe::layer::FfnTargets;
 use llava_cmoe::moe::ptl::PtlFeature;
 use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline, Precision};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};

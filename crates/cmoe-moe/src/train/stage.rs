@@ -1,5 +1,4 @@
-//! The training stages of one task, generic over `B: AutodiffBackend`: freezing, the optimiser
-//! loop, and PGKE's probe / statistics / expansion steps.
+//! The training loop of a stage, generic over `B: AutodiffBackend`.
 //!
 //! The initial experts and a router are trained first, in their own phase (or by task 0 when
 //! there is no such phase). Then each task t (from task 0 after an initial phase):
@@ -14,86 +13,20 @@
 //! on the frozen base's features ([`batch_features`]), and [`bank_entry`] then scores the task's
 //! last training instances for the primitive bank. Batches come from a [`BatchSource`].
 
-use std::ops::Range;
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use cmoe_llava::LlavaError;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
-use cmoe_llava::{LlavaError, LlavaInput};
-
-use crate::data_parallel::Replicas;
-use crate::loss::{AnswerTargets, LossTerms, LossValues, LossWeights};
+use super::data_parallel::Replicas;
+use super::noise::NoiseStream;
+use super::{
+    AnswerTargets, BatchSource, LossTerms, LossValues, LossWeights, OptimState, TrainBatch, by_id,
+    by_order,
+};
 use crate::model::CmoeModel;
-use crate::moe_ffn::FfnExpert;
-use crate::noise::NoiseStream;
-use crate::pgke::{ActivationStats, ExpansionPlan};
-use crate::ptl::{BankEntry, FeatureMemory, PtlConfig, PtlFeature, StackedVaes, TaskVae};
-use crate::source::BatchSource;
-
-/// Model inputs and per-position labels (`-100`: no loss).
-#[derive(Debug, Clone)]
-pub struct TrainBatch<B: Backend> {
-    /// The inputs.
-    pub input: LlavaInput<B>,
-    /// `[batch, seq]` labels.
-    pub labels: Tensor<B, 2, Int>,
-}
-
-impl<B: AutodiffBackend> TrainBatch<B> {
-    /// The same batch without autodiff (for inference-mode passes).
-    pub fn inner(self) -> TrainBatch<B::InnerBackend> {
-        let LlavaInput {
-            input_ids,
-            pixel_values,
-            attention_mask,
-        } = self.input;
-        TrainBatch {
-            input: LlavaInput {
-                input_ids: input_ids.inner(),
-                pixel_values: pixel_values.map(Tensor::inner),
-                attention_mask: attention_mask.map(Tensor::inner),
-            },
-            labels: self.labels.inner(),
-        }
-    }
-}
-
-impl<B: Backend> TrainBatch<B> {
-    /// The batch on `device`.
-    pub fn to_device(self, device: &B::Device) -> Self {
-        let LlavaInput {
-            input_ids,
-            pixel_values,
-            attention_mask,
-        } = self.input;
-        Self {
-            input: LlavaInput {
-                input_ids: input_ids.to_device(device),
-                pixel_values: pixel_values.map(|p| p.to_device(device)),
-                attention_mask: attention_mask.map(|m| m.to_device(device)),
-            },
-            labels: self.labels.to_device(device),
-        }
-    }
-
-    /// Per row, the position of the last prompt token (the one before the first labelled
-    /// position): where PTL reads its feature.
-    pub fn last_prompt_positions(&self) -> Option<Vec<usize>> {
-        let [rows, seq] = self.labels.dims();
-        let labels: Vec<i64> = self.labels.to_data().iter::<i64>().collect();
-        (0..rows)
-            .map(|r| {
-                let row = &labels[r * seq..(r + 1) * seq];
-                row.iter()
-                    .position(|&l| l != crate::loss::IGNORE_INDEX)
-                    .filter(|&first| first > 0)
-                    .map(|first| first - 1)
-            })
-            .collect()
-    }
-}
+use crate::ptl::{PtlFeature, TaskVae, VaeFit, batch_features};
 
 fn one() -> usize {
     1
@@ -122,11 +55,6 @@ pub struct StageConfig {
     #[serde(default)]
     pub seed: Option<u64>,
 }
-
-/// Burn's record of an AdamW state: a map from parameter ids to
-/// [`burn::optim::record::AdaptorRecord`]s.
-pub type OptimState<B> =
-    <OptimizerAdaptor<AdamW, TaskVae<B>, B> as Optimizer<TaskVae<B>, B>>::Record;
 
 /// What a stage in flight holds besides the model and the VAE: the optimiser steps done, how
 /// far its batch source was read, and both optimisers' state. With the model, the VAE and its feature memory it is everything
@@ -174,7 +102,7 @@ pub trait Penalty<B: AutodiffBackend>: Sync {
 pub struct StageControl<'a, B: AutodiffBackend> {
     /// A stage to continue (its model and VAE are the ones passed in); `None`: from step 0.
     pub resume: Option<StageState<B>>,
-    /// The devices to train on, data-parallel ([`crate::data_parallel`]); the first must be
+    /// The devices to train on, data-parallel ([`crate::train`]); the first must be
     /// the model's. Empty: the model's device alone.
     pub devices: &'a [B::Device],
     /// Every how many steps `save` gets a [`StageSnapshot`] (0: never; never after the last
@@ -261,69 +189,6 @@ pub fn learning_rate(step: usize, total: usize, peak: f64, warmup_ratio: f64) ->
     peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }
 
-/// Freezes every expert and router (the initial phase's included), then makes trainable task
-/// `task`'s router and, per layer, the experts in `trainable[layer]`.
-pub fn set_trainable<B: AutodiffBackend>(
-    mut model: CmoeModel<B>,
-    task: usize,
-    trainable: &[Range<usize>],
-) -> CmoeModel<B> {
-    for (layer, range) in model.moe.iter_mut().zip(trainable) {
-        let experts = std::mem::take(&mut layer.experts);
-        layer.experts = experts
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| require_grad(e, range.contains(&i)))
-            .collect();
-        let routers = std::mem::take(&mut layer.routers.routers);
-        layer.routers.routers = routers
-            .into_iter()
-            .enumerate()
-            .map(|(t, r)| require_grad(r, t == task))
-            .collect();
-        layer.routers.initial = layer.routers.initial.take().map(|r| require_grad(r, false));
-    }
-    model
-}
-
-/// Sets whether every float parameter of `module` takes gradients.
-fn require_grad<B: Backend, M: Module<B>>(module: M, on: bool) -> M {
-    struct RequireGrad(bool);
-    impl<B: Backend> ModuleMapper<B> for RequireGrad {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            if param.is_require_grad() == self.0 {
-                param
-            } else {
-                param.set_require_grad(self.0)
-            }
-        }
-    }
-    module.map(&mut RequireGrad(on))
-}
-
-/// The task VAE trained in the same loss as the experts (paper Eq. 6's KL and rec terms).
-#[derive(Debug, Clone)]
-pub struct VaeFit<B: AutodiffBackend> {
-    /// The VAE being fitted.
-    pub vae: TaskVae<B>,
-    /// The base features of the batches the stage went through ([`batch_features`], computed
-    /// when a batch is first met), the most recent ones.
-    pub memory: FeatureMemory<B>,
-    /// Its settings (draws per feature, learning rate).
-    pub config: PtlConfig,
-}
-
-impl<B: AutodiffBackend> VaeFit<B> {
-    /// A fresh VAE for features of width `width`, with an empty feature memory.
-    pub fn new(config: PtlConfig, width: usize, device: &B::Device) -> Self {
-        Self {
-            vae: config.init_vae(width, device),
-            memory: FeatureMemory::new(config.feature_memory.max(config.bank_instances)),
-            config,
-        }
-    }
-}
-
 /// Optimises the trainable parameters for `config.steps` steps over `source`'s batches with
 /// task `task`'s routers on `CE + kappa * aux`; `on_step` sees every step's loss terms.
 pub fn train_stage<B: AutodiffBackend>(
@@ -395,41 +260,10 @@ pub fn train_stage_with<B: AutodiffBackend>(
             .seed
             .map(|seed| seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if let Some(step_seed) = step_seed {
-            B::seed(&device, step_seed);
-            // Every other distinct device its own stream (replicas sharing the first device
-            // share its generator).
-            for d in 1..replicas.count() {
-                if let Some(other) = replicas.device(d).filter(|&o| o != &device) {
-                    B::seed(
-                        other,
-                        step_seed ^ (d as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
-                    );
-                }
-            }
+            seed_devices(&replicas, &device, step_seed);
         }
         let lr = learning_rate(step, config.steps, config.lr, config.warmup_ratio);
-        let mut positions = Vec::with_capacity(micro);
-        let mut shards: Vec<Vec<MicroBatch<B>>> =
-            (0..replicas.count()).map(|_| Vec::new()).collect();
-        for index in 0..micro {
-            let (position, batch) = source.next_batch()?;
-            batches_read = batches_read_after(batches_read, position, source.len());
-            let held = vae.as_ref().and_then(|fit| fit.memory.get(position));
-            positions.push((position, held.clone()));
-            let d = index % replicas.count();
-            let mut item = MicroBatch {
-                index,
-                position,
-                batch,
-                features: held,
-            };
-            if d > 0
-                && let Some(to) = replicas.device(d)
-            {
-                item = item.to_device(to);
-            }
-            shards[d].push(item);
-        }
+        let (positions, shards) = deal(source, vae.as_ref(), &replicas, micro, &mut batches_read)?;
         let vae_settings = vae
             .as_ref()
             .map(|fit| (fit.config.n_rep, fit.config.feature));
@@ -450,21 +284,12 @@ pub fn train_stage_with<B: AutodiffBackend>(
             shards,
             |model, vae, shard| shard_context.run(model, vae.zip(vae_settings), shard),
         );
-        let mut values = vec![LossValues::default(); micro];
-        let mut computed: Vec<Option<Tensor<B, 2>>> = vec![None; micro];
-        let mut model_grads = Vec::with_capacity(outputs.len());
-        let mut vae_grads = Vec::with_capacity(outputs.len());
-        for output in outputs {
-            let output = output?;
-            for (index, v) in output.values {
-                values[index] = v;
-            }
-            for (index, features) in output.features {
-                computed[index] = Some(features.to_device(&device));
-            }
-            model_grads.push(output.model);
-            vae_grads.extend(output.vae);
-        }
+        let Gathered {
+            values,
+            computed,
+            model_grads,
+            vae_grads,
+        } = gather(outputs, micro, &device)?;
         if let Some(fit) = &mut vae {
             for ((position, held), computed) in positions.into_iter().zip(computed) {
                 if let Some(features) = held.or(computed) {
@@ -515,6 +340,95 @@ pub fn train_stage_with<B: AutodiffBackend>(
         B::seed(&device, seed ^ 0x94D0_49BB_1331_11EB);
     }
     Ok((model, vae))
+}
+
+/// Seeds the step's draws: the first device from `step_seed`, every other distinct device its
+/// own stream (replicas sharing the first device share its generator).
+fn seed_devices<B: AutodiffBackend>(replicas: &Replicas<B>, device: &B::Device, step_seed: u64) {
+    B::seed(device, step_seed);
+    for d in 1..replicas.count() {
+        if let Some(other) = replicas.device(d).filter(|&o| o != device) {
+            B::seed(
+                other,
+                step_seed ^ (d as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            );
+        }
+    }
+}
+
+/// A step's micro-batches and the features the VAE's memory holds for them, by position.
+type Dealt<B> = (Vec<(usize, Option<Tensor<B, 2>>)>, Vec<Vec<MicroBatch<B>>>);
+
+/// Reads a step's `micro` micro-batches from `source` (counting them in `batches_read`) and
+/// deals them round-robin over the replicas' devices, each with its held PTL features.
+fn deal<B: AutodiffBackend>(
+    source: &mut dyn BatchSource<B>,
+    vae: Option<&VaeFit<B>>,
+    replicas: &Replicas<B>,
+    micro: usize,
+    batches_read: &mut usize,
+) -> Result<Dealt<B>, StageError> {
+    let mut positions = Vec::with_capacity(micro);
+    let mut shards: Vec<Vec<MicroBatch<B>>> = (0..replicas.count()).map(|_| Vec::new()).collect();
+    for index in 0..micro {
+        let (position, batch) = source.next_batch()?;
+        *batches_read = batches_read_after(*batches_read, position, source.len());
+        let held = vae.and_then(|fit| fit.memory.get(position));
+        positions.push((position, held.clone()));
+        let d = index % replicas.count();
+        let mut item = MicroBatch {
+            index,
+            position,
+            batch,
+            features: held,
+        };
+        if d > 0
+            && let Some(to) = replicas.device(d)
+        {
+            item = item.to_device(to);
+        }
+        shards[d].push(item);
+    }
+    Ok((positions, shards))
+}
+
+/// Every device's share of a step put together.
+struct Gathered<B: AutodiffBackend> {
+    /// Each micro-batch's loss terms, in step order.
+    values: Vec<LossValues>,
+    /// The PTL features computed for each micro-batch (on the first device), if any.
+    computed: Vec<Option<Tensor<B, 2>>>,
+    /// Each device's summed gradients of the experts and routers.
+    model_grads: Vec<GradientsParams>,
+    /// Each device's summed gradients of the VAE.
+    vae_grads: Vec<GradientsParams>,
+}
+
+/// Puts the devices' `outputs` of a step of `micro` micro-batches together, features moved to
+/// `device`; the first error stops the step.
+fn gather<B: AutodiffBackend>(
+    outputs: Vec<Result<ShardOutput<B>, StageError>>,
+    micro: usize,
+    device: &B::Device,
+) -> Result<Gathered<B>, StageError> {
+    let mut gathered = Gathered {
+        values: vec![LossValues::default(); micro],
+        computed: vec![None; micro],
+        model_grads: Vec::with_capacity(outputs.len()),
+        vae_grads: Vec::with_capacity(outputs.len()),
+    };
+    for output in outputs {
+        let output = output?;
+        for (index, v) in output.values {
+            gathered.values[index] = v;
+        }
+        for (index, features) in output.features {
+            gathered.computed[index] = Some(features.to_device(device));
+        }
+        gathered.model_grads.push(output.model);
+        gathered.vae_grads.extend(output.vae);
+    }
+    Ok(gathered)
 }
 
 /// The count of batches of a source's pass order (`len` per pass) used up once the batch at
@@ -574,7 +488,7 @@ struct ShardContext<'a, B: AutodiffBackend> {
     lr: f64,
     penalty: Option<&'a dyn Penalty<B>>,
     /// When replicas share a device: the seed of the step's per-micro-batch noise streams
-    /// (see [`crate::noise`]), so that the draws do not depend on thread timing.
+    /// (see [`crate::train::noise`]), so that the draws do not depend on thread timing.
     noise_seed: Option<u64>,
 }
 
@@ -686,206 +600,6 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             vae: vae.map(|_| vae_grads.grads()),
         })
     }
-}
-
-/// The ids of `module`'s float parameters, in the module's order.
-fn param_ids<B: Backend, M: Module<B>>(module: &M) -> Vec<ParamId> {
-    struct Ids(Vec<ParamId>);
-    impl<B: Backend> ModuleVisitor<B> for Ids {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.push(param.id);
-        }
-    }
-    let mut ids = Ids(Vec::new());
-    module.visit(&mut ids);
-    ids.0
-}
-
-/// `record` keyed by each parameter's position in `module` instead of its id.
-pub fn by_order<B: AutodiffBackend, M: Module<B>>(
-    mut record: OptimState<B>,
-    module: &M,
-) -> OptimState<B> {
-    param_ids(module)
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, id)| record.remove(&id).map(|r| (ParamId::from(i as u64), r)))
-        .collect()
-}
-
-/// The inverse of [`by_order`] for `module` (with the same structure).
-pub fn by_id<B: AutodiffBackend, M: Module<B>>(
-    mut record: OptimState<B>,
-    module: &M,
-) -> OptimState<B> {
-    param_ids(module)
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, id)| record.remove(&ParamId::from(i as u64)).map(|r| (id, r)))
-        .collect()
-}
-
-/// Trains the VAE alone for `fit.config.fit_epochs` passes over the features in its memory
-/// (AdamW, constant learning rate: `fit.config.lr`, else `lr`), minimising
-/// `rec + (lambda / eta) KL` (the objective's VAE terms with their relative weight).
-pub fn fit_vae<B: AutodiffBackend>(
-    mut fit: VaeFit<B>,
-    lr: f64,
-    weights: &LossWeights,
-) -> VaeFit<B> {
-    let mut optim = adamw(0.0).init();
-    let lr = fit.config.lr.unwrap_or(lr);
-    let kl_weight = if weights.rec > 0.0 {
-        weights.kl / weights.rec
-    } else {
-        1.0
-    };
-    let batches: Vec<_> = fit.memory.batches().cloned().collect();
-    for _ in 0..fit.config.fit_epochs {
-        for features in batches.iter().cloned() {
-            let loss = fit.vae.loss(features, fit.config.n_rep);
-            let total = loss.rec + loss.kl * kl_weight;
-            let grads = GradientsParams::from_grads(total.backward(), &fit.vae);
-            fit.vae = optim.step(lr, fit.vae, grads);
-        }
-    }
-    fit
-}
-
-/// PTL's input for one batch (at `position` of its pass, for errors): the frozen base model's
-/// `feature` of each row's prompt (equal, with a causal decoder, to the feature of the prompt
-/// alone), detached.
-pub fn batch_features<B: Backend>(
-    model: &CmoeModel<B>,
-    batch: &TrainBatch<B>,
-    position: usize,
-    feature: PtlFeature,
-) -> Result<Tensor<B, 2>, StageError> {
-    let positions = batch
-        .last_prompt_positions()
-        .ok_or(StageError::NoLabels(position))?;
-    Ok(model
-        .task_features_at(batch.input.clone(), &positions, feature)?
-        .detach())
-}
-
-/// The primitive-bank entry of a task: statistics of its VAE's scores (with the fixed scoring
-/// draws) on the last `config.bank_instances` training instances in `memory`.
-pub fn bank_entry<B: Backend>(
-    vae: &TaskVae<B>,
-    memory: &FeatureMemory<B>,
-    config: &PtlConfig,
-) -> Result<BankEntry, StageError> {
-    let recent = memory
-        .recent(config.bank_instances)
-        .ok_or(StageError::NoData)?;
-    let scorer = StackedVaes::new(&[vae], config.locator().scoring_draws(&recent.device()));
-    let scores: Vec<f64> = scorer
-        .log_likelihoods(recent)
-        .into_data()
-        .iter::<f64>()
-        .collect();
-    Ok(BankEntry::from_scores(&scores))
-}
-
-/// PGKE step 1: `n_probe` probe experts per layer (each the mean of the layer's experts) and
-/// the probe router for `task` = the previous router (task `task - 1`'s, or the initial
-/// phase's for the first task) + `n_probe` random columns. Returns the model and the expert
-/// counts before probing.
-pub fn add_probes<B: Backend>(
-    mut model: CmoeModel<B>,
-    task: usize,
-    n_probe: usize,
-) -> Result<(CmoeModel<B>, Vec<usize>), StageError> {
-    let before = model.experts_per_layer();
-    for layer in &mut model.moe {
-        if layer.routers.num_tasks() != task {
-            return Err(StageError::Config(format!(
-                "probing task {task} needs routers 0..{task}, the model has {}",
-                layer.routers.num_tasks()
-            )));
-        }
-        let previous = layer.routers.previous(task).ok_or_else(|| {
-            StageError::Config(format!("task {task} has no previous router to probe from"))
-        })?;
-        let probe_router = previous.extended(n_probe);
-        let mean = FfnExpert::mean(&layer.experts.iter().collect::<Vec<_>>());
-        for _ in 0..n_probe {
-            layer.experts.push(mean.duplicate());
-        }
-        layer.routers.routers.push(probe_router);
-    }
-    Ok((model, before))
-}
-
-/// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router,
-/// over one pass of `source` (labels unused). Runs in inference mode (no dropout, no autodiff
-/// graph); padding tokens are not counted.
-pub fn activation_stats<B: AutodiffBackend>(
-    model: &CmoeModel<B>,
-    task: usize,
-    source: &mut dyn BatchSource<B>,
-) -> Result<ActivationStats, StageError> {
-    let model = model.valid();
-    let mut stats = ActivationStats::default();
-    for _ in 0..source.len() {
-        let (_, batch) = source.next_batch()?;
-        let out = model.forward(batch.inner().input, task)?;
-        for (layer, routing) in out.routing.iter().enumerate() {
-            stats.record(layer, &routing.selections, routing.tokens);
-        }
-    }
-    Ok(stats)
-}
-
-/// PGKE step 3: drops the probes and the probe router (layers had `before[layer]` experts),
-/// adds each planned layer's experts as copies of `init_from`, and creates router_task = the
-/// previous router + one random column per new expert.
-pub fn expand<B: Backend>(
-    mut model: CmoeModel<B>,
-    task: usize,
-    before: &[usize],
-    plan: &ExpansionPlan,
-) -> Result<CmoeModel<B>, StageError> {
-    for (index, layer) in model.moe.iter_mut().enumerate() {
-        let grow = plan.layers.iter().find(|l| l.layer == index);
-        let new: Vec<FfnExpert<B>> = grow
-            .map(|g| {
-                (0..g.add)
-                    .map(|_| layer.experts[g.init_from].duplicate())
-                    .collect()
-            })
-            .unwrap_or_default();
-        layer.experts.truncate(before[index]);
-        if layer.routers.num_tasks() > task {
-            layer.routers.routers.truncate(task); // the probe router
-        }
-        let router = layer
-            .routers
-            .previous(task)
-            .ok_or_else(|| {
-                StageError::Config(format!("task {task} has no previous router to extend"))
-            })?
-            .extended(new.len());
-        layer.experts.extend(new);
-        layer.routers.routers.push(router);
-    }
-    Ok(model)
-}
-
-/// The experts a task trains: from `first[layer]` (the count before the task) to the end.
-pub fn new_expert_ranges<B: Backend>(model: &CmoeModel<B>, first: &[usize]) -> Vec<Range<usize>> {
-    model
-        .experts_per_layer()
-        .iter()
-        .zip(first)
-        .map(|(&n, &f)| f..n)
-        .collect()
-}
-
-/// The inference copy of a model (no autodiff).
-pub fn inference<B: AutodiffBackend>(model: &CmoeModel<B>) -> CmoeModel<B::InnerBackend> {
-    model.valid()
 }
 
 #[cfg(test)]

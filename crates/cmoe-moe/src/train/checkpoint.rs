@@ -2,7 +2,7 @@
 //! every `every` optimiser steps, the model's experts and routers, the task's VAE, both AdamW
 //! states, the VAE's feature memory and the step are written to a folder next to the previous
 //! checkpoint and swapped in (a crash at any point leaves one whole checkpoint). With the
-//! stage's per-step reseeding ([`crate::stages::StageConfig::seed`]), a stage resumed from a
+//! stage's per-step reseeding ([`crate::train::StageConfig::seed`]), a stage resumed from a
 //! checkpoint ends bit-identical to one that never stopped.
 //!
 //! Files: `stage.json` (what the checkpoint belongs to), `experts.safetensors` (every layer's
@@ -20,8 +20,8 @@ use cmoe_llava::store::{load_module, save_module};
 use serde::{Deserialize, Serialize};
 
 use crate::model::CmoeModel;
-use crate::ptl::FeatureMemory;
-use crate::stages::{OptimState, StageConfig, StageError, StageSnapshot, StageState, VaeFit};
+use crate::ptl::{FeatureMemory, VaeFit};
+use crate::train::{OptimState, StageConfig, StageError, StageSnapshot, StageState};
 
 /// Manifest format name.
 pub const STAGE_FORMAT: &str = "llava-cmoe/stage-checkpoint/1";
@@ -49,7 +49,7 @@ pub struct StageManifest {
     /// Optimiser steps done.
     pub step: usize,
     /// Batches of the pass order those steps used up (see
-    /// [`crate::stages::StageState::batches_read`]).
+    /// [`crate::train::StageState::batches_read`]).
     pub batches_read: usize,
     /// The stage's settings (a checkpoint only continues the same stage).
     pub stage: StageConfig,

@@ -16,9 +16,9 @@ use burn::tensor::{
 use cmoe_llava::llama::LlamaMlp;
 use serde::{Deserialize, Serialize};
 
-use crate::lora::{LoraExpert, LoraExpertConfig};
-use crate::noise;
-use crate::router::{RouterBank, TaskRouter, TaskRouterConfig};
+use crate::layer::{LoraExpert, LoraExpertConfig};
+use crate::layer::{RouterBank, TaskRouter, TaskRouterConfig};
+use crate::train::noise;
 
 /// Which projections of the FFN carry experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! [`BatchSource`] a caller implements, such as a loader that reads and encodes samples from
 //! disk while the stage trains, so that a task's data never has to sit in memory.
 
-use crate::stages::{StageError, TrainBatch};
+use crate::train::{StageError, TrainBatch};
 use burn::tensor::backend::Backend;
 
 /// Training batches read in order, pass after pass: a stage asks for as many as its optimiser

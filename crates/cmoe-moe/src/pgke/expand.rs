@@ -1,0 +1,107 @@
+//! PGKE's model steps: probe experts added, their activation statistics gathered, the probes
+//! replaced by the planned experts.
+
+use std::ops::Range;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+use super::{ActivationStats, ExpansionPlan};
+use crate::layer::FfnExpert;
+use crate::model::CmoeModel;
+use crate::train::{BatchSource, StageError};
+
+/// PGKE step 1: `n_probe` probe experts per layer (each the mean of the layer's experts) and
+/// the probe router for `task` = the previous router (task `task - 1`'s, or the initial
+/// phase's for the first task) + `n_probe` random columns. Returns the model and the expert
+/// counts before probing.
+pub fn add_probes<B: Backend>(
+    mut model: CmoeModel<B>,
+    task: usize,
+    n_probe: usize,
+) -> Result<(CmoeModel<B>, Vec<usize>), StageError> {
+    let before = model.experts_per_layer();
+    for layer in &mut model.moe {
+        if layer.routers.num_tasks() != task {
+            return Err(StageError::Config(format!(
+                "probing task {task} needs routers 0..{task}, the model has {}",
+                layer.routers.num_tasks()
+            )));
+        }
+        let previous = layer.routers.previous(task).ok_or_else(|| {
+            StageError::Config(format!("task {task} has no previous router to probe from"))
+        })?;
+        let probe_router = previous.extended(n_probe);
+        let mean = FfnExpert::mean(&layer.experts.iter().collect::<Vec<_>>());
+        for _ in 0..n_probe {
+            layer.experts.push(mean.duplicate());
+        }
+        layer.routers.routers.push(probe_router);
+    }
+    Ok((model, before))
+}
+
+/// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router,
+/// over one pass of `source` (labels unused). Runs in inference mode (no dropout, no autodiff
+/// graph); padding tokens are not counted.
+pub fn activation_stats<B: AutodiffBackend>(
+    model: &CmoeModel<B>,
+    task: usize,
+    source: &mut dyn BatchSource<B>,
+) -> Result<ActivationStats, StageError> {
+    let model = model.valid();
+    let mut stats = ActivationStats::default();
+    for _ in 0..source.len() {
+        let (_, batch) = source.next_batch()?;
+        let out = model.forward(batch.inner().input, task)?;
+        for (layer, routing) in out.routing.iter().enumerate() {
+            stats.record(layer, &routing.selections, routing.tokens);
+        }
+    }
+    Ok(stats)
+}
+
+/// PGKE step 3: drops the probes and the probe router (layers had `before[layer]` experts),
+/// adds each planned layer's experts as copies of `init_from`, and creates router_task = the
+/// previous router + one random column per new expert.
+pub fn expand<B: Backend>(
+    mut model: CmoeModel<B>,
+    task: usize,
+    before: &[usize],
+    plan: &ExpansionPlan,
+) -> Result<CmoeModel<B>, StageError> {
+    for (index, layer) in model.moe.iter_mut().enumerate() {
+        let grow = plan.layers.iter().find(|l| l.layer == index);
+        let new: Vec<FfnExpert<B>> = grow
+            .map(|g| {
+                (0..g.add)
+                    .map(|_| layer.experts[g.init_from].duplicate())
+                    .collect()
+            })
+            .unwrap_or_default();
+        layer.experts.truncate(before[index]);
+        if layer.routers.num_tasks() > task {
+            layer.routers.routers.truncate(task); // the probe router
+        }
+        let router = layer
+            .routers
+            .previous(task)
+            .ok_or_else(|| {
+                StageError::Config(format!("task {task} has no previous router to extend"))
+            })?
+            .extended(new.len());
+        layer.experts.extend(new);
+        layer.routers.routers.push(router);
+    }
+    Ok(model)
+}
+
+/// The experts a task trains: from `first[layer]` (the count before the task) to the end.
+pub fn new_expert_ranges<B: Backend>(model: &CmoeModel<B>, first: &[usize]) -> Vec<Range<usize>> {
+    model
+        .experts_per_layer()
+        .iter()
+        .zip(first)
+        .map(|(&n, &f)| f..n)
+        .collect()
+}

@@ -1,0 +1,68 @@
+//! A training batch: model inputs and per-position labels.
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Int, Tensor};
+use cmoe_llava::LlavaInput;
+
+/// Model inputs and per-position labels (`-100`: no loss).
+#[derive(Debug, Clone)]
+pub struct TrainBatch<B: Backend> {
+    /// The inputs.
+    pub input: LlavaInput<B>,
+    /// `[batch, seq]` labels.
+    pub labels: Tensor<B, 2, Int>,
+}
+
+impl<B: AutodiffBackend> TrainBatch<B> {
+    /// The same batch without autodiff (for inference-mode passes).
+    pub fn inner(self) -> TrainBatch<B::InnerBackend> {
+        let LlavaInput {
+            input_ids,
+            pixel_values,
+            attention_mask,
+        } = self.input;
+        TrainBatch {
+            input: LlavaInput {
+                input_ids: input_ids.inner(),
+                pixel_values: pixel_values.map(Tensor::inner),
+                attention_mask: attention_mask.map(Tensor::inner),
+            },
+            labels: self.labels.inner(),
+        }
+    }
+}
+
+impl<B: Backend> TrainBatch<B> {
+    /// The batch on `device`.
+    pub fn to_device(self, device: &B::Device) -> Self {
+        let LlavaInput {
+            input_ids,
+            pixel_values,
+            attention_mask,
+        } = self.input;
+        Self {
+            input: LlavaInput {
+                input_ids: input_ids.to_device(device),
+                pixel_values: pixel_values.map(|p| p.to_device(device)),
+                attention_mask: attention_mask.map(|m| m.to_device(device)),
+            },
+            labels: self.labels.to_device(device),
+        }
+    }
+
+    /// Per row, the position of the last prompt token (the one before the first labelled
+    /// position): where PTL reads its feature.
+    pub fn last_prompt_positions(&self) -> Option<Vec<usize>> {
+        let [rows, seq] = self.labels.dims();
+        let labels: Vec<i64> = self.labels.to_data().iter::<i64>().collect();
+        (0..rows)
+            .map(|r| {
+                let row = &labels[r * seq..(r + 1) * seq];
+                row.iter()
+                    .position(|&l| l != crate::train::IGNORE_INDEX)
+                    .filter(|&first| first > 0)
+                    .map(|first| first - 1)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,25 @@
+//! Training: batches and where they come from, the stage loop on the four-term objective
+//! `CE + lambda KL + eta rec + kappa aux`, which parameters train, optimiser state keyed for
+//! reloading, stage checkpoints, and data-parallel steps.
+
+mod batch;
+pub mod checkpoint;
+mod data_parallel;
+mod freeze;
+mod loss;
+pub(crate) mod noise;
+mod optim_state;
+mod source;
+mod stage;
+
+pub use batch::TrainBatch;
+pub use checkpoint::StageCheckpoints;
+pub use data_parallel::Replicas;
+pub use freeze::{inference, set_trainable};
+pub use loss::{AnswerTargets, IGNORE_INDEX, LossTerms, LossValues, LossWeights, causal_lm_loss};
+pub use optim_state::{OptimState, by_id, by_order};
+pub use source::{BatchSource, Cycle, TaskData, TaskSource};
+pub use stage::{
+    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, StageState, adamw,
+    learning_rate, train_stage, train_stage_with,
+};

@@ -1,0 +1,31 @@
+//! The continual runner behind `cargo xtask train`: a stream of Mini-CoIN tasks learned one
+//! after the other by LLaVA-CMoE or a baseline, every task seen so far evaluated after each one
+//! (greedy generation, the CoIN scorers), checkpoints after every task and its evaluation, and
+//! the report (`report.json`, `report.md`) at the end.
+//!
+//! - [`config`]: the settings and presets; [`devices`]: the devices a run trains on; [`folder`]: a run's folder, progress and
+//!   checkpoints; [`train`]: the training loop; [`eval`]: evaluation and zero-shot;
+//!   [`report`]: the report and figures; [`ask`]: answering a new question;
+//!   [`runtime`]: the model directory loaded; [`bars`]: progress bars.
+
+mod ask;
+mod bars;
+mod config;
+mod devices;
+mod eval;
+mod folder;
+mod report;
+mod runtime;
+mod train;
+
+pub use ask::{Answer, AskTask};
+pub use config::check_image_size;
+pub use config::{
+    EwcSettings, ExpertsPerLayer, InitChoice, LwfSettings, Method, PlanChoice, Preset,
+    RouterChoice, RunConfig, TaskOrder, TaskSpec,
+};
+pub use devices::default_replicas;
+pub use eval::{EvalReport, EvalTask, generate_grouped, in_parallel};
+pub use folder::{ExpandedTask, Progress};
+pub use report::{Report, backward_transfer, make_report, rebuild_report, report_markdown};
+pub use train::TrainTask;
