@@ -349,13 +349,7 @@ impl<B: Backend> Run<'_, B> {
             learner.learn_initial(&data, &stage, |e| observer.event(e))?
         };
         observer.finish();
-        if let Some(ewc) = ewc {
-            ewc.consolidate(
-                &learner.model,
-                &mut *data.train(),
-                config.ewc.fisher_batches,
-            )?;
-        }
+        self.consolidate(ewc, &learner, &data)?;
         let progress = &mut self.progress;
         progress.initialised = true;
         progress.initial_params = if shared {
@@ -371,6 +365,23 @@ impl<B: Backend> Run<'_, B> {
         save_checkpoint(&learner, ewc.as_ref(), &self.progress, &self.state_dir())?;
         self.save_progress()?;
         Ok(learner)
+    }
+
+    /// Online EWC's consolidation on `data` after a stage (nothing for the other methods).
+    fn consolidate(
+        &self,
+        ewc: &mut Option<Ewc<AD<B>>>,
+        learner: &ContinualLearner<AD<B>>,
+        data: &StreamedTask<AD<B>>,
+    ) -> anyhow::Result<()> {
+        if let Some(ewc) = ewc {
+            ewc.consolidate(
+                &learner.model,
+                &mut *data.train(),
+                self.config.ewc.fisher_batches,
+            )?;
+        }
+        Ok(())
     }
 
     /// Task `t`: trained (a shared-router baseline's stage, or PGKE's expansion and the
@@ -479,13 +490,7 @@ impl<B: Backend> Run<'_, B> {
             _ => None,
         };
         let learner = learner.learn_shared(data, &recipe.stage, penalty, |e| observer.event(e))?;
-        if let Some(ewc) = ewc {
-            ewc.consolidate(
-                &learner.model,
-                &mut *data.train(),
-                config.ewc.fisher_batches,
-            )?;
-        }
+        self.consolidate(ewc, &learner, data)?;
         Ok(learner)
     }
 
