@@ -119,8 +119,9 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
 
 /// With LoRA dropout and a VAE, two replicas sharing one CPU device draw from per-micro-batch
 /// streams: a seeded stage repeats, whichever replica's thread draws first. (Up to float sums:
-/// ndarray's rayon reductions split work by what the other thread leaves free. Draws taken in
-/// thread order would move the losses by percents.)
+/// ndarray's rayon reductions split work by what the other thread leaves free, which moved the
+/// VAE's reconstruction term by up to 1e-5 of itself after four steps in CI. Draws taken in
+/// thread order, or another seed, move the losses by percents.)
 fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>() {
     let _alone = alone();
     let two = one_device_twice::<AD>();
@@ -165,10 +166,10 @@ fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>() {
     for _ in 0..3 {
         let again = run(5);
         let change = largest_change(&first, &again);
-        assert!(change < 1e-5, "{first:?} vs {again:?}");
+        assert!(change < 1e-4, "{first:?} vs {again:?}");
     }
     let other = largest_change(&first, &run(6));
-    assert!(other > 1e-3, "the seed does not reach the draws ({other})");
+    assert!(other > 1e-2, "the seed does not reach the draws ({other})");
 }
 
 /// A stage fitting a VAE on `two` keeps the feature memory the one-device stage keeps.
