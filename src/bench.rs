@@ -392,7 +392,7 @@ fn train_batches<B: Backend>(
             input.input_ids = Tensor::from_data(TensorData::new(ids, [rows, seq]), device);
             input.attention_mask = Some(Tensor::ones([rows, seq], device));
             cmoe_moe::train::TrainBatch {
-                input,
+                input: input.into(),
                 labels: Tensor::from_data(TensorData::new(labels, [rows, seq]), device),
             }
         })
@@ -402,7 +402,7 @@ fn train_batches<B: Backend>(
 /// Mean seconds per step of a stage of `steps` steps from `model` over `batches`, each step
 /// one micro-batch per device of `devices` (replicas in threads of their own).
 fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
-    model: cmoe_moe::model::CmoeModel<AD>,
+    model: cmoe_moe::LlavaCmoe<AD>,
     vae: Option<cmoe_moe::ptl::VaeFit<AD>>,
     task: usize,
     batches: &[cmoe_moe::train::TrainBatch<AD>],
@@ -456,7 +456,7 @@ impl BackendTask for ContinualBenchTask {
     type Output = anyhow::Result<ContinualResult>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<ContinualResult> {
-        use cmoe_moe::model::CmoeModel;
+        use cmoe_moe::LlavaCmoe;
         use cmoe_moe::pgke::ExpansionPlan;
         use cmoe_moe::pgke::expand;
         use cmoe_moe::ptl::VaeFit;
@@ -483,8 +483,8 @@ impl BackendTask for ContinualBenchTask {
         // router train with the VAE; the initial experts and router 0 are frozen.
         let moe = self.settings.moe(false);
         let initial = moe.initial_experts;
-        let cmoe_model = || -> anyhow::Result<CmoeModel<AD<B>>> {
-            let model = CmoeModel::new(config.init::<AD<B>>(&device), &moe, &device);
+        let cmoe_model = || -> anyhow::Result<LlavaCmoe<AD<B>>> {
+            let model = LlavaCmoe::new(config.init::<AD<B>>(&device), &moe, &device);
             let plan = ExpansionPlan::every_layer(1, layers, 1, 0);
             let model = expand(model, 1, &vec![initial; layers], &plan)?;
             Ok(set_trainable(model, 1, &vec![initial..initial + 1; layers]))
@@ -501,7 +501,7 @@ impl BackendTask for ContinualBenchTask {
         // (b) Plain LoRA: one expert, top-1, CE (+ the constant aux).
         let lora_model = || {
             let lora = self.settings.moe(true);
-            let model = CmoeModel::new(config.init::<AD<B>>(&device), &lora, &device);
+            let model = LlavaCmoe::new(config.init::<AD<B>>(&device), &lora, &device);
             set_trainable(model, 0, &vec![0..1; layers])
         };
         stage_step_seconds(lora_model(), None, 0, warm_up, 1, &devices)?;
@@ -534,7 +534,7 @@ impl ContinualBenchTask {
         config: &LlavaConfig,
         device: &B::Device,
     ) -> anyhow::Result<f64> {
-        use cmoe_moe::model::CmoeModel;
+        use cmoe_moe::LlavaCmoe;
         use cmoe_moe::pgke::ExpansionPlan;
         use cmoe_moe::pgke::expand;
         use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
@@ -544,7 +544,7 @@ impl ContinualBenchTask {
         let layers = config.text_config.num_hidden_layers;
         let hidden = config.text_config.hidden_size;
         let moe = self.settings.moe(false);
-        let mut model = CmoeModel::new(config.init::<B>(device), &moe, device);
+        let mut model = LlavaCmoe::new(config.init::<B>(device), &moe, device);
         for task in 1..TASKS {
             let before = model.experts_per_layer();
             model = expand(
@@ -626,7 +626,7 @@ impl ContinualBenchTask {
             crate::continual::in_parallel(chunks.len(), |c| {
                 let chunk = chunks[c];
                 let input = crate::dataset::collate_prompts::<B>(chunk, pad, device);
-                let located = model.locate(&locator, input)?;
+                let located = model.locate(&locator, input.into())?;
                 assert_eq!(located.tasks.len(), chunk.len());
                 let chosen = routers(c * self.eval_batch, chunk.len());
                 crate::continual::generate_grouped(&model, chunk, &chosen, pad, &generation, device)

@@ -11,7 +11,7 @@ use cmoe_coin::format::{TestRecord, TrainRecord};
 use cmoe_data::image::{ImageProcessorConfig, PixelValues};
 use cmoe_data::prompt::{Conversation, IGNORE_INDEX};
 use cmoe_data::tokenizer::{IMAGE_TOKEN, LlavaTokenizer};
-use cmoe_llava::LlavaInput;
+use cmoe_moe::ModelInput;
 use cmoe_moe::train::TrainBatch;
 
 /// One tokenised sample with its pixels.
@@ -146,7 +146,7 @@ pub fn collate_train<B: Backend>(
     let (ids, labels, mask, len) = pad(samples, pad_id, false);
     let shape = [samples.len(), len];
     TrainBatch {
-        input: LlavaInput {
+        input: ModelInput {
             input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
             pixel_values: Some(stack_pixels(samples, device)),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),
@@ -160,11 +160,11 @@ pub fn collate_prompts<B: Backend>(
     samples: &[Encoded],
     pad_id: u32,
     device: &B::Device,
-) -> LlavaInput<B> {
+) -> ModelInput<B> {
     assert!(!samples.is_empty(), "a batch needs at least one sample");
     let (ids, _, mask, len) = pad(samples, pad_id, true);
     let shape = [samples.len(), len];
-    LlavaInput {
+    ModelInput {
         input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
         pixel_values: Some(stack_pixels(samples, device)),
         attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),

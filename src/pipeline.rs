@@ -7,7 +7,7 @@ use anyhow::Context;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use cmoe_data::{ImageProcessorConfig, LlavaTokenizer, PixelValues};
 use cmoe_llava::config::ParameterCounts;
-use cmoe_llava::import::Checkpoint;
+use cmoe_llava::open_checkpoint;
 use cmoe_llava::{GenerationConfig, Llava, LlavaConfig, LlavaInput, Sampling};
 use serde::Serialize;
 
@@ -221,11 +221,11 @@ pub struct CheckpointSummary {
 pub fn inspect(dir: &Path) -> anyhow::Result<Inspection> {
     let config = LlavaConfig::from_file(&dir.join("config.json"))?;
     // Config only when there is no weights file at all; a broken index or a missing shard is
-    // an error naming it (from `Checkpoint::open`).
+    // an error naming it (from `open_checkpoint`).
     use cmoe_llava::import::{WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
     let has_weights = dir.join(WEIGHTS_INDEX_FILE).exists() || dir.join(WEIGHTS_FILE).exists();
     let checkpoint = if has_weights {
-        let c = Checkpoint::open(dir)?;
+        let c = open_checkpoint(dir)?;
         Some(CheckpointSummary {
             files: c.files.iter().map(|f| f.display().to_string()).collect(),
             tensors: c.tensors.len(),

@@ -37,9 +37,9 @@ use cmoe_data::prompt::{Conversation, VICUNA_SYSTEM};
 use cmoe_data::tokenizer::{IMAGE_TOKEN, LlavaTokenizer};
 use cmoe_llava::LlavaConfig;
 use cmoe_llava::export::save_hf;
-use cmoe_llava::store::{load_module, save_module};
 use cmoe_moe::train::causal_lm_loss;
 use cmoe_moe::train::{OptimState, by_id, by_order, learning_rate};
+use cmoe_store::{load_module, save_module};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -289,7 +289,7 @@ fn pretrain<B: Backend>(
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let batch = collate_train::<AD<B>>(&samples, pad, device);
-            let logits = model.forward(batch.input)?;
+            let logits = model.forward(batch.input.into())?;
             let loss = causal_lm_loss(logits, batch.labels).context("a batch without labels")?;
             let value: f64 = loss.clone().into_scalar().elem();
             if !value.is_finite() {

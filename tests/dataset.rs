@@ -11,7 +11,8 @@ use llava_cmoe::coin::format::{QuestionId, TestRecord, TrainRecord, read_test, r
 use llava_cmoe::coin::mini::{MiniCoinConfig, generate};
 use llava_cmoe::data::prompt::{Conversation, IGNORE_INDEX};
 use llava_cmoe::dataset::{CoinEncoder, collate_prompts, collate_train};
-use llava_cmoe::moe::model::{CmoeModel, MoeConfig};
+use llava_cmoe::moe::LlavaCmoe;
+use llava_cmoe::moe::model::MoeConfig;
 use llava_cmoe::moe::ptl::PtlFeature;
 use llava_cmoe::moe::ptl::batch_features;
 use llava_cmoe::pipeline::LlavaPipeline;
@@ -97,7 +98,7 @@ fn coin_records_become_batches_and_ptl_features_match_inference() {
         encoded.iter().map(|e| e.input_ids.len()).sum::<usize>()
     );
 
-    let model = CmoeModel::new(
+    let model = LlavaCmoe::new(
         pipe.model,
         &MoeConfig {
             initial_experts: 2,

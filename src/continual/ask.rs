@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use cmoe_coin::format::TestRecord;
-use cmoe_moe::learner::ContinualLearner;
+use cmoe_moe::LlavaLearner;
 use serde::Serialize;
 
 use super::config::*;
@@ -46,7 +46,7 @@ impl BackendTask for AskTask {
             generation,
             encoder,
         } = Runtime::<B>::load(&config, PathBuf::new(), &device)?;
-        let learner = ContinualLearner::load(base, &self.dir.join("state"), &device)?;
+        let learner = LlavaLearner::load(base, &self.dir.join("state"), &device)?;
         let learned = learner.tasks_learned();
         if learned == 0 {
             anyhow::bail!("{}: no task has been learned yet", self.dir.display());

@@ -8,9 +8,9 @@ use burn::tensor::backend::Backend;
 use cmoe_coin::format::{Prediction, TestRecord, write_json, write_jsonl};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_llava::GenerationConfig;
+use cmoe_moe::LlavaCmoe;
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::TaskLocator;
-use cmoe_moe::learner::ContinualLearner;
-use cmoe_moe::model::CmoeModel;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -61,7 +61,7 @@ impl BackendTask for EvalTask {
             generation,
             encoder,
         } = Runtime::<B>::load(&config, image_root(&config, &data), &device)?;
-        let learner = ContinualLearner::load(base, &dir.join("state"), &device)?;
+        let learner = LlavaLearner::load(base, &dir.join("state"), &device)?;
         let all = config.task_list()?;
         // Multitask training learns every task in one stage.
         let learned = match learner.tasks_learned() {
@@ -116,7 +116,7 @@ impl BackendTask for EvalTask {
 
 /// What answering test questions with a learned state needs.
 pub(super) struct Evaluator<'a, B: Backend> {
-    pub(super) model: &'a CmoeModel<B>,
+    pub(super) model: &'a LlavaCmoe<B>,
     pub(super) locator: &'a TaskLocator<B>,
     pub(super) config: &'a RunConfig,
     pub(super) encoder: &'a CoinEncoder,
@@ -239,7 +239,7 @@ pub(super) fn zero_shot<B: Backend>(
     for (((records, prompts), name), &task_type) in tests.iter().zip(names).zip(types) {
         let answer = |_: usize, prompts: &[Encoded]| {
             let input = collate_prompts::<B>(prompts, pad, device);
-            let outputs = cmoe_llava::generation::generate(base, input, generation)?;
+            let outputs = cmoe_llava::generation::generate(base, input.into(), generation)?;
             Ok((Vec::new(), outputs))
         };
         let (a, _, predictions) = answer_and_score(
@@ -299,7 +299,7 @@ pub fn in_parallel<T: Send>(
 /// Answers `prompts` (one batch), each with the router `chosen[row]`: one generation per
 /// router chosen. Returns the generated ids in the prompts' order.
 pub fn generate_grouped<B: Backend>(
-    model: &CmoeModel<B>,
+    model: &LlavaCmoe<B>,
     prompts: &[Encoded],
     chosen: &[usize],
     pad: u32,

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cmoe_coin::format::write_json;
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::baselines::Ewc;
-use cmoe_moe::learner::ContinualLearner;
 use serde::{Deserialize, Serialize};
 
 use super::config::*;
@@ -190,7 +190,7 @@ pub(super) fn image_root(config: &RunConfig, data_dir: &Path) -> PathBuf {
 /// previous checkpoint and swaps them in together, so that a crash leaves one complete,
 /// consistent checkpoint.
 pub(super) fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
-    learner: &ContinualLearner<B>,
+    learner: &LlavaLearner<B>,
     ewc: Option<&Ewc<B>>,
     progress: &Progress,
     state_dir: &Path,

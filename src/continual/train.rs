@@ -13,10 +13,11 @@ use cmoe_coin::format::{TestRecord, write_json, write_jsonl};
 use cmoe_coin::mini::{self};
 use cmoe_coin::score::TaskType;
 use cmoe_llava::GenerationConfig;
+use cmoe_moe::LlavaCmoe;
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::TaskLocator;
 use cmoe_moe::baselines::{Ewc, Lwf};
-use cmoe_moe::learner::{ContinualLearner, Placement, Stage, TaskRecipe};
-use cmoe_moe::model::CmoeModel;
+use cmoe_moe::learner::{Placement, Stage, TaskRecipe};
 use cmoe_moe::train::TaskSource;
 use cmoe_moe::train::checkpoint::{self, StageCheckpoints};
 use cmoe_moe::train::{Penalty, StageConfig, StageError};
@@ -245,7 +246,7 @@ impl<B: Backend> Run<'_, B> {
     /// An evaluator of `model` with this run's settings.
     pub(super) fn evaluator<'m>(
         &'m self,
-        model: &'m CmoeModel<B>,
+        model: &'m LlavaCmoe<B>,
         locator: &'m TaskLocator<B>,
     ) -> Evaluator<'m, B> {
         Evaluator {
@@ -285,7 +286,7 @@ impl<B: Backend> Run<'_, B> {
         &self,
         base: cmoe_llava::Llava<AD<B>>,
         devices: &[B::Device],
-    ) -> anyhow::Result<(ContinualLearner<AD<B>>, Option<Ewc<AD<B>>>)> {
+    ) -> anyhow::Result<(LlavaLearner<AD<B>>, Option<Ewc<AD<B>>>)> {
         let (config, progress, device) = (self.config, &self.progress, self.settings.device);
         AD::<B>::seed(device, config.seed); // the first task's fresh experts
         let resumed = progress.initialised || progress.completed > 0 || progress.expanded.is_some();
@@ -295,9 +296,9 @@ impl<B: Backend> Run<'_, B> {
                 progress.completed,
                 self.names.len()
             );
-            ContinualLearner::load(base, &self.state_dir(), device)?
+            LlavaLearner::load(base, &self.state_dir(), device)?
         } else {
-            ContinualLearner::new(base, config.effective_moe(), config.ptl, device)
+            LlavaLearner::new(base, config.effective_moe(), config.ptl, device)
         };
         if devices.len() > 1 {
             let replicas = devices.iter().filter(|&d| d == &devices[0]).count();
@@ -327,10 +328,10 @@ impl<B: Backend> Run<'_, B> {
     /// initialisation data `path`, before any task; checkpointed.
     fn initial_phase(
         &mut self,
-        learner: ContinualLearner<AD<B>>,
+        learner: LlavaLearner<AD<B>>,
         ewc: &mut Option<Ewc<AD<B>>>,
         path: &Path,
-    ) -> anyhow::Result<ContinualLearner<AD<B>>> {
+    ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let (config, device) = (self.config, self.settings.device);
         let shared = config.method.shared_router();
         let started = Instant::now();
@@ -371,7 +372,7 @@ impl<B: Backend> Run<'_, B> {
     fn consolidate(
         &self,
         ewc: &mut Option<Ewc<AD<B>>>,
-        learner: &ContinualLearner<AD<B>>,
+        learner: &LlavaLearner<AD<B>>,
         data: &StreamedTask<AD<B>>,
     ) -> anyhow::Result<()> {
         if let Some(ewc) = ewc {
@@ -389,9 +390,9 @@ impl<B: Backend> Run<'_, B> {
     fn task(
         &mut self,
         t: usize,
-        learner: ContinualLearner<AD<B>>,
+        learner: LlavaLearner<AD<B>>,
         ewc: &mut Option<Ewc<AD<B>>>,
-    ) -> anyhow::Result<ContinualLearner<AD<B>>> {
+    ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let config = self.config;
         let started = Instant::now();
         // Everything random in task t (batch order, new parameters, dropout, ablation draws)
@@ -473,12 +474,12 @@ impl<B: Backend> Run<'_, B> {
     fn train_shared(
         &self,
         t: usize,
-        learner: ContinualLearner<AD<B>>,
+        learner: LlavaLearner<AD<B>>,
         ewc: &mut Option<Ewc<AD<B>>>,
         data: &StreamedTask<AD<B>>,
         recipe: &TaskRecipe,
         observer: &mut StageBars,
-    ) -> anyhow::Result<ContinualLearner<AD<B>>> {
+    ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let config = self.config;
         // LwF distils towards the model as it is before this task (none before the first
         // task without an initial phase).
@@ -499,12 +500,12 @@ impl<B: Backend> Run<'_, B> {
     fn expand_and_train(
         &mut self,
         t: usize,
-        learner: ContinualLearner<AD<B>>,
+        learner: LlavaLearner<AD<B>>,
         data: &StreamedTask<AD<B>>,
         recipe: &TaskRecipe,
         task_seed: u64,
         observer: &mut StageBars,
-    ) -> anyhow::Result<ContinualLearner<AD<B>>> {
+    ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let (expanded, first) = match self.progress.expanded.take() {
             Some(done) if done.task == t => {
                 eprintln!("  resuming after the expansion of task {}", t + 1);
@@ -566,7 +567,7 @@ impl<B: Backend> Run<'_, B> {
     fn evaluate_after(
         &mut self,
         t: usize,
-        learner: &ContinualLearner<AD<B>>,
+        learner: &LlavaLearner<AD<B>>,
         rng: &mut StdRng,
     ) -> anyhow::Result<()> {
         let (config, names, types) = (self.config, &self.names, &self.types);
@@ -701,7 +702,7 @@ pub(super) fn init_data_path(config: &RunConfig, data_dir: &Path) -> anyhow::Res
 /// Multitask MoELoRA (the upper bound of Table 1): one stage over every task's training data
 /// at once (as many steps as the tasks' stages together), then every task evaluated.
 fn run_multitask<B: Backend>(
-    mut learner: ContinualLearner<AD<B>>,
+    mut learner: LlavaLearner<AD<B>>,
     run: &mut Run<'_, B>,
 ) -> anyhow::Result<Report> {
     let (config, names) = (run.config, &run.names);

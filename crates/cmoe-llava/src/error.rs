@@ -46,3 +46,12 @@ impl LlavaError {
         }
     }
 }
+
+impl From<cmoe_store::StoreError> for LlavaError {
+    fn from(err: cmoe_store::StoreError) -> Self {
+        match err {
+            cmoe_store::StoreError::Io { path, message } => Self::Io { path, message },
+            cmoe_store::StoreError::Weights { dir, message } => Self::Weights { dir, message },
+        }
+    }
+}

@@ -14,7 +14,7 @@ use burn_store::BurnToPyTorchAdapter;
 use crate::config::LlavaConfig;
 use crate::error::LlavaError;
 use crate::llava::Llava;
-use crate::store::save_module_with;
+use cmoe_store::save_module_with;
 
 /// Writes `model` and `config` to `dir` in the HF layout, weights cast to `dtype`.
 pub fn save_hf<B: Backend>(

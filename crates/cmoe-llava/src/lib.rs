@@ -6,7 +6,6 @@
 //! - [`llava`]: the whole model, image-token splicing and the forward pass.
 //! - [`import`]: safetensors weight import (single or sharded; fp16 / bf16 / f32).
 //! - [`generation`]: greedy and top-p sampling with the KV cache.
-//! - [`store`]: any module to / from safetensors (the continual state uses it).
 //! - [`export`]: a model written back in the HF layout.
 
 pub mod activation;
@@ -20,11 +19,10 @@ pub mod llama;
 pub mod llava;
 pub mod projector;
 pub mod rope;
-pub mod store;
 pub mod vision;
 
 pub use config::LlavaConfig;
 pub use error::LlavaError;
 pub use generation::{GenerationConfig, Sampling, generate, generate_with};
-pub use import::{Checkpoint, load_llava};
+pub use import::{Checkpoint, load_llava, open_checkpoint};
 pub use llava::{Llava, LlavaInput};

@@ -17,9 +17,10 @@ use std::path::Path;
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Tensor, activation};
-use cmoe_llava::LlavaError;
-use cmoe_llava::store::{load_module, save_module};
+use cmoe_store::{load_module, save_module};
 
+use crate::error::MoeError;
+use crate::host::AutodiffHost;
 use crate::layer::MoeLoraFfn;
 use crate::model::CmoeModel;
 use crate::train::{AnswerTargets, BatchSource, Penalty, StageError, TrainBatch};
@@ -111,9 +112,9 @@ impl<B: AutodiffBackend> Ewc<B> {
     /// training data; empirical Fisher from each batch's gradient of the answer cross-entropy,
     /// times the batch's rows, which estimates the per-sample mean) is added to the decayed
     /// running sum, and `model`'s parameters become the anchor.
-    pub fn consolidate(
+    pub fn consolidate<H: AutodiffHost<B>>(
         &mut self,
-        model: &CmoeModel<B>,
+        model: &CmoeModel<B, H>,
         source: &mut dyn BatchSource<B>,
         batches: usize,
     ) -> Result<(), StageError> {
@@ -165,16 +166,20 @@ impl<B: AutodiffBackend> Ewc<B> {
     }
 
     /// Saves the consolidated Fisher to `path` (the anchor is the saved model itself).
-    pub fn save(&self, path: &Path) -> Result<(), LlavaError> {
+    pub fn save(&self, path: &Path) -> Result<(), MoeError> {
         match &self.fisher {
-            Some(fisher) => save_module(fisher, path),
+            Some(fisher) => Ok(save_module(fisher, path)?),
             None => Ok(()),
         }
     }
 
     /// Reloads a Fisher saved by [`Self::save`] for `model` (whose parameters, as saved with
     /// it, are the anchor).
-    pub fn load(&mut self, path: &Path, model: &CmoeModel<B>) -> Result<(), LlavaError> {
+    pub fn load<H: AutodiffHost<B>>(
+        &mut self,
+        path: &Path,
+        model: &CmoeModel<B, H>,
+    ) -> Result<(), MoeError> {
         let anchor = flat_params(&model.valid().moe);
         let mut fisher = FisherDiagonal {
             values: anchor
@@ -192,7 +197,7 @@ impl<B: AutodiffBackend> Ewc<B> {
 impl<B: AutodiffBackend> Penalty<B> for Ewc<B> {
     fn term(
         &self,
-        model: &CmoeModel<B>,
+        moe: &[MoeLoraFfn<B>],
         _batch: &TrainBatch<B>,
         _answers: &AnswerTargets,
         logits: &Tensor<B, 2>,
@@ -201,7 +206,7 @@ impl<B: AutodiffBackend> Penalty<B> for Ewc<B> {
         let Some(fisher) = &self.fisher else {
             return Ok(Tensor::zeros([1], &device));
         };
-        let params = flat_params(&model.moe);
+        let params = flat_params(moe);
         if params.len() != self.anchor.len() {
             return Err(StageError::Config(
                 "EWC: the model's parameters changed since the last consolidation".into(),
@@ -219,17 +224,17 @@ impl<B: AutodiffBackend> Penalty<B> for Ewc<B> {
 
 /// LwF's state: the frozen model as it was before the task, and the distillation settings.
 #[derive(Debug)]
-pub struct Lwf<B: AutodiffBackend> {
+pub struct Lwf<B: AutodiffBackend, H: AutodiffHost<B>> {
     /// `alpha`: the distillation term's weight.
     pub alpha: f64,
     /// `T`: the softmax temperature.
     pub temperature: f64,
-    teacher: CmoeModel<B::InnerBackend>,
+    teacher: CmoeModel<B::InnerBackend, H::InnerModule>,
 }
 
-impl<B: AutodiffBackend> Lwf<B> {
+impl<B: AutodiffBackend, H: AutodiffHost<B>> Lwf<B, H> {
     /// Distillation towards `previous` (frozen: its inference copy is kept).
-    pub fn new(previous: &CmoeModel<B>, alpha: f64, temperature: f64) -> Self {
+    pub fn new(previous: &CmoeModel<B, H>, alpha: f64, temperature: f64) -> Self {
         Self {
             alpha,
             temperature,
@@ -249,10 +254,10 @@ impl<B: AutodiffBackend> Lwf<B> {
     }
 }
 
-impl<B: AutodiffBackend> Penalty<B> for Lwf<B> {
+impl<B: AutodiffBackend, H: AutodiffHost<B>> Penalty<B> for Lwf<B, H> {
     fn term(
         &self,
-        _model: &CmoeModel<B>,
+        _moe: &[MoeLoraFfn<B>],
         batch: &TrainBatch<B>,
         answers: &AnswerTargets,
         logits: &Tensor<B, 2>,

@@ -7,9 +7,10 @@ use std::path::Path;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
-use cmoe_llava::{Llava, LlavaError};
 use serde::{Deserialize, Serialize};
 
+use crate::error::MoeError;
+use crate::host::AutodiffHost;
 use crate::model::{CmoeModel, MoeConfig};
 use crate::pgke::{
     ActivationStats, ExpansionMode, ExpansionPlan, PlanSource, activation_stats, add_probes,
@@ -129,9 +130,9 @@ pub enum LearnEvent<'a> {
 
 /// The whole continual state during training.
 #[derive(Debug)]
-pub struct ContinualLearner<B: AutodiffBackend> {
+pub struct ContinualLearner<B: AutodiffBackend, H: AutodiffHost<B>> {
     /// Base model and every layer's experts and routers.
-    pub model: CmoeModel<B>,
+    pub model: CmoeModel<B, H>,
     /// `vaes[t]`: task `t`'s VAE.
     pub vaes: Vec<TaskVae<B>>,
     /// Config, bank, plans and where each task's experts start.
@@ -141,9 +142,9 @@ pub struct ContinualLearner<B: AutodiffBackend> {
     pub devices: Vec<B::Device>,
 }
 
-impl<B: AutodiffBackend> ContinualLearner<B> {
+impl<B: AutodiffBackend, H: AutodiffHost<B>> ContinualLearner<B, H> {
     /// A learner with no task learned yet: `base` frozen, the first task's experts fresh.
-    pub fn new(base: Llava<B>, config: MoeConfig, ptl: PtlConfig, device: &B::Device) -> Self {
+    pub fn new(base: H, config: MoeConfig, ptl: PtlConfig, device: &B::Device) -> Self {
         Self {
             model: CmoeModel::new(base, &config, device),
             vaes: Vec::new(),
@@ -353,7 +354,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let task = meta.first_expert.len();
         let experts = model.experts_per_layer();
         if first.len() != experts.len() || first.iter().zip(&experts).any(|(f, n)| f > n) {
-            return Err(StageError::Model(LlavaError::Input(format!(
+            return Err(StageError::Model(MoeError::Input(format!(
                 "first new experts {first:?} do not fit a model with experts {experts:?}"
             ))));
         }
@@ -367,7 +368,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         let model = set_trainable(model, task, &trainable);
         let first_new = &first;
         let mut saver = checkpoints.map(|StageCheckpoints { dir, every, extra }| {
-            let save = move |snapshot: StageSnapshot<'_, B>| {
+            let save = move |snapshot: StageSnapshot<'_, B, H>| {
                 checkpoint::save(dir, task, first_new, stage, snapshot, &mut *extra)
             };
             (every, save)
@@ -378,7 +379,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
             every: saver.as_ref().map_or(0, |(every, _)| *every),
             save: saver
                 .as_mut()
-                .map(|(_, save)| save as &mut SaveSnapshot<'_, B>),
+                .map(|(_, save)| save as &mut SaveSnapshot<'_, B, H>),
             penalty: None,
         };
         let (model, fit) = observed_stage(
@@ -498,23 +499,14 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
         total + self.vaes.get(task).map_or(0, Module::num_params)
     }
 
-    /// `(hidden, intermediate)` of every decoder layer's FFN.
+    /// `(d_model, d_ff)` of every FFN block of the host.
     fn widths(&self) -> Vec<(usize, usize)> {
-        self.model
-            .base
-            .language_model
-            .model
-            .layers
-            .iter()
-            .map(|layer| {
-                let [hidden, intermediate] = layer.mlp.gate_proj.weight.dims();
-                (hidden, intermediate)
-            })
-            .collect()
+        let widths = self.model.base.ffn_widths();
+        widths.into_iter().map(|[d, d_ff]| (d, d_ff)).collect()
     }
 
     /// Saves everything but the base model to `dir` (see [`crate::state`]).
-    pub fn save(&self, dir: &Path) -> Result<(), LlavaError> {
+    pub fn save(&self, dir: &Path) -> Result<(), MoeError> {
         let tensors = ContinualTensors {
             moe: self.model.moe.clone(),
             vaes: self.vaes.clone(),
@@ -524,7 +516,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
 
     /// Reloads a state saved by [`Self::save`] on top of `base`, which must be the model it was
     /// trained on (layer count and FFN widths are checked).
-    pub fn load(base: Llava<B>, dir: &Path, device: &B::Device) -> Result<Self, LlavaError> {
+    pub fn load(base: H, dir: &Path, device: &B::Device) -> Result<Self, MoeError> {
         let (tensors, meta) = ContinualTensors::load(dir, device)?;
         let learner = Self {
             model: CmoeModel {
@@ -550,7 +542,7 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
                         .all(|r| r.weight.dims()[0] == h)
                 });
         if !fits {
-            return Err(LlavaError::io(
+            return Err(MoeError::io(
                 &dir.join("state.json"),
                 format!(
                     "the state has {} MoE layers that do not fit this base model ({} layers of \
@@ -564,7 +556,12 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
     }
 
     /// The inference copy: model and locator without autodiff.
-    pub fn valid(&self) -> (CmoeModel<B::InnerBackend>, TaskLocator<B::InnerBackend>) {
+    pub fn valid(
+        &self,
+    ) -> (
+        CmoeModel<B::InnerBackend, H::InnerModule>,
+        TaskLocator<B::InnerBackend>,
+    ) {
         let model = self.model.valid();
         let vaes: Vec<_> = self.vaes.iter().map(AutodiffModule::valid).collect();
         let device = model.devices().into_iter().next().unwrap_or_default();
@@ -579,15 +576,15 @@ impl<B: AutodiffBackend> ContinualLearner<B> {
 
 /// [`train_stage_with`] on `start` (model and VAE) reported to `observe` as stage `which`: its
 /// start (with the steps a resumed stage has done), then every step's loss terms.
-fn observed_stage<B: AutodiffBackend>(
+fn observed_stage<B: AutodiffBackend, H: AutodiffHost<B>>(
     which: Stage,
-    start: (CmoeModel<B>, Option<VaeFit<B>>),
+    start: (CmoeModel<B, H>, Option<VaeFit<B>>),
     task: usize,
     source: &mut dyn BatchSource<B>,
     config: &StageConfig,
-    control: StageControl<'_, B>,
+    control: StageControl<'_, B, H>,
     observe: &mut impl FnMut(LearnEvent<'_>),
-) -> Result<(CmoeModel<B>, Option<VaeFit<B>>), StageError> {
+) -> Result<(CmoeModel<B, H>, Option<VaeFit<B>>), StageError> {
     observe(LearnEvent::StageStarted {
         stage: which,
         steps: config.steps,

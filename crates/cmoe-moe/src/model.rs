@@ -1,14 +1,14 @@
-//! LLaVA with MoE-LoRA FFNs: the frozen base model plus one [`MoeLoraFfn`] per decoder layer,
-//! run with the router of a chosen task.
+//! A frozen host model with MoE-LoRA FFNs: the base plus one [`MoeLoraFfn`] per FFN block, run
+//! with the router of a chosen task.
 
 use std::cell::{Cell, RefCell};
 
 use burn::module::Module;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
-use cmoe_llava::llama::{LlamaMlp, MlpOverride};
-use cmoe_llava::{GenerationConfig, Llava, LlavaError, LlavaInput, generate_with};
 use serde::{Deserialize, Serialize};
 
+use crate::error::MoeError;
+use crate::host::{FfnHook, GatedFfn, ModelInput, MoeHost};
 use crate::layer::{FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
 use crate::ptl::{Location, PtlFeature, TaskLocator};
 use crate::train::AnswerTargets;
@@ -57,12 +57,13 @@ impl Default for MoeConfig {
     }
 }
 
-/// The continual model.
+/// The continual model: a frozen host `H` (LLaVA, or any [`MoeHost`]) and the experts and
+/// routers of each of its FFN blocks.
 #[derive(Module, Debug)]
-pub struct CmoeModel<B: Backend> {
-    /// The base LLaVA, frozen.
-    pub base: Llava<B>,
-    /// `moe[layer]`: that decoder layer's experts and router bank.
+pub struct CmoeModel<B: Backend, H: Module<B>> {
+    /// The host model, frozen.
+    pub base: H,
+    /// `moe[layer]`: that FFN block's experts and router bank.
     pub moe: Vec<MoeLoraFfn<B>>,
 }
 
@@ -76,25 +77,7 @@ pub struct CmoeOutput<B: Backend, const D: usize = 3> {
     pub routing: Vec<LayerRouting<B>>,
 }
 
-impl<B: Backend> CmoeModel<B> {
-    /// Wraps `base` (frozen) with the first task's experts and router in every layer.
-    pub fn new(base: Llava<B>, config: &MoeConfig, device: &B::Device) -> Self {
-        let layers = &base.language_model.model.layers;
-        let moe = layers
-            .iter()
-            .map(|layer| {
-                let [hidden, intermediate] = layer.mlp.gate_proj.weight.dims();
-                config
-                    .layer(hidden, intermediate, config.initial_experts)
-                    .init(device)
-            })
-            .collect();
-        Self {
-            base: base.no_grad(),
-            moe,
-        }
-    }
-
+impl<B: Backend, H: Module<B>> CmoeModel<B, H> {
     /// Number of tasks with routers.
     pub fn num_tasks(&self) -> usize {
         self.moe.first().map_or(0, |l| l.routers.num_tasks())
@@ -112,13 +95,32 @@ impl<B: Backend> CmoeModel<B> {
     pub fn experts_per_layer(&self) -> Vec<usize> {
         self.moe.iter().map(|l| l.experts.len()).collect()
     }
+}
+
+impl<B: Backend, H: MoeHost<B>> CmoeModel<B, H> {
+    /// Wraps `base` (frozen) with the first task's experts and router in every FFN block.
+    pub fn new(base: H, config: &MoeConfig, device: &B::Device) -> Self {
+        let moe = base
+            .ffn_widths()
+            .into_iter()
+            .map(|[d_model, d_ff]| {
+                config
+                    .layer(d_model, d_ff, config.initial_experts)
+                    .init(device)
+            })
+            .collect();
+        Self {
+            base: base.no_grad(),
+            moe,
+        }
+    }
 
     /// Forward with task `task`'s routers. Padding positions (attention mask 0) are not sent
     /// to the experts and do not count in the routing statistics or the aux loss.
-    pub fn forward(&self, input: LlavaInput<B>, task: usize) -> Result<CmoeOutput<B>, LlavaError> {
+    pub fn forward(&self, input: ModelInput<B>, task: usize) -> Result<CmoeOutput<B>, MoeError> {
         let (hidden, routing) = self.hidden(input, task)?;
         Ok(CmoeOutput {
-            logits: self.base.language_model.logits(hidden),
+            logits: self.base.logits(hidden),
             routing,
         })
     }
@@ -127,13 +129,13 @@ impl<B: Backend> CmoeModel<B> {
     /// the training objective reads, without the vocabulary head and softmax elsewhere.
     pub fn forward_answers(
         &self,
-        input: LlavaInput<B>,
+        input: ModelInput<B>,
         task: usize,
         answers: &AnswerTargets,
-    ) -> Result<CmoeOutput<B, 2>, LlavaError> {
+    ) -> Result<CmoeOutput<B, 2>, MoeError> {
         let (hidden, routing) = self.hidden(input, task)?;
         let picked = answers.select(hidden).unsqueeze_dim::<3>(0);
-        let logits = self.base.language_model.logits(picked);
+        let logits = self.base.logits(picked);
         let [_, n, vocab] = logits.dims();
         Ok(CmoeOutput {
             logits: logits.reshape([n, vocab]),
@@ -144,40 +146,29 @@ impl<B: Backend> CmoeModel<B> {
     /// The final hidden states with task `task`'s routers, and the routing of every layer.
     fn hidden(
         &self,
-        input: LlavaInput<B>,
+        input: ModelInput<B>,
         task: usize,
-    ) -> Result<(Tensor<B, 3>, Vec<LayerRouting<B>>), LlavaError> {
-        let routed = self.routed(task, true, real_tokens(&input))?;
-        let hidden = self.base.forward_hidden_with(input, None, Some(&routed))?;
+    ) -> Result<(Tensor<B, 3>, Vec<LayerRouting<B>>), MoeError> {
+        let routed = self.routed(task, true, input.real_tokens())?;
+        let hidden = self.base.forward_hidden(input, Some(&routed))?;
         Ok((hidden, routed.routing.into_inner()))
     }
 
-    /// Generates answers with task `task`'s routers (KV-cached; see [`cmoe_llava::generate`]).
-    pub fn generate(
-        &self,
-        input: LlavaInput<B>,
-        task: usize,
-        config: &GenerationConfig,
-    ) -> Result<Vec<Vec<u32>>, LlavaError> {
-        let routed = self.routed(task, false, real_tokens(&input))?;
-        generate_with(&self.base, input, config, Some(&routed))
-    }
-
-    /// The MLP hook that runs every layer's MoE with task `task`'s routers; `real` marks the
-    /// first pass's non-padding tokens.
-    fn routed(
+    /// The FFN hook that runs every layer's MoE with task `task`'s routers; `real` marks the
+    /// first pass's non-padding tokens; `record` keeps each layer's routing.
+    pub fn routed(
         &self,
         task: usize,
         record: bool,
         real: Option<Vec<bool>>,
-    ) -> Result<RoutedMlp<'_, B>, LlavaError> {
+    ) -> Result<RoutedFfn<'_, B>, MoeError> {
         if task >= self.num_tasks() {
-            return Err(LlavaError::Input(format!(
+            return Err(MoeError::Input(format!(
                 "task {task} has no router ({} tasks)",
                 self.num_tasks()
             )));
         }
-        Ok(RoutedMlp {
+        Ok(RoutedFfn {
             layers: &self.moe,
             task,
             routing: RefCell::new(Vec::new()),
@@ -192,12 +183,12 @@ impl<B: Backend> CmoeModel<B> {
     pub fn locate(
         &self,
         locator: &TaskLocator<B>,
-        prompts: LlavaInput<B>,
-    ) -> Result<Location, LlavaError> {
+        prompts: ModelInput<B>,
+    ) -> Result<Location, MoeError> {
         let features = self.task_features(prompts, locator.feature())?;
         locator
             .locate(features)
-            .ok_or_else(|| LlavaError::Input("no task has been learned yet".into()))
+            .ok_or_else(|| MoeError::Input("no task has been learned yet".into()))
     }
 
     /// PTL's feature of prompts (image + question, left-padded, no answer), `[batch, width]`:
@@ -205,9 +196,9 @@ impl<B: Backend> CmoeModel<B> {
     /// every row) or pooled over the question ([`PtlFeature`]).
     pub fn task_features(
         &self,
-        input: LlavaInput<B>,
+        input: ModelInput<B>,
         feature: PtlFeature,
-    ) -> Result<Tensor<B, 2>, LlavaError> {
+    ) -> Result<Tensor<B, 2>, MoeError> {
         let [b, s] = input.input_ids.dims();
         self.task_features_at(input, &vec![s - 1; b], feature)
     }
@@ -217,13 +208,13 @@ impl<B: Backend> CmoeModel<B> {
     /// its prompt alone.
     pub fn task_features_at(
         &self,
-        input: LlavaInput<B>,
+        input: ModelInput<B>,
         positions: &[usize],
         feature: PtlFeature,
-    ) -> Result<Tensor<B, 2>, LlavaError> {
+    ) -> Result<Tensor<B, 2>, MoeError> {
         let [b, s] = input.input_ids.dims();
         if positions.len() != b || positions.iter().any(|&p| p >= s) {
-            return Err(LlavaError::Input(format!(
+            return Err(MoeError::Input(format!(
                 "feature positions {positions:?} do not fit a batch of {b} x {s}"
             )));
         }
@@ -245,16 +236,11 @@ impl<B: Backend> CmoeModel<B> {
             hidden.clone().reshape([b * s, d]).select(0, index)
         };
         let mean = || {
-            // Per row, equal weights on the question's real tokens: after the last image
-            // token (or from the first token) up to the last prompt token.
-            let image = self.base.image_token_index as i64;
+            // Per row, equal weights on the question's real tokens: from where the host says
+            // the question starts (LLaVA: after the image) up to the last prompt token.
             let mut weights = vec![0f32; b * s];
             for (row, &end) in positions.iter().enumerate() {
-                let ids = &ids[row * s..(row + 1) * s];
-                let start = ids[..=end]
-                    .iter()
-                    .rposition(|&id| id == image)
-                    .map_or(0, |p| (p + 1).min(end));
+                let start = self.base.question_start(&ids[row * s..(row + 1) * s], end);
                 let real = |p: usize| mask.as_ref().is_none_or(|m| m[row * s + p] != 0);
                 let span: Vec<usize> = (start..=end).filter(|&p| real(p)).collect();
                 for &p in &span {
@@ -272,8 +258,8 @@ impl<B: Backend> CmoeModel<B> {
     }
 }
 
-/// The [`MlpOverride`] that runs each layer's MoE with one task's router and records routing.
-struct RoutedMlp<'a, B: Backend> {
+/// The [`FfnHook`] that runs each layer's MoE with one task's router and records routing.
+pub struct RoutedFfn<'a, B: Backend> {
     layers: &'a [MoeLoraFfn<B>],
     task: usize,
     routing: RefCell<Vec<LayerRouting<B>>>,
@@ -286,26 +272,18 @@ struct RoutedMlp<'a, B: Backend> {
     first_pass_done: Cell<bool>,
 }
 
-impl<B: Backend> MlpOverride<B> for RoutedMlp<'_, B> {
-    fn forward(&self, layer: usize, base: &LlamaMlp<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+impl<B: Backend> FfnHook<B> for RoutedFfn<'_, B> {
+    fn forward(&self, layer: usize, ffn: &dyn GatedFfn<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let real = (!self.first_pass_done.get())
             .then_some(self.real.as_deref())
             .flatten();
         if layer + 1 == self.layers.len() {
             self.first_pass_done.set(true);
         }
-        let (out, routing) = self.layers[layer].forward(base, x, self.task, real);
+        let (out, routing) = self.layers[layer].forward(ffn, x, self.task, real);
         if self.record {
             self.routing.borrow_mut().push(routing);
         }
         out
     }
-}
-
-/// Per token of `input` (row-major), whether it is real rather than padding; `None` when the
-/// input has no attention mask or no padding.
-fn real_tokens<B: Backend>(input: &LlavaInput<B>) -> Option<Vec<bool>> {
-    let mask = input.attention_mask.as_ref()?;
-    let real: Vec<bool> = mask.to_data().iter::<i64>().map(|m| m != 0).collect();
-    real.iter().any(|&r| !r).then_some(real)
 }

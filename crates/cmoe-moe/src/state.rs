@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
+use crate::error::MoeError;
 use burn::module::Module;
 use burn::tensor::{DType, backend::Backend};
-use cmoe_llava::LlavaError;
-use cmoe_llava::store::{load_module, save_module};
+use cmoe_store::{load_module, save_module};
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{FfnExpert, MoeLoraFfn, RouterBank, TaskRouter, TaskRouterConfig};
@@ -100,11 +100,11 @@ struct StateManifest {
     meta: ContinualMeta,
 }
 
-fn io(path: &Path, e: impl std::fmt::Display) -> LlavaError {
-    LlavaError::io(path, e)
+fn io(path: &Path, e: impl std::fmt::Display) -> MoeError {
+    MoeError::io(path, e)
 }
 
-fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), LlavaError> {
+fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), MoeError> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(
         &tmp,
@@ -114,7 +114,7 @@ fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<(), LlavaErr
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LlavaError> {
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, MoeError> {
     let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
     serde_json::from_str(&text).map_err(|e| io(path, format!("malformed manifest: {e}")))
 }
@@ -163,7 +163,7 @@ impl<B: Backend> ContinualTensors<B> {
         meta: &ContinualMeta,
         widths: &[(usize, usize)],
         dir: &Path,
-    ) -> Result<(), LlavaError> {
+    ) -> Result<(), MoeError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let manifest = StateManifest {
             format: STATE_FORMAT.into(),
@@ -182,7 +182,7 @@ impl<B: Backend> ContinualTensors<B> {
     }
 
     /// Loads a state saved by [`Self::save`], rebuilding its structure from the manifest.
-    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, ContinualMeta), LlavaError> {
+    pub fn load(dir: &Path, device: &B::Device) -> Result<(Self, ContinualMeta), MoeError> {
         let path = dir.join("state.json");
         let manifest: StateManifest = read_json(&path)?;
         if manifest.format != STATE_FORMAT {
@@ -242,12 +242,12 @@ impl<B: Backend> ContinualTensors<B> {
         widths: &[(usize, usize)],
         task: usize,
         dir: &Path,
-    ) -> Result<(), LlavaError> {
+    ) -> Result<(), MoeError> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let first = meta
             .first_expert
             .get(task)
-            .ok_or_else(|| LlavaError::Input(format!("task {task} is not in the state")))?;
+            .ok_or_else(|| MoeError::Input(format!("task {task} is not in the state")))?;
         let end = |layer: usize| {
             meta.first_expert
                 .get(task + 1)
@@ -295,7 +295,7 @@ impl<B: Backend> ContinualTensors<B> {
         meta: &mut ContinualMeta,
         dir: &Path,
         device: &B::Device,
-    ) -> Result<usize, LlavaError> {
+    ) -> Result<usize, MoeError> {
         let path = dir.join("pack.json");
         let m: PackManifest = read_json(&path)?;
         if m.format != PACK_FORMAT {

@@ -7,8 +7,9 @@ use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::learner::{ContinualLearner, LearnEvent, Placement, Stage, TaskData, TaskRecipe};
+use cmoe_moe::learner::{LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
@@ -50,7 +51,7 @@ fn recipe() -> TaskRecipe {
 }
 
 /// Digests of everything that belongs to task 0, and of the base.
-fn task0_snapshot<Be: AutodiffBackend>(l: &ContinualLearner<Be>) -> Vec<u64> {
+fn task0_snapshot<Be: AutodiffBackend>(l: &LlavaLearner<Be>) -> Vec<u64> {
     let mut digests = vec![fingerprint(&l.model.base), fingerprint(&l.vaes[0])];
     for layer in &l.model.moe {
         digests.extend(layer.experts[..3].iter().map(fingerprint));
@@ -84,7 +85,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     };
     let recipe = recipe();
 
-    let learner = ContinualLearner::<Be>::new(tiny_llava(&device), config, ptl, &device);
+    let learner = LlavaLearner::<Be>::new(tiny_llava(&device), config, ptl, &device);
     let mut stages = Vec::new();
     let mut losses = Vec::new();
     let learner = learner
@@ -173,8 +174,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     // The training stage stopped while writing its step-2 checkpoint and resumed from the
     // step-1 one ends where the unbroken stage did, bit for bit.
     let stage_dir = folder.join("stage");
-    let from_expansion =
-        || ContinualLearner::<Be>::load(tiny_llava(&device), &expanded_dir, &device);
+    let from_expansion = || LlavaLearner::<Be>::load(tiny_llava(&device), &expanded_dir, &device);
     let mut stop_at_2 = |_: &Path, step: usize| match step {
         2 => Err(StageError::Data("killed".into())),
         _ => Ok(()),
@@ -220,7 +220,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
         assert_eq!(fingerprint(&learner.vaes[1]), fingerprint(&resumed.vaes[1]));
         assert_eq!(resumed.meta, learner.meta);
     } else {
-        let logits = |l: &ContinualLearner<Be>| {
+        let logits = |l: &LlavaLearner<Be>| {
             let out = l
                 .model
                 .forward(seeded_prompt(100, &device), 1)
@@ -242,7 +242,7 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     // Save, reload onto a freshly loaded base, compare outputs and scores bit for bit.
     let dir = folder.join("learner");
     learner.save(&dir).unwrap();
-    let reloaded = ContinualLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
+    let reloaded = LlavaLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
     assert_eq!(reloaded.meta, learner.meta);
     let (model_a, locator_a) = learner.valid();
     let (model_b, locator_b) = reloaded.valid();

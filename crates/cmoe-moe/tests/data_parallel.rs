@@ -8,9 +8,11 @@
 //! `cmoe_moe::data_parallel`), and CUDA cannot run here.
 
 use burn::tensor::backend::AutodiffBackend;
+use cmoe_moe::LlavaCmoe;
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
-use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::learner::{Placement, TaskData, TaskRecipe};
+use cmoe_moe::model::MoeConfig;
 use cmoe_moe::pgke::ExpansionMode;
 use cmoe_moe::ptl::{PtlConfig, PtlFeature, VaeFit, batch_features};
 use cmoe_moe::train::{Cycle, StageConfig, StageControl, StageError, TrainBatch, train_stage_with};
@@ -28,8 +30,8 @@ fn moe_config() -> MoeConfig {
     }
 }
 
-fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> CmoeModel<AD> {
-    CmoeModel::new(tiny_llava(device), &moe_config(), device)
+fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> LlavaCmoe<AD> {
+    LlavaCmoe::new(tiny_llava(device), &moe_config(), device)
 }
 
 /// A one-row batch whose image is shifted by `shift` (so every batch has its own gradient).
@@ -55,11 +57,11 @@ fn stage(accumulation: usize) -> StageConfig {
 /// A stage from `start` over `batches` on `devices`: the trained model's logits on the first
 /// batch and each step's loss.
 fn train<AD: AutodiffBackend>(
-    start: &CmoeModel<AD>,
+    start: &LlavaCmoe<AD>,
     batches: &[TrainBatch<AD>],
     accumulation: usize,
     devices: &[AD::Device],
-) -> (CmoeModel<AD>, Vec<f32>, Vec<f64>) {
+) -> (LlavaCmoe<AD>, Vec<f32>, Vec<f64>) {
     let mut losses = Vec::new();
     let (model, _) = train_stage_with(
         start.clone(),
@@ -130,7 +132,7 @@ fn replicas_on_one_device_repeat_their_draws<AD: AutodiffBackend>() {
         dropout: 0.3,
         ..moe_config()
     };
-    let start = CmoeModel::new(tiny_llava::<AD>(&device), &moe, &device);
+    let start = LlavaCmoe::new(tiny_llava::<AD>(&device), &moe, &device);
     let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
     let width = batch_features(&start, &batches[0], 0, PtlFeature::Last)
         .unwrap()
@@ -248,7 +250,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
         probe_eval: vec![batch(first + 6, &device)],
     };
     // Per layer, the experts' digests.
-    let experts = |learner: &ContinualLearner<AD>| -> Vec<Vec<u64>> {
+    let experts = |learner: &LlavaLearner<AD>| -> Vec<Vec<u64>> {
         let layers = learner.model.moe.iter();
         layers
             .map(|l| l.experts.iter().map(fingerprint).collect())
@@ -256,7 +258,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
     };
     let learn = |devices: &[AD::Device]| {
         AD::seed(&device, 3);
-        let learner = ContinualLearner::new(base.clone(), moe_config(), ptl, &device)
+        let learner = LlavaLearner::new(base.clone(), moe_config(), ptl, &device)
             .on_devices(devices.to_vec());
         let learner = learner.learn_task(&data(0), &recipe, |_| {}).unwrap();
         let task0 = experts(&learner);
@@ -275,7 +277,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
     let parallel = learn(&two);
     // The same layers grow from the same experts. (The thresholds themselves, mean - 100 std
     // of selection counts, move with any float difference that flips a top-k choice.)
-    let grown = |l: &ContinualLearner<AD>| {
+    let grown = |l: &LlavaLearner<AD>| {
         l.meta
             .plans
             .iter()
@@ -283,7 +285,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
             .collect::<Vec<_>>()
     };
     assert_eq!(grown(&parallel), grown(&one));
-    let logits = |learner: &ContinualLearner<AD>| -> Vec<f32> {
+    let logits = |learner: &LlavaLearner<AD>| -> Vec<f32> {
         let input = batch::<AD>(0, &device).input;
         let out = learner.model.forward(input, 1).unwrap().logits;
         out.into_data().iter().collect()

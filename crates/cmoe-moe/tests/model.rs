@@ -4,17 +4,17 @@
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use cmoe_llava::LlavaInput;
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::model::MoeConfig;
 use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::train::Cycle;
 use cmoe_moe::train::causal_lm_loss;
 use cmoe_moe::train::{StageConfig, TrainBatch, train_stage};
+use cmoe_moe::{LlavaCmoe, ModelInput};
 use cmoe_test_support::{on_backends, prompt_ids, prompt_input, tiny_llava};
 
 /// The tiny fixture's prompt with a question and its answer, on a grey image.
-fn input<Be: Backend>(device: &Be::Device) -> LlavaInput<Be> {
+fn input<Be: Backend>(device: &Be::Device) -> ModelInput<Be> {
     let ids = prompt_ids(&[13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
     prompt_input(&ids, 0.3, device)
 }
@@ -33,8 +33,8 @@ fn config() -> MoeConfig {
 fn fresh_experts_leave_the_base_model_unchanged<B: Backend>() {
     let device = Default::default();
     let base = tiny_llava::<B>(&device);
-    let expected = base.forward(input(&device)).unwrap();
-    let model = CmoeModel::new(base, &config(), &device);
+    let expected = base.forward(input(&device).into()).unwrap();
+    let model = LlavaCmoe::new(base, &config(), &device);
     let out = model.forward(input(&device), 0).unwrap();
     assert_eq!(out.logits.into_data(), expected.into_data());
     assert_eq!(out.routing.len(), 2);
@@ -52,7 +52,7 @@ fn gradients_reach_only_the_experts_and_router<AD: AutodiffBackend>() {
         top_k: 4,
         ..config()
     };
-    let model = CmoeModel::new(tiny_llava::<AD>(&device), &config, &device);
+    let model = LlavaCmoe::new(tiny_llava::<AD>(&device), &config, &device);
     let base_before = fingerprint(&model.base);
     let x = input::<AD>(&device);
     let labels = x.input_ids.clone();
@@ -75,11 +75,11 @@ fn gradients_reach_only_the_experts_and_router<AD: AutodiffBackend>() {
 
 fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
     let device = Default::default();
-    let model = CmoeModel::new(tiny_llava::<B>(&device), &config(), &device);
+    let model = LlavaCmoe::new(tiny_llava::<B>(&device), &config(), &device);
     let full = input::<B>(&device);
     let n = full.input_ids.dims()[1];
     let cut = n - 4;
-    let prompt = LlavaInput {
+    let prompt = ModelInput {
         input_ids: full.input_ids.clone().slice([0..1, 0..cut]),
         ..full.clone()
     };
@@ -104,7 +104,7 @@ fn a_feature_read_inside_a_sequence_equals_the_prompt_alone<B: Backend>() {
 /// Two stage steps from `start` over `batches`, `accumulation` micro-batches per step; returns
 /// the logits of the trained model on `input` and the loss each step reported.
 fn train_from<AD: AutodiffBackend>(
-    start: &CmoeModel<AD>,
+    start: &LlavaCmoe<AD>,
     batches: &[TrainBatch<AD>],
     accumulation: usize,
 ) -> (Vec<f32>, Vec<f64>) {
@@ -131,7 +131,7 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
     let device = Default::default();
     let batch = |shift: i64| {
         let x = input::<AD>(&device);
-        let x = LlavaInput {
+        let x = ModelInput {
             pixel_values: x.pixel_values.map(|p| p + shift as f64 * 0.2),
             ..x
         };
@@ -143,7 +143,7 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
     let (a, b) = (batch(0), batch(1));
     // One start for every run (no dropout: training draws nothing at random), so that tests
     // running beside this one and drawing from the backend's generator change nothing.
-    let start = CmoeModel::new(tiny_llava::<AD>(&device), &config(), &device);
+    let start = LlavaCmoe::new(tiny_llava::<AD>(&device), &config(), &device);
     let (alone_a, losses_a) = train_from(&start, std::slice::from_ref(&a), 1);
     let (_, losses_b) = train_from(&start, std::slice::from_ref(&b), 1);
     let (ab, losses_ab) = train_from(&start, &[a.clone(), b.clone()], 2);

@@ -1,9 +1,11 @@
 //! The MoE-LoRA FFN layer: sparse dispatch against the dense definition, the single-expert
-//! case against plain LoRA, and routers that never change when a layer grows.
+//! case against plain LoRA, routers that never change when a layer grows, and experts on an
+//! FFN that is not LLaMA's.
 
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 use cmoe_llava::llama::LlamaMlp;
-use cmoe_moe::layer::{FfnExpert, MoeLoraFfn};
+use cmoe_moe::GatedFfn;
+use cmoe_moe::layer::{FfnExpert, MoeLoraFfn, MoeLoraFfnConfig};
 use cmoe_test_support::{randomize_experts, small_mlp, small_moe_layer};
 
 type B = burn_flex::Flex;
@@ -96,4 +98,62 @@ fn growing_a_layer_never_changes_an_older_task() {
     // Task 1's router does use them.
     let (_, routing) = layer.forward(&base, x, 1, None);
     assert_eq!(routing.selections.len(), 6);
+}
+
+/// A GELU-gated FFN that is not LLaMA's: any [`GatedFfn`] carries experts.
+struct GeluFfn {
+    gate: burn::nn::Linear<B>,
+    up: burn::nn::Linear<B>,
+    down: burn::nn::Linear<B>,
+}
+
+impl GatedFfn<B> for GeluFfn {
+    fn widths(&self) -> [usize; 2] {
+        self.gate.weight.dims()
+    }
+    fn gate(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.gate.forward(x)
+    }
+    fn up(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.up.forward(x)
+    }
+    fn down(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.down.forward(x)
+    }
+    fn activate(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        burn::tensor::activation::gelu(x)
+    }
+}
+
+#[test]
+fn any_gated_ffn_gets_experts() {
+    let device = Default::default();
+    let linear = |i, o| burn::nn::LinearConfig::new(i, o).init::<B>(&device);
+    let ffn = GeluFfn {
+        gate: linear(32, 48),
+        up: linear(32, 48),
+        down: linear(48, 32),
+    };
+    let [d_model, d_ff] = ffn.widths();
+    let mut layer = MoeLoraFfnConfig::new(d_model, d_ff)
+        .with_experts(4)
+        .with_rank(4)
+        .with_dropout(0.0)
+        .init::<B>(&device);
+    let x = Tensor::<B, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+    // Fresh experts (LoRA B = 0) leave the FFN's output as it was, bit for bit.
+    let flat = x.clone().reshape([10, 32]);
+    let plain = ffn
+        .down(ffn.activate(ffn.gate(flat.clone())) * ffn.up(flat))
+        .reshape([2, 5, 32]);
+    let (fresh, _) = layer.forward(&ffn, x.clone(), 0, None);
+    assert_eq!(fresh.into_data(), plain.into_data());
+    // Trained experts change it, and the sparse dispatch still equals the dense definition.
+    randomize_experts(&mut layer, 0, &device);
+    let (sparse, routing) = layer.forward(&ffn, x.clone(), 0, None);
+    let dense = layer.forward_dense(&ffn, x, 0);
+    sparse
+        .into_data()
+        .assert_approx_eq::<f32>(&dense.into_data(), Tolerance::absolute(1e-5));
+    assert_eq!(routing.selections.iter().sum::<u64>(), 10 * 2);
 }

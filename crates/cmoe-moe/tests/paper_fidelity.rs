@@ -13,10 +13,12 @@ use burn::module::{AutodiffModule, Module, Param};
 use burn::nn::DropoutConfig;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
+use cmoe_moe::LlavaCmoe;
+use cmoe_moe::LlavaLearner;
 use cmoe_moe::baselines::{Ewc, Lwf, distillation};
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::learner::{ContinualLearner, Placement, TaskData, TaskRecipe};
-use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::learner::{Placement, TaskData, TaskRecipe};
+use cmoe_moe::model::MoeConfig;
 use cmoe_moe::pgke::activation_stats;
 use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
@@ -85,9 +87,9 @@ fn ptl() -> PtlConfig {
 /// Gives every expert a random, non-zero LoRA B (fresh experts contribute nothing, so dropout
 /// on their inputs would change nothing either).
 fn with_active_experts<Be: Backend>(
-    mut model: CmoeModel<Be>,
+    mut model: LlavaCmoe<Be>,
     device: &Be::Device,
-) -> CmoeModel<Be> {
+) -> LlavaCmoe<Be> {
     for layer in &mut model.moe {
         randomize_experts(layer, 0, device);
     }
@@ -101,7 +103,7 @@ fn scalar<Be: Backend>(t: Tensor<Be, 1>) -> f64 {
 fn padding_takes_no_part_in_routing<Be: AutodiffBackend>() {
     let device = Default::default();
     let model = with_active_experts(
-        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
+        LlavaCmoe::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
     let plain = seeded_batch::<Be>(0, 0, &device);
@@ -127,14 +129,14 @@ fn probe_statistics_are_gathered_without_dropout<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 1);
     let model = with_active_experts(
-        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.5), &device),
+        LlavaCmoe::new(tiny_llava::<Be>(&device), &moe(0.5), &device),
         &device,
     );
     let batches = [
         seeded_batch::<Be>(3, 2, &device),
         seeded_batch::<Be>(5, 0, &device),
     ];
-    let stats = |m: &CmoeModel<Be>, seed: u64| {
+    let stats = |m: &LlavaCmoe<Be>, seed: u64| {
         Be::seed(&device, seed);
         activation_stats(m, 0, &mut Cycle::new(&batches)).unwrap()
     };
@@ -154,7 +156,7 @@ fn probe_statistics_are_gathered_without_dropout<Be: AutodiffBackend>() {
 fn the_first_task_goes_through_pgke_after_an_initial_phase<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 2);
-    let learner = ContinualLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device);
+    let learner = LlavaLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device);
     let learner = learner
         .learn_initial(&task_data(500, &device), &stage(2), |_| {})
         .unwrap();
@@ -233,7 +235,7 @@ fn the_first_task_goes_through_pgke_after_an_initial_phase<Be: AutodiffBackend>(
     // One folder per backend: the backends' tests run side by side.
     let dir = scratch(&format!("initial-{}", Be::name(&device)));
     learner.save(&dir).unwrap();
-    let reloaded = ContinualLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
+    let reloaded = LlavaLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
     for (a, b) in learner.model.moe.iter().zip(&reloaded.model.moe) {
         assert_eq!(fingerprint(a), fingerprint(b));
     }
@@ -245,7 +247,7 @@ fn placements_add_the_configured_experts_per_layer<Be: AutodiffBackend>() {
     let device = Default::default();
     let grow = |placement, per_layer| {
         Be::seed(&device, 4);
-        let learner = ContinualLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device)
+        let learner = LlavaLearner::<Be>::new(tiny_llava(&device), moe(0.0), ptl(), &device)
             .learn_task(
                 &task_data(0, &device),
                 &recipe(placement, per_layer),
@@ -289,7 +291,7 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
     Be::seed(&device, 5);
     // Active experts: with LoRA B at zero, only B would have gradients (and a Fisher).
     let model = with_active_experts(
-        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
+        LlavaCmoe::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
     let model = cmoe_moe::train::set_trainable(model, 0, &[0..3, 0..3]);
@@ -305,14 +307,14 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
         .unwrap()
         .logits;
     assert_eq!(
-        scalar(ewc.term(&model, &probe, &answers, &logits).unwrap()),
+        scalar(ewc.term(&model.moe, &probe, &answers, &logits).unwrap()),
         0.0,
         "no penalty before a consolidation"
     );
     ewc.consolidate(&model, &mut Cycle::new(&batches), 2)
         .unwrap();
     assert!(ewc.is_active());
-    let at_anchor = scalar(ewc.term(&model, &probe, &answers, &logits).unwrap());
+    let at_anchor = scalar(ewc.term(&model.moe, &probe, &answers, &logits).unwrap());
     assert_eq!(at_anchor, 0.0, "the penalty at the consolidated parameters");
     // Move the routers (whose Fisher is not zero) by `step`.
     let moved = |step: f64| {
@@ -322,7 +324,7 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
             layer.routers.routers[0].weight =
                 Param::from_tensor((w.clone().detach() + step).detach());
         }
-        scalar(ewc.term(&m, &probe, &answers, &logits).unwrap())
+        scalar(ewc.term(&m.moe, &probe, &answers, &logits).unwrap())
     };
     let (one, two) = (moved(0.01), moved(0.02));
     assert!(one > 0.0, "the penalty does not grow away from the anchor");
@@ -337,7 +339,10 @@ fn ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically<Be: AutodiffBackend
         layer.routers.routers[0].weight =
             Param::from_tensor((w.detach() + 0.01).detach()).set_require_grad(true);
     }
-    let grads = ewc.term(&m, &probe, &answers, &logits).unwrap().backward();
+    let grads = ewc
+        .term(&m.moe, &probe, &answers, &logits)
+        .unwrap()
+        .backward();
     assert!(
         m.moe[0].routers.routers[0]
             .weight
@@ -351,7 +356,7 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     let device = Default::default();
     Be::seed(&device, 6);
     let previous = with_active_experts(
-        CmoeModel::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
+        LlavaCmoe::new(tiny_llava::<Be>(&device), &moe(0.0), &device),
         &device,
     );
     let lwf = Lwf::new(&previous, 1.0, 2.0);
@@ -379,19 +384,19 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     );
     // The model moves on; the target does not.
     let current = with_active_experts(previous.clone(), &device);
-    let logits = |m: &CmoeModel<Be>| {
+    let logits = |m: &LlavaCmoe<Be>| {
         m.forward_answers(probe.input.clone(), 0, &answers)
             .unwrap()
             .logits
     };
     assert!(
         scalar(
-            lwf.term(&current, &probe, &answers, &logits(&current))
+            lwf.term(&current.moe, &probe, &answers, &logits(&current))
                 .unwrap()
         ) > 0.0
     );
     let kl = scalar(
-        lwf.term(&previous, &probe, &answers, &logits(&previous))
+        lwf.term(&previous.moe, &probe, &answers, &logits(&previous))
             .unwrap(),
     );
     assert!(

@@ -8,8 +8,9 @@
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Tensor};
 use cmoe_llava::Llava;
+use cmoe_moe::LlavaCmoe;
 use cmoe_moe::fingerprint::fingerprint;
-use cmoe_moe::model::{CmoeModel, MoeConfig};
+use cmoe_moe::model::MoeConfig;
 use cmoe_moe::ptl::PtlFeature;
 use cmoe_moe::train::Cycle;
 use cmoe_moe::train::{StageConfig, TrainBatch, set_trainable, train_stage};
@@ -43,7 +44,7 @@ fn relative_gap(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The experts' parameters, flattened.
-fn expert_values(model: &CmoeModel<Be>) -> Vec<f32> {
+fn expert_values(model: &LlavaCmoe<Be>) -> Vec<f32> {
     let mut out = Vec::new();
     for layer in &model.moe {
         for expert in &layer.experts {
@@ -71,12 +72,12 @@ fn bf16_base_with_f32_experts_trains_like_f32() {
         dropout: 0.0,
         ..MoeConfig::default()
     };
-    let full = CmoeModel::new(base(DType::F32), &config, &device);
-    let mut half = CmoeModel::new(base(DType::BF16), &config, &device);
+    let full = LlavaCmoe::new(base(DType::F32), &config, &device);
+    let mut half = LlavaCmoe::new(base(DType::BF16), &config, &device);
     half.moe = full.moe.clone(); // the same f32 experts and routers
     let batch = batch(&device);
 
-    let logits = |m: &CmoeModel<Be>| {
+    let logits = |m: &LlavaCmoe<Be>| {
         let out = m.forward(batch.input.clone(), 0).unwrap().logits;
         values(out)
     };
@@ -99,7 +100,7 @@ fn bf16_base_with_f32_experts_trains_like_f32() {
     let all = vec![0..2; full.moe.len()];
     let base_before = fingerprint(&half.base);
     let start = expert_values(&half);
-    let train = |m: CmoeModel<Be>| {
+    let train = |m: LlavaCmoe<Be>| {
         let m = set_trainable(m, 0, &all);
         let batches = [batch.clone()];
         let mut losses = Vec::new();

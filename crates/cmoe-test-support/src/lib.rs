@@ -9,9 +9,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use cmoe_llava::config::TextConfig;
 use cmoe_llava::llama::LlamaMlp;
-use cmoe_llava::{Llava, LlavaInput, load_llava};
+use cmoe_llava::{Llava, load_llava};
 use cmoe_moe::train::TrainBatch;
-use cmoe_moe::{MoeLoraFfn, MoeLoraFfnConfig};
+use cmoe_moe::{ModelInput, MoeLoraFfn, MoeLoraFfnConfig};
 
 /// Re-exported for [`on_backends!`], which names `$crate::burn`.
 pub use burn;
@@ -99,7 +99,7 @@ pub fn train_batch<B: Backend>(
     let int =
         |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [rows.len(), n]), device);
     TrainBatch {
-        input: LlavaInput {
+        input: ModelInput {
             input_ids: int(ids),
             pixel_values: Some(grey_pixels(rows.len(), shade, device)),
             attention_mask: (pad > 0).then(|| int(mask)),
@@ -122,7 +122,7 @@ pub fn seeded_batch<B: Backend>(seed: i64, pad: usize, device: &B::Device) -> Tr
 }
 
 /// The prompt part (no answer) of `seeded_batch(seed, ..)`'s first row, on its image.
-pub fn seeded_prompt<B: Backend>(seed: i64, device: &B::Device) -> LlavaInput<B> {
+pub fn seeded_prompt<B: Backend>(seed: i64, device: &B::Device) -> ModelInput<B> {
     let (ids, answer) = seeded_row(seed);
     prompt_input(&ids[..answer], seeded_shade(seed), device)
 }
@@ -132,8 +132,8 @@ fn seeded_shade(seed: i64) -> f64 {
 }
 
 /// A one-row input of `ids` on a grey image of `shade`, without a mask.
-pub fn prompt_input<B: Backend>(ids: &[i64], shade: f64, device: &B::Device) -> LlavaInput<B> {
-    LlavaInput {
+pub fn prompt_input<B: Backend>(ids: &[i64], shade: f64, device: &B::Device) -> ModelInput<B> {
+    ModelInput {
         input_ids: Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids.to_vec(), [1, ids.len()]),
             device,

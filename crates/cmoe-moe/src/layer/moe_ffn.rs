@@ -1,4 +1,4 @@
-//! The MoE-LoRA FFN layer (paper Eq. 1) around a frozen LLaMA MLP.
+//! The MoE-LoRA FFN layer (paper Eq. 1) around a frozen gated FFN ([`GatedFfn`]).
 //!
 //! For a token `x` and the selected task's router `G`: `g = G x`, the top-k logits are
 //! softmax-normalised into weights `w'`, and each targeted projection `W0` (gate, up, down by
@@ -13,9 +13,9 @@ use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{
     DType, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend,
 };
-use cmoe_llava::llama::LlamaMlp;
 use serde::{Deserialize, Serialize};
 
+use crate::host::GatedFfn;
 use crate::layer::{LoraExpert, LoraExpertConfig};
 use crate::layer::{RouterBank, TaskRouter, TaskRouterConfig};
 use crate::train::noise;
@@ -23,11 +23,11 @@ use crate::train::noise;
 /// Which projections of the FFN carry experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FfnTargets {
-    /// `gate_proj`.
+    /// The gate projection.
     pub gate: bool,
-    /// `up_proj`.
+    /// The up projection.
     pub up: bool,
-    /// `down_proj`.
+    /// The down projection.
     pub down: bool,
 }
 
@@ -44,11 +44,11 @@ impl Default for FfnTargets {
 /// One expert of an FFN layer: a LoRA pair on each targeted projection.
 #[derive(Module, Debug)]
 pub struct FfnExpert<B: Backend> {
-    /// On `gate_proj` (`hidden -> intermediate`).
+    /// On the gate projection (`d_model -> d_ff`).
     pub gate: Option<LoraExpert<B>>,
-    /// On `up_proj` (`hidden -> intermediate`).
+    /// On the up projection (`d_model -> d_ff`).
     pub up: Option<LoraExpert<B>>,
-    /// On `down_proj` (`intermediate -> hidden`).
+    /// On the down projection (`d_ff -> d_model`).
     pub down: Option<LoraExpert<B>>,
 }
 
@@ -76,7 +76,7 @@ impl<B: Backend> FfnExpert<B> {
     }
 }
 
-/// Configuration of a [`MoeLoraFfn`] around a SwiGLU FFN `d_model -> d_ff -> d_model`
+/// Configuration of a [`MoeLoraFfn`] around a gated FFN `d_model -> d_ff -> d_model`
 /// (defaults: the paper's rank 64, alpha 128, top-2, 8 experts, experts on all three
 /// projections).
 #[derive(Config, Debug)]
@@ -296,7 +296,7 @@ impl<B: Backend> MoeLoraFfn<B> {
     /// on that input shares.
     pub fn forward(
         &self,
-        base: &LlamaMlp<B>,
+        ffn: &(impl GatedFfn<B> + ?Sized),
         x: Tensor<B, 3>,
         task: usize,
         real: Option<&[bool]>,
@@ -312,20 +312,25 @@ impl<B: Backend> MoeLoraFfn<B> {
         let (routes, routing) = self.route(self.routers.get(task), flat32.clone(), real);
         let dispatch = self.dispatch(&routes, &flat.device());
         let input = noise::dropout(&self.dropout, flat32);
-        let gate = base.gate_proj.forward(flat.clone());
+        let gate = ffn.gate(flat.clone());
         let gate = self.add_expert_deltas(gate, &input, &dispatch, |e| e.gate.as_ref());
-        let up = base.up_proj.forward(flat);
+        let up = ffn.up(flat);
         let up = self.add_expert_deltas(up, &input, &dispatch, |e| e.up.as_ref());
-        let hidden = base.activation.forward(gate) * up;
+        let hidden = ffn.activate(gate) * up;
         let input = noise::dropout(&self.dropout, hidden.clone().cast(DType::F32));
-        let down = base.down_proj.forward(hidden);
+        let down = ffn.down(hidden);
         let down = self.add_expert_deltas(down, &input, &dispatch, |e| e.down.as_ref());
         (down.reshape([b, s, d]), routing)
     }
 
     /// The same function computed densely (every expert on every token, weighted by the full
     /// top-k softmax): the reference the sparse dispatch is tested against.
-    pub fn forward_dense(&self, base: &LlamaMlp<B>, x: Tensor<B, 3>, task: usize) -> Tensor<B, 3> {
+    pub fn forward_dense(
+        &self,
+        ffn: &(impl GatedFfn<B> + ?Sized),
+        x: Tensor<B, 3>,
+        task: usize,
+    ) -> Tensor<B, 3> {
         let [b, s, d] = x.dims();
         let flat = x.reshape([b * s, d]);
         let router = self.routers.get(task);
@@ -347,14 +352,10 @@ impl<B: Backend> MoeLoraFfn<B> {
             }
             out
         };
-        let gate = dense(base.gate_proj.forward(flat.clone()), &flat, |e| {
-            e.gate.as_ref()
-        });
-        let up = dense(base.up_proj.forward(flat.clone()), &flat, |e| e.up.as_ref());
-        let hidden = base.activation.forward(gate) * up;
-        let down = dense(base.down_proj.forward(hidden.clone()), &hidden, |e| {
-            e.down.as_ref()
-        });
+        let gate = dense(ffn.gate(flat.clone()), &flat, |e| e.gate.as_ref());
+        let up = dense(ffn.up(flat.clone()), &flat, |e| e.up.as_ref());
+        let hidden = ffn.activate(gate) * up;
+        let down = dense(ffn.down(hidden.clone()), &hidden, |e| e.down.as_ref());
         down.reshape([b, s, d])
     }
 }

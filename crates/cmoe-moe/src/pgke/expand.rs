@@ -3,10 +3,11 @@
 
 use std::ops::Range;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use super::{ActivationStats, ExpansionPlan};
+use crate::host::AutodiffHost;
 use crate::layer::FfnExpert;
 use crate::model::CmoeModel;
 use crate::train::{BatchSource, StageError};
@@ -15,11 +16,11 @@ use crate::train::{BatchSource, StageError};
 /// the probe router for `task` = the previous router (task `task - 1`'s, or the initial
 /// phase's for the first task) + `n_probe` random columns. Returns the model and the expert
 /// counts before probing.
-pub fn add_probes<B: Backend>(
-    mut model: CmoeModel<B>,
+pub fn add_probes<B: Backend, H: Module<B>>(
+    mut model: CmoeModel<B, H>,
     task: usize,
     n_probe: usize,
-) -> Result<(CmoeModel<B>, Vec<usize>), StageError> {
+) -> Result<(CmoeModel<B, H>, Vec<usize>), StageError> {
     let before = model.experts_per_layer();
     for layer in &mut model.moe {
         if layer.routers.num_tasks() != task {
@@ -44,8 +45,8 @@ pub fn add_probes<B: Backend>(
 /// PGKE step 2: per layer, how often each expert is among a token's top-k under `task`'s router,
 /// over one pass of `source` (labels unused). Runs in inference mode (no dropout, no autodiff
 /// graph); padding tokens are not counted.
-pub fn activation_stats<B: AutodiffBackend>(
-    model: &CmoeModel<B>,
+pub fn activation_stats<B: AutodiffBackend, H: AutodiffHost<B>>(
+    model: &CmoeModel<B, H>,
     task: usize,
     source: &mut dyn BatchSource<B>,
 ) -> Result<ActivationStats, StageError> {
@@ -64,12 +65,12 @@ pub fn activation_stats<B: AutodiffBackend>(
 /// PGKE step 3: drops the probes and the probe router (layers had `before[layer]` experts),
 /// adds each planned layer's experts as copies of `init_from`, and creates router_task = the
 /// previous router + one random column per new expert.
-pub fn expand<B: Backend>(
-    mut model: CmoeModel<B>,
+pub fn expand<B: Backend, H: Module<B>>(
+    mut model: CmoeModel<B, H>,
     task: usize,
     before: &[usize],
     plan: &ExpansionPlan,
-) -> Result<CmoeModel<B>, StageError> {
+) -> Result<CmoeModel<B, H>, StageError> {
     for (index, layer) in model.moe.iter_mut().enumerate() {
         let grow = plan.layers.iter().find(|l| l.layer == index);
         let new: Vec<FfnExpert<B>> = grow
@@ -97,7 +98,10 @@ pub fn expand<B: Backend>(
 }
 
 /// The experts a task trains: from `first[layer]` (the count before the task) to the end.
-pub fn new_expert_ranges<B: Backend>(model: &CmoeModel<B>, first: &[usize]) -> Vec<Range<usize>> {
+pub fn new_expert_ranges<B: Backend, H: Module<B>>(
+    model: &CmoeModel<B, H>,
+    first: &[usize],
+) -> Vec<Range<usize>> {
     model
         .experts_per_layer()
         .iter()

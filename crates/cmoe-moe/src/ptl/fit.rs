@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use super::{BankEntry, FeatureMemory, PtlConfig, PtlFeature, StackedVaes, TaskVae};
+use crate::host::MoeHost;
 use crate::model::CmoeModel;
 use crate::train::{LossWeights, StageError, TrainBatch, adamw};
 
@@ -62,8 +63,8 @@ pub fn fit_vae<B: AutodiffBackend>(
 /// PTL's input for one batch (at `position` of its pass, for errors): the frozen base model's
 /// `feature` of each row's prompt (equal, with a causal decoder, to the feature of the prompt
 /// alone), detached.
-pub fn batch_features<B: Backend>(
-    model: &CmoeModel<B>,
+pub fn batch_features<B: Backend, H: MoeHost<B>>(
+    model: &CmoeModel<B, H>,
     batch: &TrainBatch<B>,
     position: usize,
     feature: PtlFeature,

@@ -2,13 +2,14 @@
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
-use cmoe_llava::LlavaInput;
+
+use crate::host::ModelInput;
 
 /// Model inputs and per-position labels (`-100`: no loss).
 #[derive(Debug, Clone)]
 pub struct TrainBatch<B: Backend> {
     /// The inputs.
-    pub input: LlavaInput<B>,
+    pub input: ModelInput<B>,
     /// `[batch, seq]` labels.
     pub labels: Tensor<B, 2, Int>,
 }
@@ -16,17 +17,8 @@ pub struct TrainBatch<B: Backend> {
 impl<B: AutodiffBackend> TrainBatch<B> {
     /// The same batch without autodiff (for inference-mode passes).
     pub fn inner(self) -> TrainBatch<B::InnerBackend> {
-        let LlavaInput {
-            input_ids,
-            pixel_values,
-            attention_mask,
-        } = self.input;
         TrainBatch {
-            input: LlavaInput {
-                input_ids: input_ids.inner(),
-                pixel_values: pixel_values.map(Tensor::inner),
-                attention_mask: attention_mask.map(Tensor::inner),
-            },
+            input: self.input.inner(),
             labels: self.labels.inner(),
         }
     }
@@ -35,17 +27,8 @@ impl<B: AutodiffBackend> TrainBatch<B> {
 impl<B: Backend> TrainBatch<B> {
     /// The batch on `device`.
     pub fn to_device(self, device: &B::Device) -> Self {
-        let LlavaInput {
-            input_ids,
-            pixel_values,
-            attention_mask,
-        } = self.input;
         Self {
-            input: LlavaInput {
-                input_ids: input_ids.to_device(device),
-                pixel_values: pixel_values.map(|p| p.to_device(device)),
-                attention_mask: attention_mask.map(|m| m.to_device(device)),
-            },
+            input: self.input.to_device(device),
             labels: self.labels.to_device(device),
         }
     }

@@ -15,10 +15,11 @@ use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Tensor};
-use cmoe_llava::LlavaError;
-use cmoe_llava::store::{load_module, save_module};
+use cmoe_store::{load_module, save_module};
 use serde::{Deserialize, Serialize};
 
+use crate::error::MoeError;
+use crate::host::MoeHost;
 use crate::model::CmoeModel;
 use crate::ptl::{FeatureMemory, VaeFit};
 use crate::train::{OptimState, StageConfig, StageError, StageSnapshot, StageState};
@@ -67,7 +68,7 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> StageError {
-    StageError::Model(LlavaError::io(path, e))
+    StageError::Model(MoeError::io(path, e))
 }
 
 /// The checkpoint in `dir`, or in `<dir>.old` when a crash came in the middle of a swap.
@@ -99,12 +100,12 @@ pub fn find(dir: &Path) -> Result<Option<(PathBuf, StageManifest)>, StageError> 
 
 /// Writes `snapshot` of task `task`'s stage (`stage`, new experts from `first`) as the
 /// checkpoint in `dir`.
-pub(crate) fn save<B: AutodiffBackend>(
+pub(crate) fn save<B: AutodiffBackend, H: Module<B>>(
     dir: &Path,
     task: usize,
     first: &[usize],
     stage: &StageConfig,
-    snapshot: StageSnapshot<'_, B>,
+    snapshot: StageSnapshot<'_, B, H>,
     extra: &mut dyn FnMut(&Path, usize) -> Result<(), StageError>,
 ) -> Result<(), StageError> {
     let StageSnapshot { model, vae, state } = snapshot;
@@ -152,12 +153,12 @@ pub(crate) fn save<B: AutodiffBackend>(
 /// `task`, experts from `first`, settings `stage`) and returns where the stage stands; `None`
 /// when there is no checkpoint or it belongs to another task (a finished one's leftover).
 /// A checkpoint of this task that does not fit is an error naming its file.
-pub(crate) fn load<B: AutodiffBackend>(
+pub(crate) fn load<B: AutodiffBackend, H: MoeHost<B>>(
     dir: &Path,
     task: usize,
     first: &[usize],
     stage: &StageConfig,
-    model: &mut CmoeModel<B>,
+    model: &mut CmoeModel<B, H>,
     vae: &mut Option<VaeFit<B>>,
 ) -> Result<Option<StageState<B>>, StageError> {
     let Some((dir, manifest)) = find(dir)? else {

@@ -33,25 +33,26 @@ use burn::prelude::DeviceOps;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+use crate::host::MoeHost;
 use crate::model::CmoeModel;
 use crate::ptl::TaskVae;
 
 /// The model and the VAE being fitted, copied on every device but the first.
-pub struct Replicas<B: AutodiffBackend> {
+pub struct Replicas<B: AutodiffBackend, H: Module<B>> {
     devices: Vec<B::Device>,
-    copies: Vec<Replica<B>>,
+    copies: Vec<Replica<B, H>>,
 }
 
 /// One extra device's copy.
-struct Replica<B: AutodiffBackend> {
-    model: CmoeModel<B>,
+struct Replica<B: AutodiffBackend, H: Module<B>> {
+    model: CmoeModel<B, H>,
     vae: Option<TaskVae<B>>,
 }
 
-impl<B: AutodiffBackend> Replicas<B> {
+impl<B: AutodiffBackend, H: MoeHost<B>> Replicas<B, H> {
     /// Copies of `model` and `vae` (on `devices[0]`) on `devices[1..]`; none for one device or
     /// none.
-    pub fn new(model: &CmoeModel<B>, vae: Option<&TaskVae<B>>, devices: &[B::Device]) -> Self {
+    pub fn new(model: &CmoeModel<B, H>, vae: Option<&TaskVae<B>>, devices: &[B::Device]) -> Self {
         let copies = devices
             .iter()
             .skip(1)
@@ -85,10 +86,10 @@ impl<B: AutodiffBackend> Replicas<B> {
     /// the results in device order.
     pub fn run<W: Send, T: Send>(
         &mut self,
-        model: &CmoeModel<B>,
+        model: &CmoeModel<B, H>,
         vae: Option<&TaskVae<B>>,
         shards: Vec<W>,
-        work: impl Fn(&CmoeModel<B>, Option<&TaskVae<B>>, W) -> T + Sync,
+        work: impl Fn(&CmoeModel<B, H>, Option<&TaskVae<B>>, W) -> T + Sync,
     ) -> Vec<T> {
         let mut shards = shards.into_iter();
         let Some(first) = shards.next() else {
@@ -154,7 +155,7 @@ impl<B: AutodiffBackend> Replicas<B> {
     }
 
     /// Copies `model`'s trainable experts and routers, and `vae`, to every replica.
-    pub fn refresh(&mut self, model: &CmoeModel<B>, vae: Option<&TaskVae<B>>) {
+    pub fn refresh(&mut self, model: &CmoeModel<B, H>, vae: Option<&TaskVae<B>>) {
         for (copy, device) in self.copies.iter_mut().zip(self.devices.iter().skip(1)) {
             for (to, from) in copy.model.moe.iter_mut().zip(&model.moe) {
                 for (to, from) in to.experts.iter_mut().zip(&from.experts) {

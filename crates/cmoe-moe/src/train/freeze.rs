@@ -6,15 +6,16 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+use crate::host::AutodiffHost;
 use crate::model::CmoeModel;
 
 /// Freezes every expert and router (the initial phase's included), then makes trainable task
 /// `task`'s router and, per layer, the experts in `trainable[layer]`.
-pub fn set_trainable<B: AutodiffBackend>(
-    mut model: CmoeModel<B>,
+pub fn set_trainable<B: AutodiffBackend, H: Module<B>>(
+    mut model: CmoeModel<B, H>,
     task: usize,
     trainable: &[Range<usize>],
-) -> CmoeModel<B> {
+) -> CmoeModel<B, H> {
     for (layer, range) in model.moe.iter_mut().zip(trainable) {
         let experts = std::mem::take(&mut layer.experts);
         layer.experts = experts
@@ -49,6 +50,8 @@ fn require_grad<B: Backend, M: Module<B>>(module: M, on: bool) -> M {
 }
 
 /// The inference copy of a model (no autodiff).
-pub fn inference<B: AutodiffBackend>(model: &CmoeModel<B>) -> CmoeModel<B::InnerBackend> {
+pub fn inference<B: AutodiffBackend, H: AutodiffHost<B>>(
+    model: &CmoeModel<B, H>,
+) -> CmoeModel<B::InnerBackend, H::InnerModule> {
     model.valid()
 }

@@ -17,7 +17,6 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
-use cmoe_llava::LlavaError;
 
 use super::data_parallel::Replicas;
 use super::noise::NoiseStream;
@@ -25,6 +24,9 @@ use super::{
     AnswerTargets, BatchSource, LossTerms, LossValues, LossWeights, OptimState, TrainBatch, by_id,
     by_order,
 };
+use crate::error::MoeError;
+use crate::host::{AutodiffHost, MoeHost};
+use crate::layer::MoeLoraFfn;
 use crate::model::CmoeModel;
 use crate::ptl::{PtlFeature, TaskVae, VaeFit, batch_features};
 
@@ -74,9 +76,9 @@ pub struct StageState<B: AutodiffBackend> {
 }
 
 /// A stage in flight at a checkpoint.
-pub struct StageSnapshot<'a, B: AutodiffBackend> {
+pub struct StageSnapshot<'a, B: AutodiffBackend, H: Module<B>> {
     /// The model after `state.step` steps.
-    pub model: &'a CmoeModel<B>,
+    pub model: &'a CmoeModel<B, H>,
     /// The VAE and its feature memory, for a stage that fits one.
     pub vae: Option<&'a VaeFit<B>>,
     /// Steps and optimiser state.
@@ -86,11 +88,11 @@ pub struct StageSnapshot<'a, B: AutodiffBackend> {
 /// An extra term of a stage's objective beside `CE + lambda KL + eta rec + kappa aux`: a
 /// baseline's regulariser (EWC's penalty, LwF's distillation; see [`crate::baselines`]).
 pub trait Penalty<B: AutodiffBackend>: Sync {
-    /// The weighted term for one micro-batch, from the model being trained, the batch, its
+    /// The weighted term for one micro-batch, from the MoE layers being trained, the batch, its
     /// answer positions and the model's logits there (`[answers, vocab]`).
     fn term(
         &self,
-        model: &CmoeModel<B>,
+        moe: &[MoeLoraFfn<B>],
         batch: &TrainBatch<B>,
         answers: &AnswerTargets,
         logits: &Tensor<B, 2>,
@@ -99,7 +101,7 @@ pub trait Penalty<B: AutodiffBackend>: Sync {
 
 /// Where a stage starts, on which devices it runs, when it checkpoints, and any regulariser
 /// added to its objective.
-pub struct StageControl<'a, B: AutodiffBackend> {
+pub struct StageControl<'a, B: AutodiffBackend, H: Module<B>> {
     /// A stage to continue (its model and VAE are the ones passed in); `None`: from step 0.
     pub resume: Option<StageState<B>>,
     /// The devices to train on, data-parallel ([`crate::train`]); the first must be
@@ -109,15 +111,15 @@ pub struct StageControl<'a, B: AutodiffBackend> {
     /// step, which the caller saves as it likes).
     pub every: usize,
     /// Receives the snapshots.
-    pub save: Option<&'a mut SaveSnapshot<'a, B>>,
+    pub save: Option<&'a mut SaveSnapshot<'a, B, H>>,
     /// A regulariser added to every micro-batch's loss (one device only).
     pub penalty: Option<&'a dyn Penalty<B>>,
 }
 
 /// A receiver of [`StageSnapshot`]s.
-pub type SaveSnapshot<'a, B> = dyn FnMut(StageSnapshot<'_, B>) -> Result<(), StageError> + 'a;
+pub type SaveSnapshot<'a, B, H> = dyn FnMut(StageSnapshot<'_, B, H>) -> Result<(), StageError> + 'a;
 
-impl<'a, B: AutodiffBackend> StageControl<'a, B> {
+impl<'a, B: AutodiffBackend, H: Module<B>> StageControl<'a, B, H> {
     /// From step 0, on the model's device, no checkpoints.
     pub fn none() -> Self {
         Self::on(&[])
@@ -145,7 +147,7 @@ impl<'a, B: AutodiffBackend> StageControl<'a, B> {
 pub enum StageError {
     /// Bad inputs.
     #[error(transparent)]
-    Model(#[from] LlavaError),
+    Model(#[from] MoeError),
     /// A batch without any answer token.
     #[error("batch {0} has no labelled position")]
     NoLabels(usize),
@@ -170,6 +172,12 @@ pub enum StageError {
     Config(String),
 }
 
+impl From<cmoe_store::StoreError> for StageError {
+    fn from(err: cmoe_store::StoreError) -> Self {
+        Self::Model(err.into())
+    }
+}
+
 /// The AdamW every stage uses: PyTorch's defaults (betas 0.9 / 0.999, epsilon 1e-8, which the
 /// paper's trainer used) and `weight_decay`. Burn's default epsilon, 1e-5, would swamp the
 /// VAE's gradients, which the loss scales by `eta = 1e-3`.
@@ -191,13 +199,13 @@ pub fn learning_rate(step: usize, total: usize, peak: f64, warmup_ratio: f64) ->
 
 /// Optimises the trainable parameters for `config.steps` steps over `source`'s batches with
 /// task `task`'s routers on `CE + kappa * aux`; `on_step` sees every step's loss terms.
-pub fn train_stage<B: AutodiffBackend>(
-    model: CmoeModel<B>,
+pub fn train_stage<B: AutodiffBackend, H: AutodiffHost<B>>(
+    model: CmoeModel<B, H>,
     task: usize,
     source: &mut dyn BatchSource<B>,
     config: &StageConfig,
     on_step: impl FnMut(usize, &LossValues),
-) -> Result<CmoeModel<B>, StageError> {
+) -> Result<CmoeModel<B, H>, StageError> {
     let control = StageControl::none();
     train_stage_with(model, None, task, source, config, control, on_step).map(|(model, _)| model)
 }
@@ -208,15 +216,15 @@ pub fn train_stage<B: AutodiffBackend>(
 /// as the steps need them: step `s` takes the next `config.accumulation` micro-batches.
 /// `control` says where to start (a resumed stage skips the batches its steps consumed) and
 /// when to checkpoint.
-pub fn train_stage_with<B: AutodiffBackend>(
-    mut model: CmoeModel<B>,
+pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
+    mut model: CmoeModel<B, H>,
     mut vae: Option<VaeFit<B>>,
     task: usize,
     source: &mut dyn BatchSource<B>,
     config: &StageConfig,
-    mut control: StageControl<'_, B>,
+    mut control: StageControl<'_, B, H>,
     mut on_step: impl FnMut(usize, &LossValues),
-) -> Result<(CmoeModel<B>, Option<VaeFit<B>>), StageError> {
+) -> Result<(CmoeModel<B, H>, Option<VaeFit<B>>), StageError> {
     if source.is_empty() {
         return Err(StageError::NoData);
     }
@@ -344,7 +352,11 @@ pub fn train_stage_with<B: AutodiffBackend>(
 
 /// Seeds the step's draws: the first device from `step_seed`, every other distinct device its
 /// own stream (replicas sharing the first device share its generator).
-fn seed_devices<B: AutodiffBackend>(replicas: &Replicas<B>, device: &B::Device, step_seed: u64) {
+fn seed_devices<B: AutodiffBackend, H: MoeHost<B>>(
+    replicas: &Replicas<B, H>,
+    device: &B::Device,
+    step_seed: u64,
+) {
     B::seed(device, step_seed);
     for d in 1..replicas.count() {
         if let Some(other) = replicas.device(d).filter(|&o| o != device) {
@@ -361,10 +373,10 @@ type Dealt<B> = (Vec<(usize, Option<Tensor<B, 2>>)>, Vec<Vec<MicroBatch<B>>>);
 
 /// Reads a step's `micro` micro-batches from `source` (counting them in `batches_read`) and
 /// deals them round-robin over the replicas' devices, each with its held PTL features.
-fn deal<B: AutodiffBackend>(
+fn deal<B: AutodiffBackend, H: MoeHost<B>>(
     source: &mut dyn BatchSource<B>,
     vae: Option<&VaeFit<B>>,
-    replicas: &Replicas<B>,
+    replicas: &Replicas<B, H>,
     micro: usize,
     batches_read: &mut usize,
 ) -> Result<Dealt<B>, StageError> {
@@ -496,13 +508,13 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
     /// Forward and backward passes of `shard`'s micro-batches, one at a time, each on its share
     /// `1 / micro` of the step's loss: `CE + kappa aux` (+ the penalty), plus
     /// `lambda KL + eta rec` when `vae` (with its draws per feature and its feature) is given.
-    fn run(
+    fn run<H: AutodiffHost<B>>(
         &self,
-        model: &CmoeModel<B>,
+        model: &CmoeModel<B, H>,
         vae: Option<(&TaskVae<B>, (usize, PtlFeature))>,
         shard: Vec<MicroBatch<B>>,
     ) -> Result<ShardOutput<B>, StageError> {
-        let mut model_grads = GradientsAccumulator::<CmoeModel<B>>::new();
+        let mut model_grads = GradientsAccumulator::<CmoeModel<B, H>>::new();
         let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
         let mut values = Vec::with_capacity(shard.len());
         let mut computed = Vec::new();
@@ -537,7 +549,9 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                     pending.map(|handle| handle.join().expect("the PTL feature pass panicked"));
                 let out = trained?;
                 let penalty = match self.penalty {
-                    Some(penalty) => Some(penalty.term(model, &batch, &answers, &out.logits)?),
+                    Some(penalty) => {
+                        Some(penalty.term(&model.moe, &batch, &answers, &out.logits)?)
+                    }
                     None => None,
                 };
                 Ok::<_, StageError>((out, penalty, features, fresh))

@@ -7,14 +7,14 @@ use burn::tensor::{DType, backend::Backend};
 use burn_store::ModuleSnapshot;
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::error::LlavaError;
-use crate::import::{Checkpoint, apply_checkpoint};
+use crate::StoreError;
+use crate::checkpoint::{Checkpoint, apply_checkpoint};
 
 /// Writes every float parameter of `module` to `path`, atomically (a temp file, then a rename).
 pub fn save_module<B: Backend, M: ModuleSnapshot<B>>(
     module: &M,
     path: &Path,
-) -> Result<(), LlavaError> {
+) -> Result<(), StoreError> {
     save_module_with(module, path, None, |key| key.to_string(), None)
 }
 
@@ -26,11 +26,11 @@ pub fn save_module_with<B: Backend, M: ModuleSnapshot<B>>(
     adapter: Option<Box<dyn burn_store::ModuleAdapter>>,
     rename: impl Fn(&str) -> String,
     dtype: Option<DType>,
-) -> Result<(), LlavaError> {
+) -> Result<(), StoreError> {
     let mut named = Vec::new();
     for snapshot in module.collect(None, adapter, false) {
         let data = snapshot.to_data().map_err(|e| {
-            LlavaError::io(path, format!("cannot read {}: {e}", snapshot.full_path()))
+            StoreError::io(path, format!("cannot read {}: {e}", snapshot.full_path()))
         })?;
         let data = match dtype {
             Some(d) => data.convert_dtype(d),
@@ -55,17 +55,17 @@ pub fn save_module_with<B: Backend, M: ModuleSnapshot<B>>(
             TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| LlavaError::io(path, e))?;
+        .map_err(|e| StoreError::io(path, e))?;
     if path.is_dir() {
-        return Err(LlavaError::io(
+        return Err(StoreError::io(
             path,
             "is a folder; give the path of a .safetensors file to write",
         ));
     }
     let tmp = path.with_extension("safetensors.tmp");
     let written = safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| LlavaError::io(&tmp, e))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| LlavaError::io(path, e)));
+        .map_err(|e| StoreError::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e)));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -77,9 +77,9 @@ pub fn load_module<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     path: &Path,
     dtype: DType,
-) -> Result<(), LlavaError> {
+) -> Result<(), StoreError> {
     if !path.exists() {
-        return Err(LlavaError::io(path, "no such file"));
+        return Err(StoreError::io(path, "no such file"));
     }
     let checkpoint = Checkpoint::from_files(path, vec![path.to_path_buf()])?;
     apply_checkpoint(
