@@ -27,7 +27,8 @@ use llava_cmoe::moe::fingerprint::fingerprint;
 use llava_cmoe::moe::learner::TaskRecipe;
 use llava_cmoe::moe::train::{IGNORE_INDEX, StageConfig, TaskData, TrainBatch};
 use llava_cmoe::moe::{
-    ContinualLearner, FfnHook, GatedFfn, ModelInput, MoeConfig, MoeError, MoeHost, PtlConfig,
+    ContinualLearner, FfnHook, GatedFfn, InferenceModel, ModelInput, MoeConfig, MoeError, MoeHost,
+    PtlConfig,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -289,7 +290,7 @@ fn main() -> anyhow::Result<()> {
     println!("task 0's outputs are bit-identical after task 1; the base is unchanged");
 
     // Unlabelled questions: PTL picks the task, its router answers.
-    let (model, locator) = learner.valid();
+    let InferenceModel { model, locator } = learner.valid();
     for (task, rows) in tests.iter().enumerate() {
         let location = model.locate(&locator, input(rows, &device))?;
         let located = location.tasks.iter().filter(|&&t| t == task).count();

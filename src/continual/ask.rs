@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use burn::tensor::backend::Backend;
 use cmoe_coin::format::TestRecord;
-use cmoe_moe::LlavaLearner;
+use cmoe_moe::{InferenceModel, LlavaLearner};
 use serde::Serialize;
 
 use super::config::*;
@@ -57,7 +57,7 @@ impl BackendTask for AskTask {
             .take(learned)
             .map(|(name, _)| name)
             .collect();
-        let (model, locator) = learner.valid();
+        let InferenceModel { model, locator } = learner.valid();
         let record = TestRecord {
             question_id: cmoe_coin::format::QuestionId("ask".into()),
             image: self.image.display().to_string(),

@@ -9,8 +9,8 @@ use cmoe_coin::format::{Prediction, TestRecord, write_json, write_jsonl};
 use cmoe_coin::score::{Compat, TaskType, score};
 use cmoe_llava::GenerationConfig;
 use cmoe_moe::LlavaCmoe;
-use cmoe_moe::LlavaLearner;
 use cmoe_moe::TaskLocator;
+use cmoe_moe::{InferenceModel, LlavaLearner};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,7 @@ impl BackendTask for EvalTask {
             n => n,
         };
         let tasks: Vec<(String, TaskType)> = all.into_iter().take(learned).collect();
-        let (model, locator) = learner.valid();
+        let InferenceModel { model, locator } = learner.valid();
         let evaluator = Evaluator {
             model: &model,
             locator: &locator,

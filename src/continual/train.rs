@@ -14,13 +14,13 @@ use cmoe_coin::mini::{self};
 use cmoe_coin::score::TaskType;
 use cmoe_llava::GenerationConfig;
 use cmoe_moe::LlavaCmoe;
-use cmoe_moe::LlavaLearner;
 use cmoe_moe::TaskLocator;
 use cmoe_moe::baselines::{Ewc, Lwf};
 use cmoe_moe::learner::{Placement, Stage, TaskRecipe};
 use cmoe_moe::train::TaskSource;
 use cmoe_moe::train::checkpoint::{self, StageCheckpoints};
 use cmoe_moe::train::{Penalty, StageConfig, StageError};
+use cmoe_moe::{InferenceModel, LlavaLearner};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -572,7 +572,7 @@ impl<B: Backend> Run<'_, B> {
     ) -> anyhow::Result<()> {
         let (config, names, types) = (self.config, &self.names, &self.types);
         let shared = config.method.shared_router();
-        let (model, locator) = learner.valid();
+        let InferenceModel { model, locator } = learner.valid();
         let evaluator = self.evaluator(&model, &locator);
         let answers_dir =
             self.dir
@@ -720,7 +720,7 @@ fn run_multitask<B: Backend>(
         let mut observer = StageBars::default();
         learner = learner.learn_shared(&data, &stage, None, |e| observer.event(e))?;
         observer.finish();
-        let (model, locator) = learner.valid();
+        let InferenceModel { model, locator } = learner.valid();
         let evaluator = run.evaluator(&model, &locator);
         let mut row = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module};
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::error::MoeError;
@@ -556,12 +556,7 @@ impl<B: AutodiffBackend, H: AutodiffHost<B>> ContinualLearner<B, H> {
     }
 
     /// The inference copy: model and locator without autodiff.
-    pub fn valid(
-        &self,
-    ) -> (
-        CmoeModel<B::InnerBackend, H::InnerModule>,
-        TaskLocator<B::InnerBackend>,
-    ) {
+    pub fn valid(&self) -> InferenceModel<B::InnerBackend, H::InnerModule> {
         let model = self.model.valid();
         let vaes: Vec<_> = self.vaes.iter().map(AutodiffModule::valid).collect();
         let device = model.devices().into_iter().next().unwrap_or_default();
@@ -570,8 +565,18 @@ impl<B: AutodiffBackend, H: AutodiffHost<B>> ContinualLearner<B, H> {
             .ptl
             .locator()
             .init(&vaes, self.meta.bank.clone(), &device);
-        (model, locator)
+        InferenceModel { model, locator }
     }
+}
+
+/// What a learner answers with ([`ContinualLearner::valid`]): the model with every task's
+/// router, and PTL's locator that picks the router of an unlabelled question.
+#[derive(Debug)]
+pub struct InferenceModel<B: Backend, H: Module<B>> {
+    /// The base, the experts and every task's routers, without autodiff.
+    pub model: CmoeModel<B, H>,
+    /// Every task's VAE and bank entry.
+    pub locator: TaskLocator<B>,
 }
 
 /// [`train_stage_with`] on `start` (model and VAE) reported to `observe` as stage `which`: its

@@ -41,7 +41,7 @@ pub use layer::{
     FfnExpert, FfnTargets, LayerRouting, LoraExpert, LoraExpertConfig, MoeLoraFfn,
     MoeLoraFfnConfig, RouterBank, TaskRouter, TaskRouterConfig,
 };
-pub use learner::ContinualLearner;
+pub use learner::{ContinualLearner, InferenceModel};
 #[cfg(feature = "llava")]
 pub use llava::{LlavaCmoe, LlavaLearner};
 pub use model::{CmoeModel, MoeConfig};

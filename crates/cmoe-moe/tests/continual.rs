@@ -7,7 +7,6 @@ use std::path::Path;
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use cmoe_moe::LlavaLearner;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
@@ -15,6 +14,7 @@ use cmoe_moe::pgke::{ExpansionMode, PlanSource};
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::train::checkpoint::StageCheckpoints;
 use cmoe_moe::train::{StageConfig, StageError};
+use cmoe_moe::{InferenceModel, LlavaLearner};
 use cmoe_test_support::{scratch, seeded_batch, seeded_prompt, tiny_llava};
 
 fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> {
@@ -244,8 +244,14 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     learner.save(&dir).unwrap();
     let reloaded = LlavaLearner::<Be>::load(tiny_llava(&device), &dir, &device).unwrap();
     assert_eq!(reloaded.meta, learner.meta);
-    let (model_a, locator_a) = learner.valid();
-    let (model_b, locator_b) = reloaded.valid();
+    let InferenceModel {
+        model: model_a,
+        locator: locator_a,
+    } = learner.valid();
+    let InferenceModel {
+        model: model_b,
+        locator: locator_b,
+    } = reloaded.valid();
     for task in 0..2 {
         let input = seeded_prompt(100 * task as i64, &device);
         let a = model_a

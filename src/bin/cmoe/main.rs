@@ -32,6 +32,12 @@ use llava_cmoe::tensor_io::{self, HostTensor};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Backend to run on (commands that run a model).
+    #[arg(long, global = true, default_value = "flex")]
+    backend: BackendKind,
+    /// Print JSON instead of text (commands that report a result).
+    #[arg(long, global = true)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -64,9 +70,6 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Measure forward, forward + backward and generation throughput on random weights.
     Bench {
@@ -102,12 +105,6 @@ enum Command {
         /// Expert and VAE sizes of the continual cases: the Mini-CoIN preset's or the paper's.
         #[arg(long, value_enum, default_value = "mini")]
         settings: ContinualSettings,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Time one MoE-LoRA FFN layer (mini shapes) at several expert counts, sparse vs dense.
     BenchMoe {
@@ -120,12 +117,6 @@ enum Command {
         /// Timed repetitions after one warm-up.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Score results in CoIN's formats: prints the accuracy in percent.
     Score {
@@ -141,9 +132,6 @@ enum Command {
         /// Reproduce CoIN's eval scripts exactly, quirks included (see `cmoe_coin::score`).
         #[arg(long)]
         coin_compat: bool,
-        /// Print `{"accuracy", "total", "correct"}`.
-        #[arg(long)]
-        json: bool,
     },
     /// Redraw figures from a JSON file, as PNG beside it: a pretraining's `pretrain.json` (its
     /// loss curve) or a comparison's JSON from `cargo xtask compare` (mean Immediate / Last and
@@ -245,9 +233,6 @@ enum Command {
         /// the model); each step's micro-batches (`accumulation` of them) are dealt over them.
         #[arg(long, value_delimiter = ',')]
         devices: Vec<usize>,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
         /// Learn a CoIN-format folder (`Instructions/<Task>/{train,test}.json`) instead of
         /// generating Mini-CoIN.
         #[arg(long)]
@@ -275,12 +260,6 @@ enum Command {
         /// The question, in the task's instruction style.
         #[arg(long)]
         question: String,
-        /// Print JSON (task, z_scores, text).
-        #[arg(long)]
-        json: bool,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Pretrain a small LLaVA (tokenizer + weights): captions, then instructions (resumable).
     Pretrain {
@@ -323,18 +302,12 @@ enum Command {
         /// Descriptions in the tokenizer's training corpus.
         #[arg(long, default_value_t = 20000)]
         tokenizer_corpus: usize,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Print the resolved config and parameter counts of a model directory.
     Inspect {
         /// HF model directory (only config.json is required).
         #[arg(long)]
         model: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
     },
     /// Validate a HF LLaVA directory (config, shards, every tensor's key and shape, dtypes,
     /// tokenizer, image processor) by loading it on the backend.
@@ -345,12 +318,6 @@ enum Command {
         /// The dtype to load the weights in (bf16 halves a 7B model's memory).
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Precision,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Backend to load on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Evaluate a run's latest state on every task it has learned (PTL routing); writes
     /// `eval.json` and the answers under `eval/`.
@@ -358,12 +325,6 @@ enum Command {
         /// The run folder (runs/<name>).
         #[arg(long)]
         run: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Backend to run on.
-        #[arg(long, default_value = "flex")]
-        backend: BackendKind,
     },
     /// Rebuild a run's report (report.json, report.md, plots) from its progress.
     Report {
@@ -406,12 +367,6 @@ struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print one JSON object: prompt_ids, generated_ids, text.
-    #[arg(long)]
-    json: bool,
-    /// Backend to run on.
-    #[arg(long, default_value = "flex")]
-    backend: BackendKind,
 }
 
 fn main() {
@@ -422,18 +377,19 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Generate(args) => {
-            let backend = args.backend;
-            run_on(backend, GenerateTask(args))?
-        }
+    let Cli {
+        command,
+        backend,
+        json,
+    } = cli;
+    match command {
+        Command::Generate(args) => run_on(backend, GenerateTask { args, json })?,
         Command::Preprocess { model, image, out } => preprocess(&model, &image, &out),
         Command::Forward {
             model,
             input_ids,
             pixel_values,
             out,
-            backend,
         } => run_on(
             backend,
             ForwardTask {
@@ -443,13 +399,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out,
             },
         )?,
-        Command::Inspect { model, json } => inspect(&model, json),
-        Command::Import {
-            model,
-            dtype,
-            json,
-            backend,
-        } => {
+        Command::Inspect { model } => inspect(&model, json),
+        Command::Import { model, dtype } => {
             let task = ImportTask {
                 dir: model.clone(),
                 precision: dtype,
@@ -466,7 +417,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Eval { run, json, backend } => {
+        Command::Eval { run } => {
             let report = run_on(backend, EvalTask { dir: run.clone() })??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -508,7 +459,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint_every,
             base_dtype,
             devices,
-            backend,
             data_root,
             image_root,
             bad_samples,
@@ -572,8 +522,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             run,
             image,
             question,
-            json,
-            backend,
         } => {
             let answer = run_on(
                 backend,
@@ -604,7 +552,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_steps,
             tokenizer_corpus,
-            backend,
         } => {
             let report = run_on(
                 backend,
@@ -678,7 +625,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             annotations,
             predictions,
             coin_compat,
-            json,
         } => {
             let compat = if coin_compat {
                 Compat::Coin
@@ -716,8 +662,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             experts,
             top_k,
             repeats,
-            json,
-            backend,
         } => {
             let results = run_on(
                 backend,
@@ -754,8 +698,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eval_questions,
             eval_batch,
             settings,
-            json,
-            backend,
         } => {
             let name = name.unwrap_or_else(|| {
                 config
@@ -828,13 +770,17 @@ fn read_pixels(path: &Path) -> anyhow::Result<HostTensor> {
     tensor_io::read_tensor(path, "pixel_values")
 }
 
-struct GenerateTask(GenerateArgs);
+/// `cmoe generate` on a backend; `json`: print one JSON object.
+struct GenerateTask {
+    args: GenerateArgs,
+    json: bool,
+}
 
 impl BackendTask for GenerateTask {
     type Output = anyhow::Result<()>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<()> {
-        let args = self.0;
+        let args = self.args;
         let pipe = LlavaPipeline::<B>::load(&args.model, &device)?;
         let pixels = match (&args.image, &args.pixel_values) {
             (Some(image), _) => pipe.preprocess(image)?,
@@ -855,7 +801,7 @@ impl BackendTask for GenerateTask {
             }
         };
         let out = pipe.generate(&args.prompt, Some(&pixels), args.max_new_tokens, sampling)?;
-        if args.json {
+        if self.json {
             println!("{}", serde_json::to_string(&out)?);
         } else {
             println!("{}", out.text);
