@@ -11,10 +11,12 @@
 //! (the file holding `[[tasks]]` tables named `ScienceQA` and `ImageNet`), then `cmoe ask`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use llava_cmoe::backend::BackendTask;
 use llava_cmoe::coin::format::read_test;
 use llava_cmoe::continual::{AskTask, Method, Preset, RunConfig, TaskSpec, TrainTask};
+use llava_cmoe::observer::Silent;
 
 type B = burn_flex::Flex;
 
@@ -41,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         stop_after_expansion: None,
         stop_at_step: None,
         devices: Vec::new(),
+        observer: Arc::new(Silent),
     }
     .run::<B>(Default::default())?;
     for (t, task) in report.tasks.iter().enumerate() {

@@ -4,7 +4,8 @@
 //! the backend choice ([`backend`]), tensor file helpers ([`tensor_io`]) and the pipelines the
 //! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]), and CoIN records to batches
 //! ([`dataset`]), the small LLaVA's pretraining ([`pretrain`]) and the continual runner
-//! ([`continual`]).
+//! ([`continual`]), which report their progress to a [`observer::RunObserver`] and print
+//! nothing themselves.
 //!
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
@@ -16,10 +17,10 @@ pub mod bench;
 pub mod continual;
 pub mod dataset;
 pub mod loader;
+pub mod observer;
 pub mod pipeline;
 pub mod plots;
 pub mod pretrain;
-pub mod progress;
 pub mod tensor_io;
 
 pub use cmoe_coin as coin;

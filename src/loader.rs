@@ -244,9 +244,8 @@ impl Drop for BatchStream {
     fn drop(&mut self) {
         self.receivers.clear(); // unblocks workers waiting to send
         for handle in self.workers.drain(..) {
-            if handle.join().is_err() {
-                eprintln!("a loader worker panicked");
-            }
+            // A worker's panic was reported by the panic hook, and its batch as an error.
+            let _ = handle.join();
         }
     }
 }

@@ -20,6 +20,7 @@
 //! resumed pretraining ends bit-identical to an unbroken one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use burn::backend::Autodiff;
@@ -46,8 +47,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, collate_train};
+use crate::observer::{RunEvent, RunObserver};
 use crate::plots::{Lines, lines};
-use crate::progress::{progress, tick};
 
 /// What to pretrain and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,13 +121,22 @@ pub struct PretrainTask {
     /// Stop with an error after this many steps of both stages, as if killed there (to
     /// exercise `resume`).
     pub stop_after_steps: Option<usize>,
+    /// Receives the pretraining's progress ([`crate::observer::Silent`] ignores it).
+    pub observer: Arc<dyn RunObserver>,
 }
 
 impl BackendTask for PretrainTask {
     type Output = anyhow::Result<PretrainReport>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<PretrainReport> {
-        pretrain::<B>(self.config, self.resume, self.stop_after_steps, &device)
+        let observer = &*self.observer;
+        pretrain::<B>(
+            self.config,
+            self.resume,
+            self.stop_after_steps,
+            observer,
+            &device,
+        )
     }
 }
 
@@ -167,6 +177,7 @@ fn pretrain<B: Backend>(
     config: PretrainConfig,
     resume: bool,
     stop_after_steps: Option<usize>,
+    observer: &dyn RunObserver,
     device: &B::Device,
 ) -> anyhow::Result<PretrainReport> {
     anyhow::ensure!(config.batch > 0, "--batch must be at least 1");
@@ -271,8 +282,11 @@ fn pretrain<B: Backend>(
             optim = optim.load_record(by_id(record, &model));
         }
         state.stage = index;
-        let bar = progress(steps as u64, &format!("pretrain {name}"));
-        bar.set_position(state.step as u64);
+        observer.event(RunEvent::Started {
+            name: &format!("pretrain {name}"),
+            len: steps as u64,
+            done: state.step as u64,
+        });
         let mut start = std::time::Instant::now();
         while state.step < steps {
             let step = state.step;
@@ -300,7 +314,10 @@ fn pretrain<B: Backend>(
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
             state.step += 1;
-            tick(&bar, format!("loss {value:.3}"));
+            observer.event(RunEvent::Advanced {
+                steps: 1,
+                status: Some(&format!("loss {value:.3}")),
+            });
             let every = config.checkpoint_every;
             if every > 0 && state.step % every == 0 && state.step < steps {
                 state.seconds[index] += start.elapsed().as_secs_f64();
@@ -319,7 +336,7 @@ fn pretrain<B: Backend>(
                 );
             }
         }
-        bar.finish();
+        observer.event(RunEvent::Finished);
         state.seconds[index] += start.elapsed().as_secs_f64();
         if index + 1 < 2 {
             // The stage boundary: the next stage starts from these weights with a fresh AdamW.

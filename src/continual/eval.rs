@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use cmoe_coin::format::{Prediction, TestRecord, write_json, write_jsonl};
@@ -22,7 +23,7 @@ use super::runtime::*;
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts};
 use crate::loader::{SampleProblem, load_test_set};
-use crate::progress::progress;
+use crate::observer::{RunEvent, RunObserver};
 
 /// Accuracy of a run's latest state on every task it has learned (`eval.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,13 +47,15 @@ pub struct EvalReport {
 pub struct EvalTask {
     /// The run folder.
     pub dir: PathBuf,
+    /// Receives the evaluation's progress ([`crate::observer::Silent`] ignores it).
+    pub observer: Arc<dyn RunObserver>,
 }
 
 impl BackendTask for EvalTask {
     type Output = anyhow::Result<EvalReport>;
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<EvalReport> {
-        let dir = self.dir;
+        let (dir, observer) = (self.dir, &*self.observer);
         let config: RunConfig = read_run_file(&dir.join("run.json"))?;
         let data = data_dir(&config, &dir);
         let Runtime {
@@ -79,6 +82,7 @@ impl BackendTask for EvalTask {
             pad,
             generation: &generation,
             device: &device,
+            observer,
         };
         let mut rng = StdRng::seed_from_u64(config.seed);
         let mut report = EvalReport {
@@ -102,7 +106,7 @@ impl BackendTask for EvalTask {
                 &dir.join("eval").join(format!("{name}.jsonl")),
                 &predictions,
             )?;
-            eprintln!("  {name:<10} {accuracy:6.2}");
+            observer.note(&format!("  {name:<10} {accuracy:6.2}"));
             report.tasks.push(name);
             report.accuracy.push(accuracy);
             report.test_problems.push(problems);
@@ -123,6 +127,7 @@ pub(super) struct Evaluator<'a, B: Backend> {
     pub(super) pad: u32,
     pub(super) generation: &'a GenerationConfig,
     pub(super) device: &'a B::Device,
+    pub(super) observer: &'a dyn RunObserver,
 }
 
 /// One evaluation: the accuracy, the router chosen for each question, and the answers.
@@ -148,6 +153,7 @@ impl<B: Backend> Evaluator<'_, B> {
             pad,
             generation,
             device,
+            observer,
         } = *self;
         let shared = config.method.shared_router();
         // Random routers are drawn here, in order, so that the run stays reproducible.
@@ -180,13 +186,14 @@ impl<B: Backend> Evaluator<'_, B> {
             task_type,
             config.eval_batch,
             answer,
+            observer,
         )
     }
 }
 
 /// Answers `prompts` (the questions of `records`) in batches of `batch` with `answer` (given
 /// the batch's first position and its prompts, it returns the router chosen for each row and
-/// the generated ids), and scores the answers as `task_type`.
+/// the generated ids), and scores the answers as `task_type`; `observer` sees the progress.
 pub(super) fn answer_and_score(
     encoder: &CoinEncoder,
     records: &[TestRecord],
@@ -194,8 +201,13 @@ pub(super) fn answer_and_score(
     task_type: TaskType,
     batch: usize,
     answer: impl Fn(usize, &[Encoded]) -> anyhow::Result<(Vec<usize>, Vec<Vec<u32>>)> + Sync,
+    observer: &dyn RunObserver,
 ) -> anyhow::Result<Evaluation> {
-    let bar = progress(records.len() as u64, "evaluate");
+    observer.event(RunEvent::Started {
+        name: "evaluate",
+        len: records.len() as u64,
+        done: 0,
+    });
     let batch = batch.max(1);
     // Batches are answered by worker threads (each batch's work is the same whichever
     // thread does it, so the answers are those of a sequential pass).
@@ -203,7 +215,10 @@ pub(super) fn answer_and_score(
     let answered = in_parallel(chunks, |chunk| {
         let first = chunk * batch;
         let answers = answer(first, &prompts[first..(first + batch).min(prompts.len())])?;
-        bar.inc(answers.1.len() as u64);
+        observer.event(RunEvent::Advanced {
+            steps: answers.1.len() as u64,
+            status: None,
+        });
         Ok(answers)
     })?;
     let mut predictions = Vec::with_capacity(records.len());
@@ -217,7 +232,7 @@ pub(super) fn answer_and_score(
     for (chosen, _) in answered {
         chosen_all.extend(chosen);
     }
-    bar.finish_and_clear();
+    observer.event(RunEvent::Finished);
     let s = score(task_type, records, &predictions, Compat::Correct)?;
     Ok((s.accuracy, chosen_all, predictions))
 }
@@ -233,6 +248,7 @@ pub(super) fn zero_shot<B: Backend>(
     runtime: (&CoinEncoder, u32, &GenerationConfig, &RunConfig),
     answers_dir: &Path,
     device: &B::Device,
+    observer: &dyn RunObserver,
 ) -> anyhow::Result<Vec<f64>> {
     let (encoder, pad, generation, config) = runtime;
     let mut accuracy = Vec::with_capacity(tests.len());
@@ -249,9 +265,10 @@ pub(super) fn zero_shot<B: Backend>(
             task_type,
             config.eval_batch,
             answer,
+            observer,
         )?;
         write_jsonl(&answers_dir.join(format!("{name}.jsonl")), &predictions)?;
-        eprintln!("  {name:<10} {a:6.2} (zero-shot)");
+        observer.note(&format!("  {name:<10} {a:6.2} (zero-shot)"));
         accuracy.push(a);
     }
     Ok(accuracy)

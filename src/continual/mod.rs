@@ -6,16 +6,17 @@
 //! - [`config`]: the settings and presets; [`devices`]: the devices a run trains on; [`folder`]: a run's folder, progress and
 //!   checkpoints; [`train`]: the training loop; [`eval`]: evaluation and zero-shot;
 //!   [`report`]: the report and figures; [`ask`]: answering a new question;
-//!   [`runtime`]: the model directory loaded; [`bars`]: progress bars.
+//!   [`runtime`]: the model directory loaded; [`stage_log`]: a task's stages reported to the
+//!   run's observer.
 
 mod ask;
-mod bars;
 mod config;
 mod devices;
 mod eval;
 mod folder;
 mod report;
 mod runtime;
+mod stage_log;
 mod train;
 
 pub use ask::{Answer, AskTask};

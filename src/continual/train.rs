@@ -24,16 +24,17 @@ use cmoe_moe::{InferenceModel, LlavaLearner};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::bars::*;
 use super::config::*;
 use super::devices::*;
 use super::eval::*;
 use super::folder::*;
 use super::report::*;
 use super::runtime::*;
+use super::stage_log::*;
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded};
 use crate::loader::{SampleProblem, StreamSettings, StreamedTask, default_workers, load_test_set};
+use crate::observer::RunObserver;
 
 /// Runs (or resumes) a continual run in `dir` on the backend it is given.
 pub struct TrainTask {
@@ -55,6 +56,8 @@ pub struct TrainTask {
     /// Indices of the devices to train on, data-parallel (the first holds the model); empty:
     /// the backend's default device.
     pub devices: Vec<usize>,
+    /// Receives the run's progress ([`crate::observer::Silent`] ignores it).
+    pub observer: Arc<dyn RunObserver>,
 }
 
 impl BackendTask for TrainTask {
@@ -78,7 +81,9 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         stop_after_expansion,
         stop_at_step,
         devices,
+        observer,
     } = task;
+    let observer = &*observer;
     // EWC's and LwF's penalties are computed on one device (the stage refuses more).
     let most_replicas = match config.method {
         Method::Ewc | Method::Lwf => 1,
@@ -106,7 +111,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     // deterministically from its seed.
     let data_dir = data_dir(&config, &dir);
     if config.data_root.is_none() && !data_dir.join("mini-coin.json").exists() {
-        eprintln!("generating Mini-CoIN in {}", data_dir.display());
+        observer.note(&format!("generating Mini-CoIN in {}", data_dir.display()));
         mini::generate(&config.data, &data_dir, |_| {})?;
     }
     let init_data = match config.init {
@@ -121,7 +126,7 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         encoder,
     } = Runtime::<B>::load(&config, image_root(&config, &data_dir), device)?;
     let encoder = Arc::new(encoder);
-    let (tests, test_problems) = load_tests(&encoder, &data_dir, &names, &config)?;
+    let (tests, test_problems) = load_tests(&encoder, &data_dir, &names, &config, observer)?;
     progress.test_problems = test_problems;
     let end = stop_after.map_or(names.len(), |n| n.min(names.len()));
     check_train_files(&data_dir, &names[progress.completed.min(end)..end])?;
@@ -138,11 +143,13 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
             encoder: &encoder,
             pad,
             device,
+            observer,
         },
         generation,
         progress,
         stop_after_expansion,
         stop_at_step,
+        observer,
     };
     // Zero-shot: the base model on every task before anything trains (once per run).
     if run.progress.zero_shot.len() != run.names.len() {
@@ -184,6 +191,7 @@ fn load_tests(
     data_dir: &Path,
     names: &[String],
     config: &RunConfig,
+    observer: &dyn RunObserver,
 ) -> anyhow::Result<TestSets> {
     let mut tests = Vec::with_capacity(names.len());
     let mut problems_per_task = Vec::with_capacity(names.len());
@@ -191,7 +199,11 @@ fn load_tests(
         let path = data_dir.join("Instructions").join(name).join("test.json");
         let (records, prompts, problems) = load_test_set(encoder, &path, config.bad_samples)?;
         if !problems.is_empty() {
-            eprintln!("{}: {} questions left out", path.display(), problems.len());
+            observer.note(&format!(
+                "{}: {} questions left out",
+                path.display(),
+                problems.len()
+            ));
         }
         tests.push((records, prompts));
         problems_per_task.push(problems);
@@ -227,6 +239,8 @@ pub(super) struct Run<'a, B: Backend> {
     stop_after_expansion: Option<usize>,
     /// Stop while checkpointing this (task, step) (1-based task).
     stop_at_step: Option<(usize, usize)>,
+    /// Receives the run's progress.
+    pub(super) observer: &'a dyn RunObserver,
 }
 
 impl<B: Backend> Run<'_, B> {
@@ -257,12 +271,14 @@ impl<B: Backend> Run<'_, B> {
             pad: self.settings.pad,
             generation: &self.generation,
             device: self.settings.device,
+            observer: self.observer,
         }
     }
 
     /// The zero-shot row: the base model on every task, before anything trains.
     fn zero_shot(&mut self, base: &cmoe_llava::Llava<B>) -> anyhow::Result<()> {
-        eprintln!("zero-shot: the base model on every task");
+        self.observer
+            .note("zero-shot: the base model on every task");
         self.progress.zero_shot = zero_shot(
             base,
             &self.tests,
@@ -276,6 +292,7 @@ impl<B: Backend> Run<'_, B> {
             ),
             &self.dir.join("predictions").join("zero-shot"),
             self.settings.device,
+            self.observer,
         )?;
         self.save_progress()
     }
@@ -291,11 +308,11 @@ impl<B: Backend> Run<'_, B> {
         AD::<B>::seed(device, config.seed); // the first task's fresh experts
         let resumed = progress.initialised || progress.completed > 0 || progress.expanded.is_some();
         let mut learner = if resumed {
-            eprintln!(
+            self.observer.note(&format!(
                 "resuming after task {} of {}",
                 progress.completed,
                 self.names.len()
-            );
+            ));
             LlavaLearner::load(base, &self.state_dir(), device)?
         } else {
             LlavaLearner::new(base, config.effective_moe(), config.ptl, device)
@@ -303,12 +320,15 @@ impl<B: Backend> Run<'_, B> {
         if devices.len() > 1 {
             let replicas = devices.iter().filter(|&d| d == &devices[0]).count();
             if replicas == devices.len() {
-                eprintln!(
+                self.observer.note(&format!(
                     "data-parallel: {replicas} replicas on {:?}, one thread each",
                     devices[0]
-                );
+                ));
             } else {
-                eprintln!("data-parallel over {} devices: {devices:?}", devices.len());
+                self.observer.note(&format!(
+                    "data-parallel over {} devices: {devices:?}",
+                    devices.len()
+                ));
             }
             learner = learner.on_devices(devices.to_vec());
         }
@@ -338,12 +358,13 @@ impl<B: Backend> Run<'_, B> {
         let init_seed = config.seed ^ 0x1417_1A15;
         AD::<B>::seed(device, init_seed);
         let mut rng = StdRng::seed_from_u64(init_seed);
-        eprintln!("initial phase: {}", path.display());
+        self.observer
+            .note(&format!("initial phase: {}", path.display()));
         let data = self.settings.open(path, &mut rng)?;
         let stage = self
             .settings
             .stage(steps(config, data.train().len()), init_seed);
-        let mut observer = StageBars::default();
+        let mut observer = StageLog::new(self.observer);
         let learner = if shared {
             learner.train_shared(Stage::Initial, &data, &stage, None, |e| observer.event(e))?
         } else {
@@ -359,10 +380,10 @@ impl<B: Backend> Run<'_, B> {
             learner.initial_params()
         };
         progress.initial_seconds = started.elapsed().as_secs_f64();
-        eprintln!(
+        self.observer.note(&format!(
             "  initial phase: {:.0} s, {} parameters",
             progress.initial_seconds, progress.initial_params
-        );
+        ));
         save_checkpoint(&learner, ewc.as_ref(), &self.progress, &self.state_dir())?;
         self.save_progress()?;
         Ok(learner)
@@ -400,7 +421,12 @@ impl<B: Backend> Run<'_, B> {
         let task_seed = config.seed ^ (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         AD::<B>::seed(self.settings.device, task_seed);
         let mut rng = StdRng::seed_from_u64(task_seed);
-        eprintln!("task {}/{}: {}", t + 1, self.names.len(), self.names[t]);
+        self.observer.note(&format!(
+            "task {}/{}: {}",
+            t + 1,
+            self.names.len(),
+            self.names[t]
+        ));
         let data = self
             .settings
             .open(&train_path(&self.data_dir, &self.names[t]), &mut rng)?;
@@ -411,11 +437,14 @@ impl<B: Backend> Run<'_, B> {
             && at.task == t
             && !shared
         {
-            eprintln!("  resuming the training stage at step {}", at.step);
+            self.observer.note(&format!(
+                "  resuming the training stage at step {}",
+                at.step
+            ));
             data.restore(read_run_file(&found.join("train_data.json"))?)?;
         }
         let recipe = self.recipe(&data, task_seed);
-        let mut observer = StageBars::default();
+        let mut observer = StageLog::new(self.observer);
         let learner = if shared {
             self.train_shared(t, learner, ewc, &data, &recipe, &mut observer)?
         } else {
@@ -478,7 +507,7 @@ impl<B: Backend> Run<'_, B> {
         ewc: &mut Option<Ewc<AD<B>>>,
         data: &StreamedTask<AD<B>>,
         recipe: &TaskRecipe,
-        observer: &mut StageBars,
+        observer: &mut StageLog<'_>,
     ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let config = self.config;
         // LwF distils towards the model as it is before this task (none before the first
@@ -504,11 +533,12 @@ impl<B: Backend> Run<'_, B> {
         data: &StreamedTask<AD<B>>,
         recipe: &TaskRecipe,
         task_seed: u64,
-        observer: &mut StageBars,
+        observer: &mut StageLog<'_>,
     ) -> anyhow::Result<LlavaLearner<AD<B>>> {
         let (expanded, first) = match self.progress.expanded.take() {
             Some(done) if done.task == t => {
-                eprintln!("  resuming after the expansion of task {}", t + 1);
+                self.observer
+                    .note(&format!("  resuming after the expansion of task {}", t + 1));
                 (learner, done.first)
             }
             _ => {
@@ -591,7 +621,8 @@ impl<B: Backend> Run<'_, B> {
                 &answers_dir.join(format!("{}.jsonl", names[i])),
                 &predictions,
             )?;
-            eprintln!("  {:<10} {accuracy:6.2}", names[i]);
+            self.observer
+                .note(&format!("  {:<10} {accuracy:6.2}", names[i]));
             row[i] = Some(accuracy);
         }
         let via_router = row[t].unwrap_or_default();
@@ -604,7 +635,10 @@ impl<B: Backend> Run<'_, B> {
                 &answers_dir.join(format!("{}.own-router.jsonl", names[t])),
                 &predictions,
             )?;
-            eprintln!("  {:<10} {accuracy:6.2} (own router: Immediate)", names[t]);
+            self.observer.note(&format!(
+                "  {:<10} {accuracy:6.2} (own router: Immediate)",
+                names[t]
+            ));
             row[t] = Some(accuracy);
         }
         self.progress.accuracy.push(row);
@@ -627,6 +661,8 @@ pub(super) struct Settings<'a, B: Backend> {
     pub(super) encoder: &'a Arc<CoinEncoder>,
     pub(super) pad: u32,
     pub(super) device: &'a B::Device,
+    /// Hears of samples left out.
+    pub(super) observer: &'a dyn RunObserver,
 }
 
 impl<B: Backend> Settings<'_, B> {
@@ -649,7 +685,8 @@ impl<B: Backend> Settings<'_, B> {
         let report = task.report();
         if !report.problems.is_empty() {
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-            eprintln!("  {}: {}", names.join(", "), report.summary());
+            self.observer
+                .note(&format!("  {}: {}", names.join(", "), report.summary()));
         }
         Ok(task)
     }
@@ -711,13 +748,14 @@ fn run_multitask<B: Backend>(
         let seed = config.seed ^ 0x3017_1A5C;
         AD::<B>::seed(run.settings.device, seed);
         let mut rng = StdRng::seed_from_u64(seed);
-        eprintln!("all {} tasks at once", names.len());
+        run.observer
+            .note(&format!("all {} tasks at once", names.len()));
         let paths: Vec<PathBuf> = names.iter().map(|n| train_path(&run.data_dir, n)).collect();
         let data = run.settings.open_all(&paths, &mut rng)?;
         let stage = run
             .settings
             .stage(steps(config, data.train().len()), seed ^ 0x57A6E);
-        let mut observer = StageBars::default();
+        let mut observer = StageLog::new(run.observer);
         learner = learner.learn_shared(&data, &stage, None, |e| observer.event(e))?;
         observer.finish();
         let InferenceModel { model, locator } = learner.valid();
@@ -733,7 +771,7 @@ fn run_multitask<B: Backend>(
                     .join(format!("{name}.jsonl")),
                 &predictions,
             )?;
-            eprintln!("  {name:<10} {accuracy:6.2}");
+            run.observer.note(&format!("  {name:<10} {accuracy:6.2}"));
             row.push(Some(accuracy));
         }
         let progress = Progress {

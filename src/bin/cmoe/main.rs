@@ -1,6 +1,7 @@
 //! `cmoe`: inference and tools for LLaVA / LLaVA-CMoE models in HF layout.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use burn::tensor::backend::Backend;
@@ -22,6 +23,9 @@ use llava_cmoe::moe::ptl::PtlFeature;
 use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline, Precision};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
+
+mod terminal;
+use terminal::Terminal;
 
 #[derive(Parser)]
 #[command(
@@ -418,7 +422,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Eval { run } => {
-            let report = run_on(backend, EvalTask { dir: run.clone() })??;
+            let report = run_on(
+                backend,
+                EvalTask {
+                    dir: run.clone(),
+                    observer: Arc::new(Terminal::default()),
+                },
+            )??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -512,6 +522,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     stop_after_expansion,
                     stop_at_step,
                     devices,
+                    observer: Arc::new(Terminal::default()),
                 },
             )??;
             println!("{}", report_markdown(&report));
@@ -571,6 +582,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     resume,
                     stop_after_steps,
+                    observer: Arc::new(Terminal::default()),
                 },
             )??;
             println!("{}", serde_json::to_string_pretty(&report)?);

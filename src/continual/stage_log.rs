@@ -1,24 +1,30 @@
-//! Progress bars for a task's training stages, and the losses they saw.
+//! A task's training stages as the run's observer sees them, and the losses they saw.
 
 use cmoe_moe::learner::{LearnEvent, Stage};
 
-use crate::progress::{progress, tick};
+use crate::observer::{RunEvent, RunObserver};
 
-/// Progress bars for the training stages of one task, and the losses they saw.
-#[derive(Default)]
-pub(super) struct StageBars {
-    bar: Option<indicatif::ProgressBar>,
+/// Passes the learner's events on to `observer` and keeps the current stage's losses.
+pub(super) struct StageLog<'a> {
+    observer: &'a dyn RunObserver,
     /// `(step, cross-entropy)` of the current stage's steps run by this process.
     losses: Vec<(usize, f64)>,
     /// The current stage's length.
     steps: usize,
 }
 
-impl StageBars {
+impl<'a> StageLog<'a> {
+    pub(super) fn new(observer: &'a dyn RunObserver) -> Self {
+        Self {
+            observer,
+            losses: Vec::new(),
+            steps: 0,
+        }
+    }
+
     pub(super) fn event(&mut self, event: LearnEvent<'_>) {
         match event {
             LearnEvent::StageStarted { stage, steps, done } => {
-                self.finish();
                 let name = match stage {
                     Stage::Initial => "initial",
                     Stage::Probe => "probe",
@@ -26,20 +32,23 @@ impl StageBars {
                 };
                 self.losses.clear();
                 self.steps = steps;
-                let bar = progress(steps as u64, name);
-                bar.set_position(done as u64);
-                self.bar = Some(bar);
+                self.observer.event(RunEvent::Started {
+                    name,
+                    len: steps as u64,
+                    done: done as u64,
+                });
             }
             LearnEvent::Step { step, loss, .. } => {
                 self.losses.push((step, loss.ce));
-                if let Some(bar) = &self.bar {
-                    let mut message =
-                        format!("ce {:.3} aux {:.3} rec {:.2}", loss.ce, loss.aux, loss.rec);
-                    if loss.penalty != 0.0 {
-                        message += &format!(" penalty {:.4}", loss.penalty);
-                    }
-                    tick(bar, message);
+                let mut status =
+                    format!("ce {:.3} aux {:.3} rec {:.2}", loss.ce, loss.aux, loss.rec);
+                if loss.penalty != 0.0 {
+                    status += &format!(" penalty {:.4}", loss.penalty);
                 }
+                self.observer.event(RunEvent::Advanced {
+                    steps: 1,
+                    status: Some(&status),
+                });
             }
             LearnEvent::Planned(plan) => {
                 let layers: Vec<String> = plan
@@ -47,22 +56,21 @@ impl StageBars {
                     .iter()
                     .map(|l| format!("layer {} +{}", l.layer, l.add))
                     .collect();
-                eprintln!(
+                self.observer.note(&format!(
                     "  PGKE plan: {}",
                     if layers.is_empty() {
                         "no new experts".into()
                     } else {
                         layers.join(", ")
                     }
-                );
+                ));
             }
         }
     }
 
-    pub(super) fn finish(&mut self) {
-        if let Some(bar) = self.bar.take() {
-            bar.finish_and_clear();
-        }
+    /// The stages of the task are over.
+    pub(super) fn finish(&self) {
+        self.observer.event(RunEvent::Finished);
     }
 
     /// Mean cross-entropy of the last 10 % of the training stage's steps (of those this
