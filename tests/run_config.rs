@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use cmoe_test_support::scratch;
-use llava_cmoe::continual::{ExpertsPerLayer, InitChoice, Method, Preset, RunConfig};
+use llava_cmoe::continual::{ExpansionMode, InitChoice, Method, Preset, RunConfig};
 
 fn preset() -> RunConfig {
     RunConfig::preset(Preset::Default, Method::Cmoe)
@@ -25,7 +25,7 @@ fn the_7b_coin_file_carries_the_paper_settings() {
     assert_eq!(c.base_dtype, llava_cmoe::pipeline::Precision::Bf16);
     assert_eq!(c.checkpoint_every, 50);
     assert_eq!(c.data_root.as_deref(), Some(Path::new("data/CoIN")));
-    assert_eq!(c.experts_per_layer, ExpertsPerLayer::Fixed(1));
+    assert_eq!(c.experts_per_layer, ExpansionMode::Fixed(1));
     assert_eq!(c.init, InitChoice::Phase);
     // What the file does not name keeps the preset's value.
     assert_eq!(c.moe.targets, preset().moe.targets);
@@ -67,10 +67,10 @@ fn unknown_or_mistyped_settings_are_errors_naming_them() {
         (c.batch, c.ptl.latent, c.ptl.hidden),
         (2, 4, preset().ptl.hidden)
     );
-    assert_eq!(c.experts_per_layer, ExpertsPerLayer::Fixed(4));
+    assert_eq!(c.experts_per_layer, ExpansionMode::Fixed(4));
     let counted = write("counted.toml", "experts_per_layer = \"probe-count\"\n");
     let c = preset().with_file(&counted).unwrap();
-    assert_eq!(c.experts_per_layer, ExpertsPerLayer::ProbeCount);
+    assert_eq!(c.experts_per_layer, ExpansionMode::ProbeCount);
     let zero = write("zero.toml", "experts_per_layer = 0\n");
     let err = format!("{:#}", preset().with_file(&zero).unwrap_err());
     assert!(

@@ -86,70 +86,6 @@ pub enum PlanChoice {
     NoExtension,
 }
 
-/// How many experts PGKE adds to each layer it selects (`--experts-per-layer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "NumberOrText", into = "String")]
-pub enum ExpertsPerLayer {
-    /// A fixed number (the paper's main results: 1; Table 4: 1 / 4 / 8).
-    Fixed(usize),
-    /// As many as probes above the threshold (`N_s`).
-    ProbeCount,
-}
-
-impl std::str::FromStr for ExpertsPerLayer {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "probe-count" => Ok(Self::ProbeCount),
-            n => match n.parse::<usize>() {
-                Ok(k) if k > 0 => Ok(Self::Fixed(k)),
-                _ => Err(format!(
-                    "experts per layer: `{n}` is neither a positive number nor `probe-count`"
-                )),
-            },
-        }
-    }
-}
-
-/// A setting written as a number (`experts_per_layer = 4`) or as text (`"probe-count"`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(super) enum NumberOrText {
-    Number(u64),
-    Text(String),
-}
-
-impl TryFrom<NumberOrText> for ExpertsPerLayer {
-    type Error = String;
-
-    fn try_from(v: NumberOrText) -> Result<Self, String> {
-        match v {
-            NumberOrText::Number(n) => n.to_string().parse(),
-            NumberOrText::Text(s) => s.parse(),
-        }
-    }
-}
-
-impl From<ExpertsPerLayer> for String {
-    fn from(e: ExpertsPerLayer) -> String {
-        match e {
-            ExpertsPerLayer::Fixed(k) => k.to_string(),
-            ExpertsPerLayer::ProbeCount => "probe-count".into(),
-        }
-    }
-}
-
-impl ExpertsPerLayer {
-    /// The learner's mode.
-    pub(super) fn mode(self) -> ExpansionMode {
-        match self {
-            Self::Fixed(k) => ExpansionMode::Fixed(k),
-            Self::ProbeCount => ExpansionMode::ProbeCount,
-        }
-    }
-}
-
 /// How the initial experts (and every baseline's adapters) start (`--init`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -228,8 +164,8 @@ pub(super) fn one() -> usize {
     1
 }
 
-pub(super) fn one_expert() -> ExpertsPerLayer {
-    ExpertsPerLayer::Fixed(1)
+pub(super) fn one_expert() -> ExpansionMode {
+    ExpansionMode::Fixed(1)
 }
 
 /// The paper's LoRA baseline adapts up_proj only (Table 8).
@@ -269,7 +205,7 @@ pub struct RunConfig {
     pub lora_targets: FfnTargets,
     /// Experts PGKE adds to each selected layer (paper: 1).
     #[serde(default = "one_expert")]
-    pub experts_per_layer: ExpertsPerLayer,
+    pub experts_per_layer: ExpansionMode,
     /// How the initial experts start.
     #[serde(default)]
     pub init: InitChoice,

@@ -20,10 +20,12 @@ mod stage_log;
 mod train;
 
 pub use ask::{Answer, AskTask};
+/// How many experts each selected layer receives (`experts_per_layer`), the core's own type.
+pub use cmoe_moe::pgke::ExpansionMode;
 pub use config::check_image_size;
 pub use config::{
-    EwcSettings, ExpertsPerLayer, InitChoice, LwfSettings, Method, PlanChoice, Preset,
-    RouterChoice, RunConfig, TaskOrder, TaskSpec,
+    EwcSettings, InitChoice, LwfSettings, Method, PlanChoice, Preset, RouterChoice, RunConfig,
+    TaskOrder, TaskSpec,
 };
 pub use devices::default_replicas;
 pub use eval::{EvalReport, EvalTask, generate_grouped, in_parallel};

@@ -489,7 +489,7 @@ impl<B: Backend> Run<'_, B> {
                 PlanChoice::Random => Placement::RandomLayers { seed: config.seed },
                 PlanChoice::NoExtension => Placement::Unfrozen,
             },
-            per_layer: config.experts_per_layer.mode(),
+            per_layer: config.experts_per_layer,
             probe_stage: StageConfig {
                 lr: config.probe_lr,
                 steps: steps(config, data.probe_train().len()),

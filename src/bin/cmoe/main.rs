@@ -13,7 +13,7 @@ use llava_cmoe::bench::{
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
-    AskTask, EvalTask, ExpertsPerLayer, InitChoice, Method, PlanChoice, Preset, RouterChoice,
+    AskTask, EvalTask, ExpansionMode, InitChoice, Method, PlanChoice, Preset, RouterChoice,
     RunConfig, TaskOrder, TrainTask, rebuild_report, report_markdown,
 };
 use llava_cmoe::llava::Sampling;
@@ -182,7 +182,7 @@ enum Command {
         /// Experts PGKE adds to each selected layer: a number (the paper: 1; Table 4: 1, 4,
         /// 8) or `probe-count` (N_s, the probes above the threshold) [default: 1].
         #[arg(long)]
-        experts_per_layer: Option<ExpertsPerLayer>,
+        experts_per_layer: Option<ExpansionMode>,
         /// How the initial experts start: their own `phase` on initialisation data (the
         /// paper), or trained by the `first-task` [default: phase].
         #[arg(long, value_enum)]

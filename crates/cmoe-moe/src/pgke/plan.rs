@@ -10,14 +10,59 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How many experts a selected layer receives.
+/// How many experts a selected layer receives (paper main results: one; Table 4: 1 / 4 / 8).
+/// Written as a number (`4`) or `probe-count` in settings files and on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "NumberOrText", into = "String")]
 pub enum ExpansionMode {
     /// As many as probes above the threshold (`N_s`).
     ProbeCount,
     /// A fixed number per selected layer.
     Fixed(usize),
+}
+
+impl std::str::FromStr for ExpansionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "probe-count" => Ok(Self::ProbeCount),
+            n => match n.parse::<usize>() {
+                Ok(k) if k > 0 => Ok(Self::Fixed(k)),
+                _ => Err(format!(
+                    "experts per layer: `{n}` is neither a positive number nor `probe-count`"
+                )),
+            },
+        }
+    }
+}
+
+/// An [`ExpansionMode`] as written in a settings file: `4` or `"probe-count"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<NumberOrText> for ExpansionMode {
+    type Error = String;
+
+    fn try_from(v: NumberOrText) -> Result<Self, String> {
+        match v {
+            NumberOrText::Number(n) => n.to_string().parse(),
+            NumberOrText::Text(s) => s.parse(),
+        }
+    }
+}
+
+impl From<ExpansionMode> for String {
+    fn from(mode: ExpansionMode) -> String {
+        match mode {
+            ExpansionMode::Fixed(k) => k.to_string(),
+            ExpansionMode::ProbeCount => "probe-count".into(),
+        }
+    }
 }
 
 /// Where a plan came from.
