@@ -4,6 +4,7 @@
 
 mod batch;
 pub mod checkpoint;
+mod control;
 mod data_parallel;
 mod freeze;
 mod loss;
@@ -14,12 +15,13 @@ mod stage;
 
 pub use batch::TrainBatch;
 pub use checkpoint::StageCheckpoints;
+pub use control::{
+    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, StageState, adamw,
+    learning_rate,
+};
 pub use data_parallel::Replicas;
 pub use freeze::{inference, set_trainable};
 pub use loss::{AnswerTargets, IGNORE_INDEX, LossTerms, LossValues, LossWeights, causal_lm_loss};
 pub use optim_state::{OptimState, by_id, by_order};
 pub use source::{BatchSource, Cycle, TaskData, TaskSource};
-pub use stage::{
-    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, StageState, adamw,
-    learning_rate, train_stage, train_stage_with,
-};
+pub use stage::{train_stage, train_stage_with};
