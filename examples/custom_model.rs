@@ -242,12 +242,12 @@ fn main() -> anyhow::Result<()> {
     };
     let stage = StageConfig {
         lr: 3e-3,
-        steps: 120,
+        steps: 400,
         seed: Some(0),
         ..TaskRecipe::paper(0, 0).stage
     };
     let recipe = TaskRecipe {
-        probe_stage: StageConfig { steps: 30, ..stage },
+        probe_stage: StageConfig { steps: 50, ..stage },
         stage,
         ..TaskRecipe::paper(0, 0)
     };
@@ -295,13 +295,35 @@ fn main() -> anyhow::Result<()> {
         let location = model.locate(&locator, input(rows, &device))?;
         let located = location.tasks.iter().filter(|&&t| t == task).count();
         let share = located as f64 / rows.len() as f64;
+        // Each question answered with the router PTL chose for it.
+        let mut right = 0;
+        for router in 0..names.len() {
+            let chosen: Vec<_> = rows
+                .iter()
+                .zip(&location.tasks)
+                .filter(|&(_, &t)| t == router)
+                .map(|(row, _)| *row)
+                .collect();
+            if !chosen.is_empty() {
+                let logits = model.forward(input(&chosen, &device), router)?.logits;
+                right += (accuracy(logits, &chosen) * chosen.len() as f64).round() as usize;
+            }
+        }
+        let answered = right as f64 / rows.len() as f64;
         println!(
-            "task {task} ({}): PTL located {located} of {} questions ({:.1} %)",
+            "task {task} ({}): PTL located {located} of {} questions ({:.1} %); accuracy through \
+             PTL {:.1} %",
             names[task],
             rows.len(),
-            100.0 * share
+            100.0 * share,
+            100.0 * answered
         );
         assert!(share >= 0.9, "PTL located only {:.1} %", 100.0 * share);
+        assert!(
+            answered >= 0.8,
+            "only {:.1} % answered right",
+            100.0 * answered
+        );
     }
     Ok(())
 }
