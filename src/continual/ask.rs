@@ -7,9 +7,9 @@ use cmoe_coin::format::TestRecord;
 use cmoe_moe::{InferenceModel, LlavaLearner};
 use serde::Serialize;
 
-use super::config::*;
-use super::folder::*;
-use super::runtime::*;
+use super::config::RunConfig;
+use super::folder::read_run_file;
+use super::runtime::Runtime;
 use crate::backend::BackendTask;
 use crate::dataset::collate_prompts;
 

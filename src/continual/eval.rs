@@ -16,10 +16,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::config::*;
-use super::folder::*;
-use super::report::*;
-use super::runtime::*;
+use super::config::{Method, RouterChoice, RunConfig};
+use super::folder::{data_dir, image_root, read_run_file};
+use super::report::location_accuracy;
+use super::runtime::Runtime;
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts};
 use crate::loader::{SampleProblem, load_test_set};

@@ -9,7 +9,7 @@ use cmoe_moe::LlavaLearner;
 use cmoe_moe::baselines::Ewc;
 use serde::{Deserialize, Serialize};
 
-use super::config::*;
+use super::config::RunConfig;
 use crate::loader::{LoadReport, SampleProblem};
 
 /// What has been done so far (`progress.json`): the resume point and every measurement.

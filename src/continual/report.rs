@@ -7,8 +7,8 @@ use anyhow::Context;
 use cmoe_coin::format::write_json;
 use serde::{Deserialize, Serialize};
 
-use super::config::*;
-use super::folder::*;
+use super::config::{Method, PlanChoice, RouterChoice, RunConfig};
+use super::folder::{Progress, read_run_file};
 use crate::loader::{LoadReport, SampleProblem};
 use crate::plots::{Bars, Heatmap, bars, heatmap};
 

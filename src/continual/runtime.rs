@@ -2,14 +2,18 @@
 
 use std::path::PathBuf;
 
+use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use cmoe_data::prompt::Conversation;
 use cmoe_llava::{GenerationConfig, Sampling};
 
-use super::config::*;
-use super::train::*;
+use super::config::RunConfig;
+
 use crate::dataset::CoinEncoder;
 use crate::pipeline::LlavaPipeline;
+
+/// The autodiff backend a run trains on.
+pub(super) type AD<B> = Autodiff<B>;
 
 /// What training, evaluation and `cmoe ask` take from the run's model directory.
 pub(super) struct Runtime<B: Backend> {

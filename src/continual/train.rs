@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::backend::Autodiff;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use cmoe_coin::format::{TestRecord, write_json, write_jsonl};
@@ -24,13 +23,16 @@ use cmoe_moe::{InferenceModel, LlavaLearner};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::config::*;
-use super::devices::*;
-use super::eval::*;
-use super::folder::*;
-use super::report::*;
-use super::runtime::*;
-use super::stage_log::*;
+use super::config::{InitChoice, Method, PlanChoice, RouterChoice, RunConfig};
+use super::devices::training_devices;
+use super::eval::{Evaluator, zero_shot};
+use super::folder::{
+    EWC_FILE, ExpandedTask, Progress, RunLock, data_dir, image_root, read_run_file,
+    save_checkpoint, start_or_resume, train_path,
+};
+use super::report::{Report, make_report, write_report};
+use super::runtime::{AD, Runtime};
+use super::stage_log::StageLog;
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, Encoded};
 use crate::loader::{SampleProblem, StreamSettings, StreamedTask, default_workers, load_test_set};
@@ -67,8 +69,6 @@ impl BackendTask for TrainTask {
         run::<B>(self, &device)
     }
 }
-
-pub(super) type AD<B> = Autodiff<B>;
 
 /// Trains (or resumes) the run `task` describes, task by task, and writes its report.
 fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report> {

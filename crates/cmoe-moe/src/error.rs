@@ -44,3 +44,39 @@ impl From<StoreError> for MoeError {
         }
     }
 }
+
+/// Why a stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Bad inputs.
+    #[error(transparent)]
+    Model(#[from] MoeError),
+    /// A batch without any answer token.
+    #[error("batch {0} has no labelled position")]
+    NoLabels(usize),
+    /// The loss diverged.
+    #[error("loss is {value} at step {step} (lr {lr}): training diverged")]
+    NonFinite {
+        /// Step.
+        step: usize,
+        /// The loss.
+        value: f64,
+        /// Learning rate at that step.
+        lr: f64,
+    },
+    /// Nothing to train on.
+    #[error("a stage needs at least one batch")]
+    NoData,
+    /// The batch source failed (a sample could not be read, or the loader stopped).
+    #[error("{0}")]
+    Data(String),
+    /// Settings that cannot work together (e.g. more devices than micro-batches per step).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl From<StoreError> for StageError {
+    fn from(err: StoreError) -> Self {
+        Self::Model(err.into())
+    }
+}

@@ -19,7 +19,7 @@
 //! - [`state`]: the continual state and per-task adapter packs on disk.
 //! - [`baselines`]: the regularisation baselines EWC and LwF, as penalties on a stage.
 //! - [`fingerprint`]: parameter digests for bit-identity checks.
-//! - [`error`]: what can go wrong, naming the file or input at fault.
+//! - [`error`]: what can go wrong (running, saving, a stage), naming the file or input at fault.
 
 pub mod baselines;
 pub mod error;
@@ -35,7 +35,7 @@ pub mod ptl;
 pub mod state;
 pub mod train;
 
-pub use error::MoeError;
+pub use error::{MoeError, StageError};
 pub use host::{AutodiffHost, FfnHook, GatedFfn, ModelInput, MoeHost};
 pub use layer::{
     FfnExpert, FfnTargets, LayerRouting, LoraExpert, LoraExpertConfig, MoeLoraFfn,

@@ -1,13 +1,12 @@
-//! What a stage is given and what it hands back: its optimiser settings and schedule, where it
-//! starts, its checkpoints, an extra penalty term, and why it stopped.
+//! What a stage is given and what it hands back: its optimiser settings, where it starts, its
+//! checkpoints and an extra penalty term.
 
 use burn::module::Module;
-use burn::optim::AdamWConfig;
 use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::{AnswerTargets, LossWeights, OptimState, TrainBatch};
-use crate::error::MoeError;
+use crate::error::StageError;
 use crate::layer::MoeLoraFfn;
 use crate::model::CmoeModel;
 use crate::ptl::VaeFit;
@@ -122,59 +121,4 @@ impl<'a, B: AutodiffBackend, H: Module<B>> StageControl<'a, B, H> {
     pub fn with_penalty(self, penalty: Option<&'a dyn Penalty<B>>) -> Self {
         Self { penalty, ..self }
     }
-}
-
-/// Why a stage stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    /// Bad inputs.
-    #[error(transparent)]
-    Model(#[from] MoeError),
-    /// A batch without any answer token.
-    #[error("batch {0} has no labelled position")]
-    NoLabels(usize),
-    /// The loss diverged.
-    #[error("loss is {value} at step {step} (lr {lr}): training diverged")]
-    NonFinite {
-        /// Step.
-        step: usize,
-        /// The loss.
-        value: f64,
-        /// Learning rate at that step.
-        lr: f64,
-    },
-    /// Nothing to train on.
-    #[error("a stage needs at least one batch")]
-    NoData,
-    /// The batch source failed (a sample could not be read, or the loader stopped).
-    #[error("{0}")]
-    Data(String),
-    /// Settings that cannot work together (e.g. more devices than micro-batches per step).
-    #[error("{0}")]
-    Config(String),
-}
-
-impl From<cmoe_store::StoreError> for StageError {
-    fn from(err: cmoe_store::StoreError) -> Self {
-        Self::Model(err.into())
-    }
-}
-
-/// The AdamW every stage uses: PyTorch's defaults (betas 0.9 / 0.999, epsilon 1e-8, which the
-/// paper's trainer used) and `weight_decay`. Burn's default epsilon, 1e-5, would swamp the
-/// VAE's gradients, which the loss scales by `eta = 1e-3`.
-pub fn adamw(weight_decay: f32) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_epsilon(1e-8)
-        .with_weight_decay(weight_decay)
-}
-
-/// Learning rate at `step` of `total`: linear warmup to `peak`, then cosine to zero.
-pub fn learning_rate(step: usize, total: usize, peak: f64, warmup_ratio: f64) -> f64 {
-    let warmup = ((total as f64 * warmup_ratio).ceil() as usize).max(1);
-    if step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
-    }
-    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())
 }

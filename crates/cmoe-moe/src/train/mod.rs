@@ -10,18 +10,18 @@ mod freeze;
 mod loss;
 pub(crate) mod noise;
 mod optim_state;
+mod schedule;
 mod source;
 mod stage;
 
+pub use crate::error::StageError;
 pub use batch::TrainBatch;
 pub use checkpoint::StageCheckpoints;
-pub use control::{
-    Penalty, SaveSnapshot, StageConfig, StageControl, StageError, StageSnapshot, StageState, adamw,
-    learning_rate,
-};
+pub use control::{Penalty, SaveSnapshot, StageConfig, StageControl, StageSnapshot, StageState};
 pub use data_parallel::Replicas;
 pub use freeze::{inference, set_trainable};
 pub use loss::{AnswerTargets, IGNORE_INDEX, LossTerms, LossValues, LossWeights, causal_lm_loss};
 pub use optim_state::{OptimState, by_id, by_order};
+pub use schedule::{adamw, learning_rate};
 pub use source::{BatchSource, Cycle, TaskData, TaskSource};
 pub use stage::{train_stage, train_stage_with};
