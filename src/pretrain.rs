@@ -173,6 +173,9 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
+/// Pretrains (or resumes) the small LLaVA: checks, the tokenizer and model, then both stages
+/// step by step with checkpoints, then the weights and the report. (One function on purpose:
+/// the resume logic reads top to bottom beside the loop it resumes.)
 fn pretrain<B: Backend>(
     config: PretrainConfig,
     resume: bool,

@@ -303,6 +303,8 @@ fn has_torch(python: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// `cargo xtask bench`: Burn's cases, then the PyTorch twin's, and the ratios written out.
+/// (Slightly over 120 lines: the two sides' command lines are kept together.)
 fn bench(
     cmoe: &Path,
     backend: &str,

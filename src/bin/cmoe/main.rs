@@ -380,6 +380,7 @@ fn main() {
     }
 }
 
+/// Runs one subcommand. (Long on purpose: one short arm per subcommand.)
 fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli {
         command,

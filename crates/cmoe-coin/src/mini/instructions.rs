@@ -63,7 +63,8 @@ fn scene(
         .collect()
 }
 
-/// One instruction-tuning sample.
+/// One instruction-tuning sample. (Long on purpose: one arm per kind of question in the
+/// mixture, side by side.)
 pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
     let mut canvas = Canvas::new(size, BACKGROUND);
     let s = size;

@@ -166,7 +166,8 @@ pub fn draw_cover(canvas: &mut Canvas, cover: [u8; 3], title: &str, author: &str
 /// Cover colours (dark enough for a white title).
 const COVERS: [&str; 4] = ["red", "green", "blue", "purple"];
 
-/// Draws one sample of `task` on a `size` x `size` image.
+/// Draws one sample of `task` on a `size` x `size` image. (Long on purpose: one arm per task,
+/// the eight samplers side by side so that their question styles can be compared.)
 pub fn sample(task: TaskType, rng: &mut impl Rng, size: u32) -> Sample {
     let mut canvas = Canvas::new(size, BACKGROUND);
     let s = size;

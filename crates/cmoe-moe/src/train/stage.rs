@@ -75,25 +75,8 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
         start = state.step;
     }
     let device = model.devices().into_iter().next().unwrap_or_default();
-    if let Some(first) = control.devices.first()
-        && first != &device
-    {
-        return Err(StageError::Config(format!(
-            "the model is on {device:?}, not on the first training device {first:?}"
-        )));
-    }
+    check_devices(&device, &control, micro)?;
     let mut replicas = Replicas::new(&model, vae.as_ref().map(|fit| &fit.vae), control.devices);
-    if control.penalty.is_some() && control.devices.len() > 1 {
-        return Err(StageError::Config(
-            "a regularised baseline (EWC, LwF) trains on one device".into(),
-        ));
-    }
-    if replicas.count() > micro {
-        return Err(StageError::Config(format!(
-            "{} devices need at least as many micro-batches per step (accumulation is {micro})",
-            replicas.count()
-        )));
-    }
     for step in start..config.steps {
         let step_seed = config
             .seed
@@ -179,6 +162,34 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
         B::seed(&device, seed ^ 0x94D0_49BB_1331_11EB);
     }
     Ok((model, vae))
+}
+
+/// Refuses devices a stage cannot use: a first device that is not the model's, several devices
+/// for a regularised baseline, more devices than micro-batches per step.
+fn check_devices<B: AutodiffBackend, H: Module<B>>(
+    device: &B::Device,
+    control: &StageControl<'_, B, H>,
+    micro: usize,
+) -> Result<(), StageError> {
+    if let Some(first) = control.devices.first()
+        && first != device
+    {
+        return Err(StageError::Config(format!(
+            "the model is on {device:?}, not on the first training device {first:?}"
+        )));
+    }
+    if control.penalty.is_some() && control.devices.len() > 1 {
+        return Err(StageError::Config(
+            "a regularised baseline (EWC, LwF) trains on one device".into(),
+        ));
+    }
+    let count = control.devices.len().max(1);
+    if count > micro {
+        return Err(StageError::Config(format!(
+            "{count} devices need at least as many micro-batches per step (accumulation is {micro})"
+        )));
+    }
+    Ok(())
 }
 
 /// Seeds the step's draws: the first device from `step_seed`, every other distinct device its
