@@ -50,23 +50,22 @@ impl RunObserver for Terminal {
     }
 }
 
-/// `steps` more done, with `status` beside the bar or in the printed line.
+/// `steps` more done, with `status` beside the bar; without a terminal, work that reports a
+/// status (a loss) prints it every 5 % of the way.
 fn advance(bar: &ProgressBar, steps: u64, status: Option<&str>) {
-    if let Some(status) = status {
-        bar.set_message(status.to_string());
-    }
     let before = bar.position();
     bar.inc(steps);
+    let Some(status) = status else { return };
+    bar.set_message(status.to_string());
     if bar.is_hidden() {
         let len = bar.length().unwrap_or(0);
         let pos = bar.position();
         let every = (len / 20).max(1);
         if pos / every != before / every || pos == len {
             eprintln!(
-                "{:>9} {pos}/{len} {:.0}s {}",
+                "{:>9} {pos}/{len} {:.0}s {status}",
                 bar.prefix(),
-                bar.elapsed().as_secs_f64(),
-                status.unwrap_or("")
+                bar.elapsed().as_secs_f64()
             );
         }
     }
