@@ -15,9 +15,9 @@ pub enum MoeError {
         /// What is wrong.
         message: String,
     },
-    /// Stored tensors that do not match the model.
+    /// Stored tensors that could not be read or written, or do not match the model.
     #[error(transparent)]
-    Store(StoreError),
+    Store(#[from] StoreError),
     /// Inputs inconsistent with the model (shapes, a task without a router).
     #[error("invalid input: {0}")]
     Input(String),
@@ -32,15 +32,6 @@ impl MoeError {
         Self::Io {
             path: path.display().to_string(),
             message: err.to_string(),
-        }
-    }
-}
-
-impl From<StoreError> for MoeError {
-    fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::Io { path, message } => Self::Io { path, message },
-            weights => Self::Store(weights),
         }
     }
 }
