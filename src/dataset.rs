@@ -90,15 +90,20 @@ impl CoinEncoder {
 
     /// A test question as a generation prompt (`<image>` then the question).
     pub fn encode_prompt(&self, record: &TestRecord) -> anyhow::Result<Encoded> {
+        self.encode_question(&record.text, self.pixels(&record.image)?)
+    }
+
+    /// [`Self::encode_prompt`] for a question about an image already preprocessed.
+    pub fn encode_question(&self, question: &str, pixels: PixelValues) -> anyhow::Result<Encoded> {
         let prompt = self
             .conversation
-            .prompt(&format!("{IMAGE_TOKEN}\n{}", record.text));
+            .prompt(&format!("{IMAGE_TOKEN}\n{question}"));
         Ok(Encoded {
             input_ids: self
                 .tokenizer
                 .encode_prompt(&prompt, self.tokens_per_image)?,
             labels: Vec::new(),
-            pixels: self.pixels(&record.image)?,
+            pixels,
         })
     }
 }

@@ -3,9 +3,9 @@
 //! This facade re-exports the workspace crates and holds what needs a concrete backend:
 //! the backend choice ([`backend`]), tensor file helpers ([`tensor_io`]) and the pipelines the
 //! `cmoe` CLI and `cargo xtask` drive ([`pipeline`], [`bench`]), and CoIN records to batches
-//! ([`dataset`]), the small LLaVA's pretraining ([`pretrain`]) and the continual runner
-//! ([`continual`]), which report their progress to a [`observer::RunObserver`] and print
-//! nothing themselves.
+//! ([`dataset`]), the small LLaVA's pretraining ([`pretrain`]), how well a base follows
+//! instructions ([`instruction_accuracy`]) and the continual runner ([`continual`]), which
+//! report their progress to a [`observer::RunObserver`] and print nothing themselves.
 //!
 //! - [`llava`] (`cmoe-llava`): the LLaVA-1.5 model, HF import, generation.
 //! - [`data`] (`cmoe-data`): image preprocessing, tokenizer, prompt templates.
@@ -16,6 +16,7 @@ pub mod backend;
 pub mod bench;
 pub mod continual;
 pub mod dataset;
+pub mod instruction_accuracy;
 pub mod loader;
 pub mod observer;
 pub mod pipeline;

@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
 use crate::dataset::{CoinEncoder, collate_train};
+use crate::instruction_accuracy::{InstructionAccuracy, instruction_accuracy};
 use crate::observer::{RunEvent, RunObserver};
 use crate::plots::{Lines, lines};
 
@@ -109,6 +110,10 @@ pub struct PretrainReport {
     pub train_seconds: f64,
     /// Parameters.
     pub parameters: usize,
+    /// The pretrained base's accuracy on held-out questions of each kind of stage 2 (absent
+    /// when not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_out: Option<InstructionAccuracy>,
 }
 
 /// Pretrains on the backend it is run on (with autodiff); `resume` continues the checkpoint
@@ -121,6 +126,9 @@ pub struct PretrainTask {
     /// Stop with an error after this many steps of both stages, as if killed there (to
     /// exercise `resume`).
     pub stop_after_steps: Option<usize>,
+    /// Held-out questions per kind of stage 2 answered by the result (0: none; see
+    /// [`crate::instruction_accuracy`]).
+    pub held_out_per_kind: usize,
     /// Receives the pretraining's progress ([`crate::observer::Silent`] ignores it).
     pub observer: Arc<dyn RunObserver>,
 }
@@ -132,8 +140,8 @@ impl BackendTask for PretrainTask {
         let observer = &*self.observer;
         pretrain::<B>(
             self.config,
-            self.resume,
-            self.stop_after_steps,
+            (self.resume, self.stop_after_steps),
+            self.held_out_per_kind,
             observer,
             &device,
         )
@@ -174,12 +182,12 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
 }
 
 /// Pretrains (or resumes) the small LLaVA: checks, the tokenizer and model, then both stages
-/// step by step with checkpoints, then the weights and the report. (One function on purpose:
-/// the resume logic reads top to bottom beside the loop it resumes.)
+/// step by step with checkpoints, then the weights, the held-out accuracy and the report.
+/// (One function on purpose: the resume logic reads top to bottom beside the loop it resumes.)
 fn pretrain<B: Backend>(
     config: PretrainConfig,
-    resume: bool,
-    stop_after_steps: Option<usize>,
+    (resume, stop_after_steps): (bool, Option<usize>),
+    held_out_per_kind: usize,
     observer: &dyn RunObserver,
     device: &B::Device,
 ) -> anyhow::Result<PretrainReport> {
@@ -351,8 +359,24 @@ fn pretrain<B: Backend>(
         }
     }
 
-    // 3. HF layout, half precision (what the repository ships).
+    // 3. HF layout, half precision (what the repository ships), and what the result can do.
     save_hf(&model.valid(), &model_config, &config.out, DType::F16)?;
+    let held_out = match held_out_per_kind {
+        0 => None,
+        n => {
+            // The weights as shipped (rounded to f16), as a continual run loads them.
+            let (_, shipped) = cmoe_llava::load_llava::<B>(&config.out, DType::F32, device)?;
+            let (accuracy, _) = instruction_accuracy(
+                &shipped,
+                &encoder,
+                &model_config,
+                (config.seed, n),
+                device,
+                observer,
+            )?;
+            Some(accuracy)
+        }
+    };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let reports: Vec<StageReport> = stages(&config)
         .into_iter()
@@ -375,6 +399,7 @@ fn pretrain<B: Backend>(
         stages: reports,
         parameters,
         config,
+        held_out,
     };
     write_json(&report.config.out.join("pretrain.json"), &report)?;
     loss_figure(&report, &report.config.out.join("pretrain_loss.png"))?;

@@ -1,5 +1,6 @@
 //! The main job end to end at smoke size: `cmoe pretrain` makes a small LLaVA (a few steps of
-//! both stages; stopped and resumed, it ends bit-identical),
+//! both stages; stopped and resumed, it ends bit-identical; `cmoe eval-base` measures the
+//! held-out instruction accuracy its pretrain.json reports),
 //! `cmoe train --preset smoke` runs all eight Mini-CoIN tasks on it and writes the report, and
 //! a run killed after three tasks, resumed, killed again between task 5's PGKE expansion and its
 //! training (and in the middle of a checkpoint swap), resumed, killed inside task 6's training
@@ -54,6 +55,8 @@ fn smoke_run_reports_and_resumes_bit_identically() {
             "4",
             "--tokenizer-corpus",
             "300",
+            "--held-out-per-kind",
+            "1",
         ];
         args.extend_from_slice(extra);
         cmoe(&args)
@@ -110,6 +113,38 @@ fn smoke_run_reports_and_resumes_bit_identically() {
             .collect::<Vec<_>>()
     };
     assert_eq!(curves(&model), curves(&broken));
+
+    // The held-out instruction accuracy in pretrain.json is what `cmoe eval-base` measures on
+    // the shipped weights (same seed, same questions), and its answers are written.
+    let held_out = |dir: &Path| {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap())
+                .unwrap();
+        json["held_out"].clone()
+    };
+    assert_eq!(held_out(&model)["kinds"].as_array().unwrap().len(), 11);
+    let answers = root.join("held-out.jsonl");
+    let out = cmoe(&[
+        "eval-base",
+        "--model",
+        m,
+        "--per-kind",
+        "1",
+        "--answers",
+        answers.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let measured: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(measured, held_out(&model));
+    assert_eq!(
+        std::fs::read_to_string(&answers).unwrap().lines().count(),
+        11
+    );
 
     // Two passes over each task's two batches: four steps, checkpointed after each.
     let settings = root.join("smoke.toml");

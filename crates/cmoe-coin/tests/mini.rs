@@ -179,3 +179,52 @@ fn the_instruction_mixture_uses_none_of_the_tasks_templates_or_answer_formats() 
     }
     assert!(questions.len() >= 11, "{questions:?}");
 }
+
+#[test]
+fn held_out_scoring_takes_the_reference_and_rejects_other_answers() {
+    use cmoe_coin::mini::instructions::{Kind, sample_of};
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for kind in Kind::ALL {
+        for _ in 0..20 {
+            let s = sample_of(kind, &mut rng, 64);
+            assert!(
+                kind.is_correct(&s.answer, &s.answer),
+                "{kind:?}: {}",
+                s.answer
+            );
+            let shouted = format!("  {}!", s.answer.to_uppercase().trim_end_matches('.'));
+            assert!(kind.is_correct(&shouted, &s.answer), "{kind:?}: {shouted}");
+            assert!(!kind.is_correct("", &s.answer), "{kind:?}");
+        }
+    }
+    let sentence = Kind::Colour;
+    assert!(!sentence.is_correct("The circle is blue.", "The circle is red."));
+    assert!(!sentence.is_correct("The circle is red, I think.", "The circle is red."));
+    // Boxes count from IoU > 0.5 (Grounding's criterion), not the digits.
+    let reference = "From (8, 16) to (24, 32).";
+    assert!(Kind::Corners.is_correct("From (9, 16) to (24, 31).", reference));
+    assert!(!Kind::Corners.is_correct("From (16, 16) to (32, 32).", reference));
+    assert!(!Kind::Corners.is_correct("From (8, 16) to", reference));
+}
+
+#[test]
+fn the_mixture_is_the_stream_the_shipped_base_was_pretrained_on() {
+    // A fingerprint (FNV-1a) of the first 2,000 instruction samples of one stream: changing the
+    // mixture or its draws changes what `cargo xtask pretrain` trains on, so the shipped base
+    // (assets/llava-mini) must be pretrained again and this fingerprint updated with it.
+    use cmoe_coin::mini::instructions;
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for _ in 0..2000 {
+        let s = instructions::sample(&mut rng, 64);
+        let bytes = [s.question.as_bytes(), s.answer.as_bytes(), s.image.as_raw()];
+        for byte in bytes.into_iter().flatten() {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    assert_eq!(hash, FINGERPRINT, "{hash:#x}");
+}
+
+const FINGERPRINT: u64 = 0x3f23_1e41_fa16_b911;

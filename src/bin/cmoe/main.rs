@@ -10,12 +10,14 @@ use llava_cmoe::backend::{BackendKind, BackendTask, run_on};
 use llava_cmoe::bench::{
     BenchCase, BenchTask, ContinualBenchTask, ContinualSettings, MoeDispatchTask,
 };
+use llava_cmoe::coin::format::write_jsonl;
 use llava_cmoe::coin::mini::{self, MiniCoinConfig};
 use llava_cmoe::coin::score::{Compat, TaskType, score_files};
 use llava_cmoe::continual::{
     AskTask, EvalTask, ExpansionMode, InitChoice, Method, PlanChoice, Preset, RouterChoice,
     RunConfig, TaskOrder, TrainTask, rebuild_report, report_markdown,
 };
+use llava_cmoe::instruction_accuracy::EvalBaseTask;
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::loader::BadSamples;
 use llava_cmoe::moe::layer::FfnTargets;
@@ -306,6 +308,26 @@ enum Command {
         /// Descriptions in the tokenizer's training corpus.
         #[arg(long, default_value_t = 20000)]
         tokenizer_corpus: usize,
+        /// Held-out questions per kind of stage 2 the result answers, its accuracy in
+        /// pretrain.json (0: none; see `cmoe eval-base`).
+        #[arg(long, default_value_t = 100)]
+        held_out_per_kind: usize,
+    },
+    /// Measure how well a base follows instructions: its accuracy on held-out questions of each
+    /// kind in the pretraining's stage 2 (colour, count, reading, corners, ...), greedy.
+    EvalBase {
+        /// HF model directory (with tokenizer and image processor).
+        #[arg(long, default_value = "assets/llava-mini")]
+        model: PathBuf,
+        /// Seed of the questions (a pretraining's seed gives the questions it reports).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Questions per kind.
+        #[arg(long, default_value_t = 100)]
+        per_kind: usize,
+        /// Also write every question, reference and answer here (JSON lines).
+        #[arg(long)]
+        answers: Option<PathBuf>,
     },
     /// Print the resolved config and parameter counts of a model directory.
     Inspect {
@@ -442,6 +464,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::EvalBase {
+            model,
+            seed,
+            per_kind,
+            answers,
+        } => {
+            let (accuracy, held_out) = run_on(
+                backend,
+                EvalBaseTask {
+                    model,
+                    seed,
+                    per_kind,
+                    observer: Arc::new(Terminal::default()),
+                },
+            )??;
+            if let Some(path) = &answers {
+                write_jsonl(path, &held_out)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&accuracy)?);
+            } else {
+                for kind in &accuracy.kinds {
+                    println!("{:<14} {:6.2}", kind.kind, kind.accuracy);
+                }
+                println!("{:<14} {:6.2}", "mean", accuracy.mean);
+            }
+            Ok(())
+        }
         Command::Report { run } => {
             let report = rebuild_report(&run)?;
             println!("{}", report_markdown(&report));
@@ -564,6 +614,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             resume,
             stop_after_steps,
             tokenizer_corpus,
+            held_out_per_kind,
         } => {
             let report = run_on(
                 backend,
@@ -583,6 +634,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     resume,
                     stop_after_steps,
+                    held_out_per_kind,
                     observer: Arc::new(Terminal::default()),
                 },
             )??;

@@ -63,14 +63,126 @@ fn scene(
         .collect()
 }
 
-/// One instruction-tuning sample. (Long on purpose: one arm per kind of question in the
-/// mixture, side by side.)
+/// The kinds of question in the mixture, one per skill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// The colour of the one shape ("The circle is red.").
+    Colour,
+    /// The kind of the one shape ("It is a star.").
+    Shape,
+    /// How many copies of a shape ("I count three.").
+    Count,
+    /// Where one of two or three objects is ("It is at the top left.").
+    Position,
+    /// Whether one object is left of or above another ("Yes, it is.").
+    Relation,
+    /// Whether an object is in the picture ("No, there is not.").
+    Presence,
+    /// The word written in the picture ("It says apple.").
+    Reading,
+    /// A book cover's title or writer ("The title is ...").
+    Cover,
+    /// An object's box in pixel corners ("From (8, 16) to (24, 32).").
+    Corners,
+    /// Which listed colour is present ("Red.").
+    ColourChoice,
+    /// Whether a dark or blurred object can be made out ("No, the picture is too dark ...").
+    Visibility,
+}
+
+impl Kind {
+    /// Every kind, in the order [`sample`] draws them from.
+    pub const ALL: [Kind; 11] = [
+        Kind::Colour,
+        Kind::Shape,
+        Kind::Count,
+        Kind::Position,
+        Kind::Relation,
+        Kind::Presence,
+        Kind::Reading,
+        Kind::Cover,
+        Kind::Corners,
+        Kind::ColourChoice,
+        Kind::Visibility,
+    ];
+
+    /// Its name in reports (`colour`, `colour-choice`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Colour => "colour",
+            Kind::Shape => "shape",
+            Kind::Count => "count",
+            Kind::Position => "position",
+            Kind::Relation => "relation",
+            Kind::Presence => "presence",
+            Kind::Reading => "reading",
+            Kind::Cover => "cover",
+            Kind::Corners => "corners",
+            Kind::ColourChoice => "colour-choice",
+            Kind::Visibility => "visibility",
+        }
+    }
+
+    /// Whether `prediction` answers a question of this kind whose reference answer is
+    /// `reference`: the same sentence up to case, punctuation and spacing, except for
+    /// [`Kind::Corners`], right when the boxes overlap with IoU > 0.5 (Grounding's criterion).
+    pub fn is_correct(self, prediction: &str, reference: &str) -> bool {
+        match self {
+            Kind::Corners => match (corners(prediction), corners(reference)) {
+                (Some(p), Some(r)) => iou(p, r) > 0.5,
+                _ => false,
+            },
+            _ => plain(prediction) == plain(reference),
+        }
+    }
+}
+
+/// Lowercase words, punctuation dropped (`"It is red."` -> `"it is red"`).
+fn plain(text: &str) -> String {
+    text.to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The first four integers of a corners answer (`From (x0, y0) to (x1, y1).`).
+fn corners(text: &str) -> Option<[f64; 4]> {
+    let numbers: Vec<f64> = text
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .take(4)
+        .collect();
+    numbers.try_into().ok()
+}
+
+fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let inter = area([
+        a[0].max(b[0]),
+        a[1].max(b[1]),
+        a[2].min(b[2]),
+        a[3].min(b[3]),
+    ]);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+/// One instruction-tuning sample of a kind drawn uniformly.
 pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
+    // An i32 draw: the stream the shipped base was pretrained on.
+    let kind = Kind::ALL[rng.random_range(0..Kind::ALL.len() as i32) as usize];
+    sample_of(kind, rng, size)
+}
+
+/// One instruction-tuning sample of `kind`. (Long on purpose: one arm per kind of question in
+/// the mixture, side by side.)
+pub fn sample_of(kind: Kind, rng: &mut impl Rng, size: u32) -> Sample {
     let mut canvas = Canvas::new(size, BACKGROUND);
     let s = size;
     let unit = (s / 4).max(8);
-    let (question, answer): (String, String) = match rng.random_range(0..11) {
-        0 => {
+    let (question, answer): (String, String) = match kind {
+        Kind::Colour => {
             let ((name, rgb), sh) = (any_colour(rng), any_shape(rng));
             let side = rng.random_range(unit..=2 * unit);
             canvas.shape(sh, anywhere(rng, s, side), rgb);
@@ -85,7 +197,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 format!("The {} is {name}.", sh.name()),
             )
         }
-        1 => {
+        Kind::Shape => {
             let ((_, rgb), sh) = (any_colour(rng), any_shape(rng));
             let side = rng.random_range(unit..=2 * unit);
             canvas.shape(sh, anywhere(rng, s, side), rgb);
@@ -97,7 +209,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
             .expect("phrasings");
             (q.to_string(), format!("It is a {}.", sh.name()))
         }
-        2 => {
+        Kind::Count => {
             let ((_, rgb), sh) = (any_colour(rng), any_shape(rng));
             let n = rng.random_range(1..=6);
             draw_copies(rng, &mut canvas, n, sh, rgb);
@@ -106,7 +218,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 format!("I count {}.", number(n)),
             )
         }
-        3 => {
+        Kind::Position => {
             let n = rng.random_range(1..=3);
             let objects = scene(rng, &mut canvas, n);
             let (name, sh, b) = *objects.choose(rng).expect("objects");
@@ -115,7 +227,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 format!("It is at the {}.", position(b, s)),
             )
         }
-        4 => {
+        Kind::Relation => {
             let objects = scene(rng, &mut canvas, 2);
             let ((n1, s1, b1), (n2, s2, b2)) = (objects[0], objects[1]);
             let (relation, holds) = if rng.random_bool(0.5) {
@@ -137,7 +249,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 .to_string(),
             )
         }
-        5 => {
+        Kind::Presence => {
             let n = rng.random_range(1..=3);
             let objects = scene(rng, &mut canvas, n);
             let (name, sh) = if rng.random_bool(0.5) {
@@ -157,7 +269,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 .to_string(),
             )
         }
-        6 => {
+        Kind::Reading => {
             let words: Vec<&str> = reading_vocabulary().collect();
             let word = *words.choose(rng).expect("words");
             let (x, y) = word_position(rng, s, word);
@@ -167,7 +279,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 .expect("phrasings");
             (q.to_string(), format!("It says {}.", word.to_lowercase()))
         }
-        7 => {
+        Kind::Cover => {
             let (_, rgb) = any_colour(rng);
             let title = *TITLES.choose(rng).expect("titles");
             let author = *AUTHORS.choose(rng).expect("authors");
@@ -184,7 +296,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 )
             }
         }
-        8 => {
+        Kind::Corners => {
             let n = rng.random_range(1..=3);
             let objects = scene(rng, &mut canvas, n);
             let (name, sh, b) = *objects.choose(rng).expect("objects");
@@ -193,7 +305,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 format!("From ({}, {}) to ({}, {}).", b[0], b[1], b[2], b[3]),
             )
         }
-        9 => {
+        Kind::ColourChoice => {
             let objects = scene(rng, &mut canvas, 1);
             let present = objects[0].0;
             let mut options: Vec<&str> = COLOURS
@@ -214,7 +326,7 @@ pub fn sample(rng: &mut impl Rng, size: u32) -> Sample {
                 format!("{}{}.", present[..1].to_uppercase(), &present[1..]),
             )
         }
-        _ => {
+        Kind::Visibility => {
             let ((name, rgb), sh) = (any_colour(rng), any_shape(rng));
             let side = rng.random_range(unit..=2 * unit);
             canvas.shape(sh, anywhere(rng, s, side), rgb);
