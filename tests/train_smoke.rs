@@ -17,17 +17,27 @@ fn cmoe(args: &[&str]) -> std::process::Output {
         .expect("cmoe runs")
 }
 
-fn ok(args: &[&str]) {
+fn ok(args: &[&str]) -> std::process::Output {
     let out = cmoe(args);
     assert!(
         out.status.success(),
         "cmoe {args:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+/// What a successful `cmoe ... --json` printed.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_slice(&ok(args).stdout).unwrap()
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn report(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap()
+    read_json(&dir.join("report.json"))
 }
 
 #[test]
@@ -102,10 +112,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         );
     }
     let curves = |dir: &Path| {
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap())
-                .unwrap();
-        json["stages"]
+        read_json(&dir.join("pretrain.json"))["stages"]
             .as_array()
             .unwrap()
             .iter()
@@ -116,15 +123,10 @@ fn smoke_run_reports_and_resumes_bit_identically() {
 
     // The held-out instruction accuracy in pretrain.json is what `cmoe eval-base` measures on
     // the shipped weights (same seed, same questions), and its answers are written.
-    let held_out = |dir: &Path| {
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap())
-                .unwrap();
-        json["held_out"].clone()
-    };
+    let held_out = |dir: &Path| read_json(&dir.join("pretrain.json"))["held_out"].clone();
     assert_eq!(held_out(&model)["kinds"].as_array().unwrap().len(), 11);
     let answers = root.join("held-out.jsonl");
-    let out = cmoe(&[
+    let measured = ok_json(&[
         "eval-base",
         "--model",
         m,
@@ -134,12 +136,6 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         answers.to_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let measured: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(measured, held_out(&model));
     assert_eq!(
         std::fs::read_to_string(&answers).unwrap().lines().count(),
@@ -271,7 +267,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     // The saved answers score to the report's numbers with `cmoe score`.
     let answers = runs.join("whole/predictions/after-8-OCRVQA/GQA.jsonl");
     let test = runs.join("whole/data/Instructions/GQA/test.json");
-    let out = cmoe(&[
+    let scored = ok_json(&[
         "score",
         "--task-type",
         "gqa",
@@ -281,16 +277,10 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         answers.to_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(scored["accuracy"], a["accuracy"][7][3]);
     // A trained run answers new questions, PTL choosing the router.
     let image = runs.join("whole/data/images/GQA/test/000000.png");
-    let out = cmoe(&[
+    let answer = ok_json(&[
         "ask",
         "--run",
         runs.join("whole").to_str().unwrap(),
@@ -300,12 +290,6 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         "What colour is the shape on the left side?",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["z_scores"].as_array().unwrap().len(), 8);
     assert!(tasks.contains(&answer["task"]));
     assert!(runs.join("whole/state/state.safetensors").is_file());
