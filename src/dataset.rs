@@ -108,14 +108,19 @@ impl CoinEncoder {
     }
 }
 
-/// Stacks the samples' pixels `[n, 3, h, w]`.
-fn stack_pixels<B: Backend>(samples: &[Encoded], device: &B::Device) -> Tensor<B, 4> {
-    let (h, w) = (samples[0].pixels.height, samples[0].pixels.width);
-    let data: Vec<f32> = samples
-        .iter()
-        .flat_map(|s| s.pixels.data.iter().copied())
-        .collect();
-    Tensor::from_data(TensorData::new(data, [samples.len(), 3, h, w]), device)
+/// Stacks pictures of one size into `[n, 3, h, w]`.
+pub(crate) fn stack_pixels<'a, B: Backend>(
+    pictures: impl ExactSizeIterator<Item = &'a PixelValues>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let n = pictures.len();
+    let (mut h, mut w) = (0, 0);
+    let mut data = Vec::new();
+    for p in pictures {
+        (h, w) = (p.height, p.width);
+        data.extend_from_slice(&p.data);
+    }
+    Tensor::from_data(TensorData::new(data, [n, 3, h, w]), device)
 }
 
 /// Pads rows to the longest one, on the right or the left; returns ids, labels and mask.
@@ -153,7 +158,7 @@ pub fn collate_train<B: Backend>(
     TrainBatch {
         input: ModelInput {
             input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
-            pixel_values: Some(stack_pixels(samples, device)),
+            pixel_values: Some(stack_pixels(samples.iter().map(|s| &s.pixels), device)),
             attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),
         },
         labels: Tensor::from_data(TensorData::new(labels, shape), device),
@@ -171,7 +176,7 @@ pub fn collate_prompts<B: Backend>(
     let shape = [samples.len(), len];
     ModelInput {
         input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
-        pixel_values: Some(stack_pixels(samples, device)),
+        pixel_values: Some(stack_pixels(samples.iter().map(|s| &s.pixels), device)),
         attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),
     }
 }

@@ -47,14 +47,17 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     let model = root.join("model");
     let runs = root.join("runs");
     let (m, r) = (model.to_str().unwrap(), runs.to_str().unwrap());
-    // Both pretraining stages (3 + 2 steps, a checkpoint every 2); a pretraining stopped
-    // after step 3 (inside stage 1, after its last checkpoint) and resumed ends with the
-    // same weights, tokenizer and loss curve as the unbroken one.
+    // All three pretraining stages (3 + 3 + 2 steps, a checkpoint every 2); a pretraining
+    // stopped after step 3 (inside stage 0, after its checkpoint), resumed, stopped again after
+    // step 5 (inside stage 1, after its checkpoint) and resumed again ends with the same
+    // weights, tokenizer and loss curves as the unbroken one.
     let pretrain = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "pretrain",
             "--out",
             out,
+            "--vision-steps",
+            "3",
             "--caption-steps",
             "3",
             "--instruction-steps",
@@ -99,6 +102,9 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         "a new pretraining over a checkpoint is refused"
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("pass --resume"));
+    let stopped = pretrain(b, &["--resume", "--stop-after-steps", "5"]);
+    assert!(!stopped.status.success());
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("stopped after step 5"));
     let resumed = pretrain(b, &["--resume"]);
     assert!(
         resumed.status.success(),
@@ -120,6 +126,13 @@ fn smoke_run_reports_and_resumes_bit_identically() {
             .collect::<Vec<_>>()
     };
     assert_eq!(curves(&model), curves(&broken));
+    let names: Vec<_> = read_json(&model.join("pretrain.json"))["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["vision", "captions", "instructions"]);
 
     // The held-out instruction accuracy in pretrain.json is what `cmoe eval-base` measures on
     // the shipped weights (same seed, same questions), and its answers are written.

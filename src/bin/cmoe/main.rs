@@ -267,7 +267,7 @@ enum Command {
         #[arg(long)]
         question: String,
     },
-    /// Pretrain a small LLaVA (tokenizer + weights): captions, then instructions (resumable).
+    /// Pretrain a small LLaVA (tokenizer + weights): optionally the vision tower alone, then captions, then instructions (resumable).
     Pretrain {
         /// The model's config.json.
         #[arg(long, default_value = "configs/llava-mini.json")]
@@ -278,6 +278,10 @@ enum Command {
         /// Seed of the initialisation, the tokenizer corpus and the batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Optimiser steps of stage 0, the vision tower alone on descriptions' words (0:
+        /// skipped).
+        #[arg(long, default_value_t = 0)]
+        vision_steps: usize,
         /// Optimiser steps of stage 1, captions (the shipped model: see its pretrain.json).
         #[arg(long, default_value_t = 600)]
         caption_steps: usize,
@@ -287,7 +291,7 @@ enum Command {
         /// Samples per step.
         #[arg(long, default_value_t = 16)]
         batch: usize,
-        /// Peak learning rate of stage 1.
+        /// Peak learning rate of stages 0 and 1.
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
         /// Peak learning rate of stage 2.
@@ -604,6 +608,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             out,
             seed,
+            vision_steps,
             caption_steps,
             instruction_steps,
             batch,
@@ -623,6 +628,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         model_config: config,
                         out,
                         seed,
+                        vision_steps,
                         caption_steps,
                         instruction_steps,
                         batch,

@@ -1,7 +1,9 @@
 //! Pretraining the small LLaVA shipped in `assets/`, LLaVA-1.5's recipe in small: a byte-level
 //! BPE tokenizer trained on the synthetic corpus, then every weight trained from a seeded
-//! initialisation in two stages:
+//! initialisation in up to three stages:
 //!
+//! 0. **vision** (optional, what CLIP's own pretraining is to LLaVA): the vision tower and
+//!    projector alone learn to predict the words of pictures' descriptions ([`vision`]);
 //! 1. **captions** (LLaVA's feature alignment): descriptions of Mini-CoIN's kinds of images
 //!    (`cmoe_coin::mini::captions`: shapes, colours, positions, counts, words, covers,
 //!    degraded pictures);
@@ -28,7 +30,7 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, ElementConversion};
+use burn::tensor::{DType, ElementConversion, Tensor};
 use cmoe_coin::format::{TrainRecord, Turn, write_json};
 use cmoe_coin::mini::tasks::Sample;
 use cmoe_coin::mini::{TASKS, captions, instructions, tasks};
@@ -46,10 +48,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendTask;
-use crate::dataset::{CoinEncoder, collate_train};
+use crate::dataset::{CoinEncoder, collate_train, stack_pixels};
 use crate::instruction_accuracy::{InstructionAccuracy, instruction_accuracy};
 use crate::observer::{RunEvent, RunObserver};
 use crate::plots::{Lines, lines};
+
+pub mod vision;
+
+use vision::{CaptionWords, word_targets};
 
 /// What to pretrain and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,13 +66,17 @@ pub struct PretrainConfig {
     pub out: PathBuf,
     /// Seed of the initialisation, the corpus and the batches.
     pub seed: u64,
+    /// Optimiser steps of stage 0, the vision tower alone ([`vision`]; 0: skipped, as in
+    /// pretrainings before it existed).
+    #[serde(default)]
+    pub vision_steps: usize,
     /// Optimiser steps of stage 1 (captions).
     pub caption_steps: usize,
     /// Optimiser steps of stage 2 (instructions).
     pub instruction_steps: usize,
     /// Samples per step.
     pub batch: usize,
-    /// Peak learning rate of stage 1 (AdamW, warmup 5 % then cosine).
+    /// Peak learning rate of stages 0 and 1 (AdamW, warmup 5 % then cosine).
     pub lr: f64,
     /// Peak learning rate of stage 2 (same schedule, a fresh AdamW state).
     pub instruction_lr: f64,
@@ -148,17 +158,147 @@ impl BackendTask for PretrainTask {
     }
 }
 
-/// The two stages: name, steps, peak learning rate, share of captions.
-fn stages(config: &PretrainConfig) -> [(&'static str, usize, f64, f64); 2] {
+/// What a stage trains on.
+#[derive(Debug, Clone, Copy)]
+enum Objective {
+    /// The tower and projector predict descriptions' words ([`vision`]).
+    CaptionWords,
+    /// Next-token loss on conversations, `caption_share` of them descriptions and the rest
+    /// instructions.
+    Language { caption_share: f64 },
+}
+
+/// One stage of pretraining.
+#[derive(Debug, Clone, Copy)]
+struct Stage {
+    name: &'static str,
+    steps: usize,
+    peak_lr: f64,
+    objective: Objective,
+    /// Which generator stream its steps draw from ([`step_rng`]).
+    stream: usize,
+}
+
+/// Stages per pretraining.
+const STAGES: usize = 3;
+
+/// The stages in order: the vision tower alone (skipped at 0 steps), captions, instructions.
+fn stages(config: &PretrainConfig) -> [Stage; STAGES] {
     [
-        ("captions", config.caption_steps, config.lr, 1.0),
-        (
-            "instructions",
-            config.instruction_steps,
-            config.instruction_lr,
-            config.caption_share,
-        ),
+        Stage {
+            name: "vision",
+            steps: config.vision_steps,
+            peak_lr: config.lr,
+            objective: Objective::CaptionWords,
+            stream: 2,
+        },
+        Stage {
+            name: "captions",
+            steps: config.caption_steps,
+            peak_lr: config.lr,
+            objective: Objective::Language { caption_share: 1.0 },
+            stream: 0,
+        },
+        Stage {
+            name: "instructions",
+            steps: config.instruction_steps,
+            peak_lr: config.instruction_lr,
+            objective: Objective::Language {
+                caption_share: config.caption_share,
+            },
+            stream: 1,
+        },
     ]
+}
+
+/// What every stage's training loop shares: where it checkpoints, its seed, and where it
+/// reports.
+struct StageRun<'a, B: Backend> {
+    checkpoint_dir: &'a Path,
+    seed: u64,
+    checkpoint_every: usize,
+    stop_after_steps: Option<usize>,
+    observer: &'a dyn RunObserver,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> StageRun<'_, B> {
+    /// Trains `module` through the steps of `stage` that `state` has not done (from the
+    /// checkpoint's weights and AdamW state when it stopped inside this stage), each step on the
+    /// loss `loss` computes from that step's generator; checkpoints on the way.
+    fn train<M: AutodiffModule<Autodiff<B>>>(
+        &self,
+        mut module: M,
+        stage: &Stage,
+        stage_start: usize,
+        state: &mut CheckpointState,
+        loss: impl Fn(&M, &mut StdRng, usize) -> anyhow::Result<Tensor<Autodiff<B>, 1>>,
+    ) -> anyhow::Result<M> {
+        let index = state.stage;
+        let mut optim = AdamWConfig::new()
+            .with_weight_decay(0.0)
+            .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
+            .init();
+        if state.step > 0 {
+            load_module(
+                &mut module,
+                &self.checkpoint_dir.join("model.safetensors"),
+                DType::F32,
+            )?;
+            let path = self.checkpoint_dir.join("optimizer");
+            let record: OptimState<Autodiff<B>> = recorder()
+                .load(path.clone(), self.device)
+                .with_context(|| format!("cannot read {}.mpk", path.display()))?;
+            optim = optim.load_record(by_id(record, &module));
+        }
+        self.observer.event(RunEvent::Started {
+            name: &format!("pretrain {}", stage.name),
+            len: stage.steps as u64,
+            done: state.step as u64,
+        });
+        let mut start = std::time::Instant::now();
+        while state.step < stage.steps {
+            let step = state.step;
+            let mut rng = step_rng(self.seed, stage.stream, step);
+            let loss = loss(&module, &mut rng, step)?;
+            let value: f64 = loss.clone().into_scalar().elem();
+            if !value.is_finite() {
+                anyhow::bail!(
+                    "pretraining diverged: loss {value} at step {step} of {}",
+                    stage.name
+                );
+            }
+            state.losses[index].push(value);
+            let lr = learning_rate(step, stage.steps, stage.peak_lr, 0.05);
+            let grads = GradientsParams::from_grads(loss.backward(), &module);
+            module = optim.step(lr, module, grads);
+            state.step += 1;
+            self.observer.event(RunEvent::Advanced {
+                steps: 1,
+                status: Some(&format!("loss {value:.3}")),
+            });
+            let every = self.checkpoint_every;
+            if every > 0 && state.step % every == 0 && state.step < stage.steps {
+                state.seconds[index] += start.elapsed().as_secs_f64();
+                start = std::time::Instant::now();
+                save_checkpoint(
+                    self.checkpoint_dir,
+                    state,
+                    &module,
+                    by_order(optim.to_record(), &module),
+                )?;
+            }
+            if self.stop_after_steps == Some(stage_start + state.step) {
+                anyhow::bail!(
+                    "stopped after step {} as asked; continue with --resume",
+                    stage_start + state.step
+                );
+            }
+        }
+        self.observer.event(RunEvent::Finished);
+        state.seconds[index] += start.elapsed().as_secs_f64();
+        Ok(module)
+    }
 }
 
 /// Where a pretraining checkpoint stands (`state.json`).
@@ -166,7 +306,9 @@ fn stages(config: &PretrainConfig) -> [(&'static str, usize, f64, f64); 2] {
 struct CheckpointState {
     format: String,
     config: PretrainConfig,
-    /// The stage in flight (0 or 1) and the steps it has done.
+    /// The stage in flight (an index into [`stages`]) and the steps it has done; at a stage
+    /// boundary (step 0) `model.safetensors` holds the LLaVA, inside a stage the module it
+    /// trains.
     stage: usize,
     step: usize,
     /// Every step's loss, per stage so far.
@@ -175,7 +317,7 @@ struct CheckpointState {
     seconds: Vec<f64>,
 }
 
-const CHECKPOINT_FORMAT: &str = "llava-cmoe/pretrain-checkpoint/1";
+const CHECKPOINT_FORMAT: &str = "llava-cmoe/pretrain-checkpoint/2";
 
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
@@ -234,8 +376,8 @@ fn pretrain<B: Backend>(
             config: config.clone(),
             stage: 0,
             step: 0,
-            losses: vec![Vec::new(); 2],
-            seconds: vec![0.0; 2],
+            losses: vec![Vec::new(); STAGES],
+            seconds: vec![0.0; STAGES],
         },
     };
 
@@ -267,89 +409,73 @@ fn pretrain<B: Backend>(
     AD::<B>::seed(device, config.seed);
     let mut model = model_config.init::<AD<B>>(device);
     let parameters = model.num_params();
-    if state.step > 0 || state.stage > 0 {
+    if state.step == 0 && state.stage > 0 {
+        // A checkpoint at a stage boundary holds the LLaVA itself.
         load_module(
             &mut model,
             &checkpoint_dir.join("model.safetensors"),
             DType::F32,
         )?;
     }
+    let run = StageRun {
+        checkpoint_dir: &checkpoint_dir,
+        seed: config.seed,
+        checkpoint_every: config.checkpoint_every,
+        stop_after_steps,
+        observer,
+        device,
+    };
+    let vocab = model_config.text_config.vocab_size;
     let mut steps_before = 0;
-    for (index, (name, steps, peak, caption_share)) in stages(&config).into_iter().enumerate() {
+    for (index, stage) in stages(&config).into_iter().enumerate() {
         let stage_start = steps_before;
-        steps_before += steps;
-        if index < state.stage {
+        steps_before += stage.steps;
+        if index < state.stage || stage.steps == 0 {
             continue;
         }
-        let mut optim = AdamWConfig::new()
-            .with_weight_decay(0.0)
-            .with_grad_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
-            .init();
-        if state.stage == index && state.step > 0 {
-            let path = checkpoint_dir.join("optimizer");
-            let record: OptimState<AD<B>> = recorder()
-                .load(path.clone(), device)
-                .with_context(|| format!("cannot read {}.mpk", path.display()))?;
-            optim = optim.load_record(by_id(record, &model));
-        }
         state.stage = index;
-        observer.event(RunEvent::Started {
-            name: &format!("pretrain {name}"),
-            len: steps as u64,
-            done: state.step as u64,
-        });
-        let mut start = std::time::Instant::now();
-        while state.step < steps {
-            let step = state.step;
-            let mut rng = step_rng(config.seed, index, step);
-            let samples = (0..config.batch)
-                .map(|i| {
-                    let s = if rng.random_bool(caption_share) {
-                        captions::sample(&mut rng, image_size)
-                    } else {
-                        instructions::sample(&mut rng, image_size)
-                    };
-                    let record = conversation(format!("{name}-{step}-{i}"), &s.question, &s.answer);
-                    encoder.encode_conversation(&record, encoder.processor.preprocess(&s.image))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let batch = collate_train::<AD<B>>(&samples, pad, device);
-            let logits = model.forward(batch.input.into())?;
-            let loss = causal_lm_loss(logits, batch.labels).context("a batch without labels")?;
-            let value: f64 = loss.clone().into_scalar().elem();
-            if !value.is_finite() {
-                anyhow::bail!("pretraining diverged: loss {value} at step {step} of {name}");
+        model = match stage.objective {
+            Objective::CaptionWords => {
+                let hidden = model_config.text_config.hidden_size;
+                let words = CaptionWords::new(model, hidden, vocab, device);
+                let trained = run.train(words, &stage, stage_start, &mut state, |m, rng, _| {
+                    let samples: Vec<Sample> = (0..config.batch)
+                        .map(|_| captions::sample(rng, image_size))
+                        .collect();
+                    let pixels: Vec<_> = samples
+                        .iter()
+                        .map(|s| encoder.processor.preprocess(&s.image))
+                        .collect();
+                    let descriptions: Vec<&str> =
+                        samples.iter().map(|s| s.answer.as_str()).collect();
+                    let targets =
+                        word_targets(&encoder.tokenizer, &descriptions, vocab, device)?;
+                    Ok(m.loss(stack_pixels(pixels.iter(), device), targets))
+                })?;
+                trained.llava
             }
-            state.losses[index].push(value);
-            let lr = learning_rate(step, steps, peak, 0.05);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            state.step += 1;
-            observer.event(RunEvent::Advanced {
-                steps: 1,
-                status: Some(&format!("loss {value:.3}")),
-            });
-            let every = config.checkpoint_every;
-            if every > 0 && state.step % every == 0 && state.step < steps {
-                state.seconds[index] += start.elapsed().as_secs_f64();
-                start = std::time::Instant::now();
-                save_checkpoint(
-                    &checkpoint_dir,
-                    &state,
-                    &model,
-                    by_order(optim.to_record(), &model),
-                )?;
+            Objective::Language { caption_share } => {
+                run.train(model, &stage, stage_start, &mut state, |m, rng, step| {
+                    let samples = (0..config.batch)
+                        .map(|i| {
+                            let s = if rng.random_bool(caption_share) {
+                                captions::sample(rng, image_size)
+                            } else {
+                                instructions::sample(rng, image_size)
+                            };
+                            let id = format!("{}-{step}-{i}", stage.name);
+                            let record = conversation(id, &s.question, &s.answer);
+                            encoder
+                                .encode_conversation(&record, encoder.processor.preprocess(&s.image))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let batch = collate_train::<AD<B>>(&samples, pad, device);
+                    let logits = m.forward(batch.input.into())?;
+                    causal_lm_loss(logits, batch.labels).context("a batch without labels")
+                })?
             }
-            if stop_after_steps == Some(stage_start + state.step) {
-                anyhow::bail!(
-                    "stopped after step {} as asked; continue with --resume",
-                    stage_start + state.step
-                );
-            }
-        }
-        observer.event(RunEvent::Finished);
-        state.seconds[index] += start.elapsed().as_secs_f64();
-        if index + 1 < 2 {
+        };
+        if index + 1 < STAGES {
             // The stage boundary: the next stage starts from these weights with a fresh AdamW.
             state.stage = index + 1;
             state.step = 0;
@@ -382,11 +508,12 @@ fn pretrain<B: Backend>(
         .into_iter()
         .zip(&state.losses)
         .zip(&state.seconds)
-        .map(|(((name, steps, _, _), losses), &seconds)| {
+        .filter(|((stage, _), _)| stage.steps > 0 || stage.name != "vision")
+        .map(|((stage, losses), &seconds)| {
             let tenth = (losses.len() / 10).max(1).min(losses.len());
             StageReport {
-                name: name.into(),
-                steps,
+                name: stage.name.into(),
+                steps: stage.steps,
                 first_loss: mean(&losses[..tenth]),
                 last_loss: mean(&losses[losses.len() - tenth..]),
                 seconds,
@@ -449,10 +576,10 @@ pub fn loss_figure(report: &PretrainReport, path: &Path) -> anyhow::Result<()> {
     )
 }
 
-/// The generator of one step's samples: seeded by the run's seed, the stage and the step, so a
-/// resumed stage draws what an unbroken one would.
-fn step_rng(seed: u64, stage: usize, step: usize) -> StdRng {
-    let salt = ((stage as u64 + 1) << 40) ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+/// The generator of one step's samples: seeded by the run's seed, the stage's stream and the
+/// step, so a resumed stage draws what an unbroken one would.
+fn step_rng(seed: u64, stream: usize, step: usize) -> StdRng {
+    let salt = ((stream as u64 + 1) << 40) ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     StdRng::seed_from_u64(seed ^ 0xCAB ^ salt)
 }
 
@@ -480,17 +607,17 @@ fn find_checkpoint(dir: &Path) -> anyhow::Result<Option<(PathBuf, CheckpointStat
 
 /// Writes the checkpoint into `<dir>.next`, then swaps it in for `dir` (a crash at any point
 /// leaves one whole checkpoint, in `dir` or `<dir>.old`).
-fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+fn save_checkpoint<B: burn::tensor::backend::AutodiffBackend, M: Module<B>>(
     dir: &Path,
     state: &CheckpointState,
-    model: &cmoe_llava::Llava<B>,
+    module: &M,
     optim: OptimState<B>,
 ) -> anyhow::Result<()> {
     let next = dir.with_extension("next");
     let old = dir.with_extension("old");
     let _ = std::fs::remove_dir_all(&next);
     std::fs::create_dir_all(&next).with_context(|| format!("cannot create {}", next.display()))?;
-    save_module(model, &next.join("model.safetensors"))?;
+    save_module(module, &next.join("model.safetensors"))?;
     let path = next.join("optimizer");
     recorder()
         .record(optim, path.clone())
