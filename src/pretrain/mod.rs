@@ -11,7 +11,7 @@
 //!    images in words of their own (`cmoe_coin::mini::instructions`: objects, colours, counts,
 //!    positions, reading, boxes, yes/no, multiple choice), with a share of captions mixed in.
 //!
-//! None of the eight tasks' templates or answer formats is in either stage, and their samples
+//! None of the eight tasks' templates or answer formats is in any stage, and their samples
 //! come from generator streams of their own (seeded from the pretraining seed, disjoint from
 //! Mini-CoIN's). The result is written in the HF LLaVA layout with `pretrain.json` (settings,
 //! time and loss curve of each stage).
@@ -92,7 +92,7 @@ pub struct PretrainConfig {
 /// One stage's record in `pretrain.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StageReport {
-    /// `captions` or `instructions`.
+    /// `vision`, `captions` or `instructions`.
     pub name: String,
     /// Optimiser steps.
     pub steps: usize,
@@ -116,7 +116,7 @@ pub struct PretrainReport {
     pub config: PretrainConfig,
     /// Each stage, in order.
     pub stages: Vec<StageReport>,
-    /// Wall time of both training loops.
+    /// Wall time of the stages' training loops.
     pub train_seconds: f64,
     /// Parameters.
     pub parameters: usize,
@@ -133,7 +133,7 @@ pub struct PretrainTask {
     pub config: PretrainConfig,
     /// Continue from the checkpoint (an error when there is none).
     pub resume: bool,
-    /// Stop with an error after this many steps of both stages, as if killed there (to
+    /// Stop with an error after this many steps of all stages, as if killed there (to
     /// exercise `resume`).
     pub stop_after_steps: Option<usize>,
     /// Held-out questions per kind of stage 2 answered by the result (0: none; see
@@ -323,7 +323,7 @@ fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }
 
-/// Pretrains (or resumes) the small LLaVA: checks, the tokenizer and model, then both stages
+/// Pretrains (or resumes) the small LLaVA: checks, the tokenizer and model, then the stages
 /// step by step with checkpoints, then the weights, the held-out accuracy and the report.
 /// (One function on purpose: the resume logic reads top to bottom beside the loop it resumes.)
 fn pretrain<B: Backend>(
@@ -544,7 +544,7 @@ fn pretrain<B: Backend>(
 }
 
 /// The loss figure of a pretraining (`pretrain_loss.png` beside its `pretrain.json`): each
-/// stage's loss curve over the steps of both.
+/// stage's loss curve over the steps of all.
 pub fn loss_figure(report: &PretrainReport, path: &Path) -> anyhow::Result<()> {
     let mut offset = 0.0;
     let series: Vec<(String, Vec<(f64, f64)>)> = report
