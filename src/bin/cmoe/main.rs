@@ -279,8 +279,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Optimiser steps of stage 0, the vision tower alone on descriptions' words (0:
-        /// skipped).
-        #[arg(long, default_value_t = 0)]
+        /// skipped; the shipped model: see its pretrain.json).
+        #[arg(long, default_value_t = 6000)]
         vision_steps: usize,
         /// Optimiser steps of stage 1, captions (the shipped model: see its pretrain.json).
         #[arg(long, default_value_t = 600)]
