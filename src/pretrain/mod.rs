@@ -448,8 +448,7 @@ fn pretrain<B: Backend>(
                         .collect();
                     let descriptions: Vec<&str> =
                         samples.iter().map(|s| s.answer.as_str()).collect();
-                    let targets =
-                        word_targets(&encoder.tokenizer, &descriptions, vocab, device)?;
+                    let targets = word_targets(&encoder.tokenizer, &descriptions, vocab, device)?;
                     Ok(m.loss(stack_pixels(pixels.iter(), device), targets))
                 })?;
                 trained.llava
@@ -465,8 +464,10 @@ fn pretrain<B: Backend>(
                             };
                             let id = format!("{}-{step}-{i}", stage.name);
                             let record = conversation(id, &s.question, &s.answer);
-                            encoder
-                                .encode_conversation(&record, encoder.processor.preprocess(&s.image))
+                            encoder.encode_conversation(
+                                &record,
+                                encoder.processor.preprocess(&s.image),
+                            )
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;
                     let batch = collate_train::<AD<B>>(&samples, pad, device);
