@@ -116,6 +116,7 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_bytes() {
         "ptl_confusion",
         "trainable_params_per_task",
         "experts_per_layer",
+        "plans",
     ] {
         assert_eq!(a[key], b[key], "{key} differs (CMOE_KILL_SEED={seed})");
     }

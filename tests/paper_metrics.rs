@@ -113,6 +113,38 @@ fn immediate_uses_the_tasks_own_router_and_bwt_is_the_papers() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert!(first > 4 * 3, "task 1 added no expert: {experts:?}");
+    // Every task's plan is in the report with PGKE's probe statistics: per layer, each expert's
+    // share of the tokens that had it in their top 2 (so they sum to 2), and the experts it adds
+    // are the growth of `experts_per_layer`.
+    let plans = ptl["plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 3);
+    let total = |t: usize| -> u64 {
+        experts[t]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum()
+    };
+    for (t, plan) in plans.iter().enumerate() {
+        assert_eq!(plan["task"], t);
+        let added: u64 = plan["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["add"].as_u64().unwrap())
+            .sum();
+        let before = if t == 0 { 4 * 3 } else { total(t - 1) };
+        assert_eq!(added, total(t) - before, "task {t}");
+        let frequencies = plan["frequencies"].as_array().unwrap();
+        assert_eq!(frequencies.len(), 4);
+        for freq in frequencies {
+            let sum: f64 = floats(freq).iter().sum();
+            assert!((sum - 2.0).abs() < 1e-9, "task {t}: {freq}");
+        }
+    }
+    let md = std::fs::read_to_string(runs.root.join("runs/ptl/report.md")).unwrap();
+    assert!(md.contains("## Where PGKE added experts (probe statistics)"));
     assert!(ptl["config"]["init"] == "phase");
     let _ = std::fs::remove_dir_all(&runs.root);
 }

@@ -7,6 +7,7 @@ use anyhow::Context;
 use cmoe_coin::format::write_json;
 use cmoe_moe::LlavaLearner;
 use cmoe_moe::baselines::Ewc;
+use cmoe_moe::pgke::ExpansionPlan;
 use serde::{Deserialize, Serialize};
 
 use super::config::RunConfig;
@@ -55,6 +56,9 @@ pub struct Progress {
     /// The backend the run trains on.
     #[serde(default)]
     pub backend: String,
+    /// The expansion plans so far (one per task that grew), with PGKE's probe statistics.
+    #[serde(default)]
+    pub plans: Vec<ExpansionPlan>,
     /// The task whose PGKE expansion is done and saved in `state/` but whose training is not:
     /// a resumed run continues with its training stage.
     #[serde(default)]

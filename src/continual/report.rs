@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use cmoe_coin::format::write_json;
+use cmoe_moe::pgke::ExpansionPlan;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Method, PlanChoice, RouterChoice, RunConfig};
@@ -53,6 +54,10 @@ pub struct Report {
     pub initial_params: usize,
     /// Per task, experts per layer after it.
     pub experts_per_layer: Vec<Vec<usize>>,
+    /// The expansion plan of every task that grew, with PGKE's probe statistics (per layer:
+    /// every expert's activation frequency, the threshold, the probes above it).
+    #[serde(default)]
+    pub plans: Vec<ExpansionPlan>,
     /// `ptl_confusion[true][chosen]` after the last task.
     pub ptl_confusion: Vec<Vec<usize>>,
     /// Share of test questions routed to their own task's router after the last task (null
@@ -273,6 +278,7 @@ pub fn make_report(config: &RunConfig, progress: &Progress, tasks: Vec<String>) 
         trainable_params_per_task: progress.trainable_params_per_task.clone(),
         initial_params: progress.initial_params,
         experts_per_layer: progress.experts_per_layer.clone(),
+        plans: progress.plans.clone(),
         ptl_confusion: progress.ptl_confusion.clone(),
         ptl_accuracy: (!config.method.shared_router())
             .then(|| location_accuracy(&progress.ptl_confusion)),
@@ -383,10 +389,61 @@ pub fn report_markdown(r: &Report) -> String {
         };
         md += &format!("| {label} | {params} | {:?} |\n", r.experts_per_layer[t]);
     }
+    md += &probe_statistics_markdown(r);
     md += &format!(
         "\nWall time {:.0} s on {}, seed {}.\n",
         r.wall_seconds, r.backend, r.seed
     );
+    md
+}
+
+/// PGKE's decisions, one row per layer and one column per task: the experts added, the probes'
+/// activation frequencies and the layer's threshold (empty without probe statistics).
+fn probe_statistics_markdown(r: &Report) -> String {
+    let Some(layers) = r.plans.iter().map(|p| p.frequencies.len()).max() else {
+        return String::new();
+    };
+    if layers == 0 {
+        return String::new();
+    }
+    let top_k = r.config.effective_moe().top_k;
+    let mut md = format!(
+        "\n## Where PGKE added experts (probe statistics)\n\nPer layer and task: experts added \
+         (probes' activation frequencies / threshold). A frequency is the share of eval-subset \
+         tokens that had the expert among their top {top_k}, so a layer's frequencies sum to \
+         {top_k}; the threshold is their mean - {} x std, and a probe above it asks for \
+         capacity.\n\n| layer | {} |\n|---|{}\n",
+        r.config.alpha,
+        r.tasks.join(" | "),
+        "---|".repeat(r.tasks.len())
+    );
+    for layer in 0..layers {
+        let cells: Vec<String> = (0..r.tasks.len())
+            .map(|t| {
+                let Some(plan) = r.plans.iter().find(|p| p.task == t) else {
+                    return "-".into();
+                };
+                let add: usize = plan
+                    .layers
+                    .iter()
+                    .filter(|l| l.layer == layer)
+                    .map(|l| l.add)
+                    .sum();
+                match plan.thresholds.get(layer) {
+                    Some(threshold) => {
+                        let probes: Vec<String> = plan
+                            .probe_frequencies(layer)
+                            .iter()
+                            .map(|f| format!("{f:.2}"))
+                            .collect();
+                        format!("+{add} ({} / {threshold:.2})", probes.join(", "))
+                    }
+                    None => format!("+{add}"),
+                }
+            })
+            .collect();
+        md += &format!("| {layer} | {} |\n", cells.join(" | "));
+    }
     md
 }
 

@@ -64,6 +64,25 @@ impl<'a> StageLog<'a> {
                         layers.join(", ")
                     }
                 ));
+                if !plan.frequencies.is_empty() {
+                    let stats: Vec<String> = plan
+                        .thresholds
+                        .iter()
+                        .enumerate()
+                        .map(|(layer, threshold)| {
+                            let probes: Vec<String> = plan
+                                .probe_frequencies(layer)
+                                .iter()
+                                .map(|f| format!("{f:.2}"))
+                                .collect();
+                            format!("layer {layer} {} / {threshold:.2}", probes.join(" "))
+                        })
+                        .collect();
+                    self.observer.note(&format!(
+                        "  probes' activation / threshold: {}",
+                        stats.join(", ")
+                    ));
+                }
             }
         }
     }

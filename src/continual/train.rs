@@ -461,6 +461,7 @@ impl<B: Backend> Run<'_, B> {
         progress
             .experts_per_layer
             .push(learner.model.experts_per_layer());
+        progress.plans = learner.meta.plans.clone();
         self.evaluate_after(t, &learner, &mut rng)?;
         self.progress
             .seconds_per_task

@@ -85,7 +85,7 @@ pub struct ContinualMeta {
     pub ptl: PtlConfig,
     /// The primitive bank.
     pub bank: PrimitiveBank,
-    /// The PGKE plan of every task after the first.
+    /// The expansion plan of every task that grew (PGKE's, or an ablation's placement).
     pub plans: Vec<ExpansionPlan>,
     /// `first_expert[task][layer]`: the first expert index the task added.
     pub first_expert: Vec<Vec<usize>>,

@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::pgke::{ExpansionMode, PlanSource};
+use cmoe_moe::pgke::{ExpansionMode, PlanSource, threshold};
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::train::checkpoint::StageCheckpoints;
 use cmoe_moe::train::{StageConfig, StageError};
@@ -144,6 +144,20 @@ fn two_tasks<Be: AutodiffBackend>(name: &str, exact: bool) {
     assert_eq!(plans.len(), 1);
     assert_eq!(plans[0].source, PlanSource::Probe);
     assert_eq!(plans[0].probes_above, vec![2, 2]);
+    // The probe statistics are kept: per layer, every expert's share of the tokens that had it
+    // in their top 2 (3 old experts, then 2 probes), summing to 2, and the threshold from them.
+    assert_eq!(plans[0].frequencies.len(), 2);
+    for (layer, (freq, &t)) in plans[0]
+        .frequencies
+        .iter()
+        .zip(&plans[0].thresholds)
+        .enumerate()
+    {
+        assert_eq!(freq.len(), 5);
+        assert_eq!(plans[0].probe_frequencies(layer), &freq[3..]);
+        assert!((freq.iter().sum::<f64>() - 2.0).abs() < 1e-9, "{freq:?}");
+        assert_eq!(t, threshold(freq, 100.0));
+    }
     assert_eq!(learner.model.experts_per_layer(), vec![5, 5]);
     assert_eq!(learner.meta.first_expert, vec![vec![0, 0], vec![3, 3]]);
     assert_eq!(learner.meta.plans, plans);

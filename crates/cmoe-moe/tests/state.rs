@@ -91,6 +91,11 @@ fn two_task_state() -> (ContinualTensors<B>, ContinualMeta) {
             }],
             thresholds: vec![0.1, 0.2],
             probes_above: vec![0, 2],
+            frequencies: vec![
+                vec![0.5, 0.5, 0.5, 0.25, 0.25],
+                vec![0.25, 0.25, 0.5, 0.5, 0.5],
+            ],
+            old_experts: vec![3, 3],
         }],
         first_expert: vec![vec![0, 0], vec![3, 3]],
     };

@@ -134,6 +134,11 @@ pub(super) fn place(
             ExpansionPlan::random_layers(task, before.len(), pgke.layers.len(), add, 0, seed)
         }
     };
+    // The probe statistics stay with the ablation's plan: what PGKE would have chosen.
+    plan.thresholds = pgke.thresholds;
+    plan.probes_above = pgke.probes_above;
+    plan.frequencies = pgke.frequencies;
+    plan.old_experts = pgke.old_experts;
     // New experts start from the layer's most activated expert, as in PGKE.
     for layer in &mut plan.layers {
         let freq = stats.frequencies(layer.layer);

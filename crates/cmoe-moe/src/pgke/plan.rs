@@ -141,12 +141,27 @@ pub struct ExpansionPlan {
     pub thresholds: Vec<f64>,
     /// Per layer, the probes above the threshold (`N_s`; empty unless from probe statistics).
     pub probes_above: Vec<usize>,
+    /// Per layer, the activation frequency of every expert during probing, the old experts
+    /// first and the probes last (empty unless from probe statistics).
+    #[serde(default)]
+    pub frequencies: Vec<Vec<f64>>,
+    /// Per layer, the experts it had before probing (empty unless from probe statistics).
+    #[serde(default)]
+    pub old_experts: Vec<usize>,
 }
 
 impl ExpansionPlan {
     /// Total experts added.
     pub fn total_added(&self) -> usize {
         self.layers.iter().map(|l| l.add).sum()
+    }
+
+    /// The probes' activation frequencies in `layer` (empty without probe statistics).
+    pub fn probe_frequencies(&self, layer: usize) -> &[f64] {
+        match (self.frequencies.get(layer), self.old_experts.get(layer)) {
+            (Some(freq), Some(&old)) => freq.get(old..).unwrap_or_default(),
+            _ => &[],
+        }
     }
 }
 
@@ -172,6 +187,8 @@ impl ExpansionPlan {
                 .collect(),
             thresholds: Vec::new(),
             probes_above: Vec::new(),
+            frequencies: Vec::new(),
+            old_experts: Vec::new(),
         }
     }
 
@@ -227,6 +244,8 @@ pub fn plan_from_stats(
         layers: Vec::new(),
         thresholds: Vec::new(),
         probes_above: Vec::new(),
+        frequencies: Vec::new(),
+        old_experts: old_experts.to_vec(),
     };
     for (layer, &old) in old_experts.iter().enumerate() {
         let freq = stats.frequencies(layer);
@@ -234,6 +253,7 @@ pub fn plan_from_stats(
         let n_s = freq[old..].iter().filter(|&&f| f > t).count();
         plan.thresholds.push(t);
         plan.probes_above.push(n_s);
+        plan.frequencies.push(freq.clone());
         if n_s > 0 {
             let init_from = freq
                 .iter()
@@ -287,6 +307,8 @@ mod tests {
         );
         let plan = plan_from_stats(2, &s, &[3, 3, 3, 3, 3], 0.8, ExpansionMode::ProbeCount);
         assert_eq!(plan.probes_above, vec![0, 2, 0, 0, 1]);
+        assert_eq!(plan.frequencies[1], vec![0.1, 0.2, 0.3, 0.9, 0.5]);
+        assert_eq!(plan.probe_frequencies(1), [0.9, 0.5]);
         assert_eq!(
             plan.layers,
             vec![
