@@ -429,15 +429,8 @@ fn probe_statistics_markdown(r: &Report) -> String {
                     .filter(|l| l.layer == layer)
                     .map(|l| l.add)
                     .sum();
-                match plan.thresholds.get(layer) {
-                    Some(threshold) => {
-                        let probes: Vec<String> = plan
-                            .probe_frequencies(layer)
-                            .iter()
-                            .map(|f| format!("{f:.2}"))
-                            .collect();
-                        format!("+{add} ({} / {threshold:.2})", probes.join(", "))
-                    }
+                match plan.probe_summary(layer) {
+                    Some(summary) => format!("+{add} ({summary})"),
                     None => format!("+{add}"),
                 }
             })

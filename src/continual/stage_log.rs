@@ -65,22 +65,14 @@ impl<'a> StageLog<'a> {
                     }
                 ));
                 if !plan.frequencies.is_empty() {
-                    let stats: Vec<String> = plan
-                        .thresholds
-                        .iter()
-                        .enumerate()
-                        .map(|(layer, threshold)| {
-                            let probes: Vec<String> = plan
-                                .probe_frequencies(layer)
-                                .iter()
-                                .map(|f| format!("{f:.2}"))
-                                .collect();
-                            format!("layer {layer} {} / {threshold:.2}", probes.join(" "))
+                    let stats: Vec<String> = (0..plan.thresholds.len())
+                        .filter_map(|layer| {
+                            Some(format!("layer {layer} {}", plan.probe_summary(layer)?))
                         })
                         .collect();
                     self.observer.note(&format!(
                         "  probes' activation / threshold: {}",
-                        stats.join(", ")
+                        stats.join("; ")
                     ));
                 }
             }

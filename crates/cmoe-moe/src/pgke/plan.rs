@@ -163,6 +163,18 @@ impl ExpansionPlan {
             _ => &[],
         }
     }
+
+    /// `layer`'s probes against its threshold as the log and the report print them
+    /// (`0.42, 0.26 / 0.21`); `None` without probe statistics.
+    pub fn probe_summary(&self, layer: usize) -> Option<String> {
+        let threshold = self.thresholds.get(layer)?;
+        let probes: Vec<String> = self
+            .probe_frequencies(layer)
+            .iter()
+            .map(|f| format!("{f:.2}"))
+            .collect();
+        Some(format!("{} / {threshold:.2}", probes.join(", ")))
+    }
 }
 
 impl ExpansionPlan {
@@ -309,6 +321,7 @@ mod tests {
         assert_eq!(plan.probes_above, vec![0, 2, 0, 0, 1]);
         assert_eq!(plan.frequencies[1], vec![0.1, 0.2, 0.3, 0.9, 0.5]);
         assert_eq!(plan.probe_frequencies(1), [0.9, 0.5]);
+        assert_eq!(plan.probe_summary(1).as_deref(), Some("0.90, 0.50 / 0.17"));
         assert_eq!(
             plan.layers,
             vec![
