@@ -184,6 +184,9 @@ pub struct Bars<'a> {
     pub groups: &'a [String],
     /// Each series: its name and one value per group.
     pub series: &'a [(String, Vec<f64>)],
+    /// Per series, per group: an error bar's half-height (± one standard deviation), drawn
+    /// when above 0; empty for none.
+    pub spread: &'a [Vec<f64>],
     /// Top of the value axis (`None`: 10 % above the largest value).
     pub y_max: Option<f64>,
     /// Decimals of the value printed above each bar (`None`: no value).
@@ -201,12 +204,19 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
         .max()
         .unwrap_or(60);
     let group_w = label_w.max(36 * b.series.len() as u32 + 16);
-    let width = (90 + group_w * n as u32 + 30).max(520);
+    let width = (90 + group_w * n as u32 + 30)
+        .max(520)
+        .max(width_of(b.title, 19) + 40);
     let height = 460;
     let largest = b
         .series
         .iter()
-        .flat_map(|(_, v)| v.iter().copied())
+        .enumerate()
+        .flat_map(|(k, (_, v))| {
+            v.iter()
+                .enumerate()
+                .map(move |(g, &x)| x + b.spread.get(k).and_then(|s| s.get(g)).unwrap_or(&0.0))
+        })
         .fold(0.0f64, f64::max);
     let y_max = b.y_max.unwrap_or(largest * 1.1).max(1e-9);
     let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
@@ -254,9 +264,24 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
                 text(14, &INK, HPos::Left, VPos::Center),
             ))
             .map_err(e)?;
+            let spread = b.spread.get(k);
+            let half = |g: usize| spread.and_then(|s| s.get(g)).copied().unwrap_or(0.0);
+            for (g, &v) in values.iter().enumerate().filter(|&(g, _)| half(g) > 0.0) {
+                let (mid, cap) = (left(g) + bar * 0.46, bar * 0.2);
+                let (low, high) = ((v - half(g)).max(0.0), v + half(g));
+                let ink = INK.stroke_width(2);
+                chart
+                    .draw_series([
+                        PathElement::new([(mid, low), (mid, high)], ink),
+                        PathElement::new([(mid - cap, low), (mid + cap, low)], ink),
+                        PathElement::new([(mid - cap, high), (mid + cap, high)], ink),
+                    ])
+                    .map_err(e)?;
+            }
             if let Some(decimals) = b.decimals {
                 for (g, &v) in values.iter().enumerate() {
-                    let (x, y) = chart.backend_coord(&(left(g) + bar * 0.46, v));
+                    let top = if half(g) > 0.0 { v + half(g) } else { v };
+                    let (x, y) = chart.backend_coord(&(left(g) + bar * 0.46, top));
                     root.draw(&Text::new(
                         format!("{v:.decimals$}"),
                         (x, y - 3),
@@ -356,6 +381,9 @@ pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf
         serde_json::from_str(&text).with_context(|| format!("{}: malformed", table.display()))?;
     let mut methods: Vec<String> = Vec::new();
     let (mut immediate, mut last, mut params) = (Vec::new(), Vec::new(), Vec::new());
+    // Sample standard deviations over a run's seeds (0 for one seed or a paper row).
+    let (mut immediate_std, mut last_std) = (Vec::new(), Vec::new());
+    let mut seeds = 1;
     if let Some(runs) = json["runs"].as_array() {
         for run in runs {
             let reports = run["reports"]
@@ -365,9 +393,16 @@ pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf
                 let values: Vec<f64> = reports.iter().filter_map(value).collect();
                 values.iter().sum::<f64>() / values.len().max(1) as f64
             };
+            let std_of = |key: &str| {
+                let values: Vec<f64> = reports.iter().filter_map(|r| r[key].as_f64()).collect();
+                sample_std(&values)
+            };
+            seeds = seeds.max(reports.len());
             methods.push(run["run"].as_str().unwrap_or("?").to_string());
             immediate.push(mean_of(&|r| r["mean_immediate"].as_f64()));
             last.push(mean_of(&|r| r["mean_last"].as_f64()));
+            immediate_std.push(std_of("mean_immediate"));
+            last_std.push(std_of("mean_last"));
             params.push(
                 mean_of(&|r| {
                     let p: Vec<f64> = r["trainable_params_per_task"]
@@ -398,14 +433,20 @@ pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf
                 methods.insert(0, format!("{method} (multitask)"));
                 immediate.insert(0, mean);
                 last.insert(0, mean);
+                immediate_std.insert(0, 0.0);
+                last_std.insert(0, 0.0);
                 params.insert(0, field(row, "trainable_params_per_task")? / 1e3);
             }
             Some("Immediate") => {
                 methods.push(method);
                 immediate.push(mean);
+                immediate_std.push(0.0);
                 params.push(field(row, "trainable_params_per_task")? / 1e3);
             }
-            Some("Last") => last.push(mean),
+            Some("Last") => {
+                last.push(mean);
+                last_std.push(0.0);
+            }
             other => anyhow::bail!("{}: unknown setting {other:?}", table.display()),
         }
     }
@@ -426,16 +467,22 @@ pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf
             .to_string_lossy()
             .replace("-methods.png", "-params.png"),
     );
+    let title = if seeds > 1 {
+        format!("Mini-CoIN: mean accuracy per method (± std over {seeds} seeds)")
+    } else {
+        "Mini-CoIN: mean accuracy per method".to_string()
+    };
     bars(
         &methods_png,
         &Bars {
-            title: "Mini-CoIN: mean accuracy per method",
+            title: &title,
             y_label: "mean accuracy over the tasks (%)",
             groups: &methods,
             series: &[
                 ("Immediate".to_string(), immediate),
                 ("Last".to_string(), last),
             ],
+            spread: &[immediate_std, last_std],
             y_max: Some(100.0),
             decimals: Some(1),
         },
@@ -447,9 +494,60 @@ pub fn comparison_figures(table: &Path) -> anyhow::Result<Vec<std::path::PathBuf
             y_label: "trainable parameters (thousands)",
             groups: &methods,
             series: &[("mean over the tasks".to_string(), params)],
+            spread: &[],
             y_max: None,
             decimals: Some(0),
         },
     )?;
     Ok(vec![methods_png, params_png])
+}
+
+/// The sample standard deviation of `values` (0 for fewer than two).
+fn sample_std(values: &[f64]) -> f64 {
+    if values.len() < 2 {
+        return 0.0;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{comparison_figures, sample_std};
+
+    #[test]
+    fn sample_std_divides_by_n_minus_one() {
+        assert_eq!(sample_std(&[5.0]), 0.0);
+        assert!((sample_std(&[1.0, 3.0]) - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// Two comparisons with the same seed means: only the one whose seeds differ has error
+    /// bars, so its figure differs.
+    #[test]
+    fn a_comparison_over_seeds_draws_the_spread() {
+        let dir = std::env::temp_dir().join(format!("cmoe-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let figure = |name: &str, immediate: [f64; 2]| {
+            let reports: Vec<serde_json::Value> = immediate
+                .iter()
+                .map(|&i| {
+                    serde_json::json!({
+                        "mean_immediate": i, "mean_last": 40.0,
+                        "trainable_params_per_task": [1000, 3000],
+                    })
+                })
+                .collect();
+            let table = dir.join(format!("{name}.json"));
+            let json = serde_json::json!({"runs": [{"run": "cmoe", "reports": reports}]});
+            std::fs::write(&table, json.to_string()).unwrap();
+            let paths = comparison_figures(&table).unwrap();
+            assert!(paths[0].ends_with(format!("{name}-methods.png")));
+            std::fs::read(&paths[0]).unwrap()
+        };
+        let spread = figure("spread", [50.0, 60.0]);
+        let same = figure("same", [55.0, 55.0]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!spread.is_empty() && spread != same);
+    }
 }

@@ -168,6 +168,7 @@ pub(super) fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
             y_label: "accuracy (%)",
             groups: &groups,
             series: &series,
+            spread: &[],
             y_max: Some(100.0),
             decimals: Some(0),
         },
@@ -228,6 +229,7 @@ pub(super) fn report_plots(r: &Report, dir: &Path) -> anyhow::Result<()> {
             y_label: "trainable parameters (thousands)",
             groups: &stages,
             series: &[("trained by the task".to_string(), params)],
+            spread: &[],
             y_max: None,
             decimals: Some(0),
         },
@@ -408,11 +410,12 @@ fn probe_statistics_markdown(r: &Report) -> String {
     }
     let top_k = r.config.effective_moe().top_k;
     let mut md = format!(
-        "\n## Where PGKE added experts (probe statistics)\n\nPer layer and task: experts added \
+        "\n## {}\n\nPer layer and task: experts added \
          (probes' activation frequencies / threshold). A frequency is the share of eval-subset \
          tokens that had the expert among their top {top_k}, so a layer's frequencies sum to \
          {top_k}; the threshold is their mean - {} x std, and a probe above it asks for \
          capacity.\n\n| layer | {} |\n|---|{}\n",
+        probe_statistics_heading(r.plan),
         r.config.alpha,
         r.tasks.join(" | "),
         "---|".repeat(r.tasks.len())
@@ -440,9 +443,37 @@ fn probe_statistics_markdown(r: &Report) -> String {
     md
 }
 
+/// The heading of [`probe_statistics_markdown`]'s table: an ablation places the experts
+/// itself, and only the statistics are PGKE's.
+fn probe_statistics_heading(plan: PlanChoice) -> String {
+    match plan {
+        PlanChoice::Pgke => "Where PGKE added experts (probe statistics)".to_string(),
+        plan => format!(
+            "Where experts were added (plan {}; PGKE's probe statistics)",
+            serde_json::json!(plan).as_str().unwrap_or("?")
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::backward_transfer;
+    use super::{PlanChoice, backward_transfer, probe_statistics_heading};
+
+    #[test]
+    fn an_ablations_table_does_not_credit_pgke_with_its_placement() {
+        assert_eq!(
+            probe_statistics_heading(PlanChoice::Pgke),
+            "Where PGKE added experts (probe statistics)"
+        );
+        assert_eq!(
+            probe_statistics_heading(PlanChoice::EveryLayer),
+            "Where experts were added (plan every-layer; PGKE's probe statistics)"
+        );
+        assert_eq!(
+            probe_statistics_heading(PlanChoice::Random),
+            "Where experts were added (plan random; PGKE's probe statistics)"
+        );
+    }
 
     /// The paper's Table 1: Immediate and Last rows (SQA, TQA, ImageNet, GQA, VizWiz, Ref,
     /// VQAv2, OCR-VQA) and the BWT it prints for each method.
