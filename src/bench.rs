@@ -412,6 +412,7 @@ fn stage_step_seconds<AD: burn::tensor::backend::AutodiffBackend>(
     use cmoe_moe::train::{StageConfig, StageControl, train_stage_with};
     let config = StageConfig {
         lr: 1e-3,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.03,
         steps,
         accumulation: devices.len(),

@@ -19,7 +19,7 @@ fn the_7b_coin_file_carries_the_paper_settings() {
         (64, 128.0, 8, 2)
     );
     assert_eq!(c.batch * c.accumulation, 128, "global batch");
-    assert_eq!((c.lr, c.probe_lr), (2e-4, 3e-4));
+    assert_eq!((c.lr, c.probe_lr, c.router_lr_scale), (2e-4, 3e-4, 1.0));
     assert_eq!((c.alpha, c.probe_fraction, c.epochs), (0.8, 0.1, 1));
     assert_eq!(c.model, Path::new("models/llava-1.5-7b-hf"));
     assert_eq!(c.base_dtype, llava_cmoe::pipeline::Precision::Bf16);

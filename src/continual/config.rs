@@ -164,6 +164,10 @@ pub(super) fn one() -> usize {
     1
 }
 
+fn unit() -> f64 {
+    1.0
+}
+
 pub(super) fn one_expert() -> ExpansionMode {
     ExpansionMode::Fixed(1)
 }
@@ -241,6 +245,10 @@ pub struct RunConfig {
     pub lr: f64,
     /// Peak learning rate of the probe stage.
     pub probe_lr: f64,
+    /// The routers' learning rate as a multiple of the experts' in every stage (1: the
+    /// paper's single learning rate).
+    #[serde(default = "unit")]
+    pub router_lr_scale: f64,
     /// Share of the training set in each PGKE subset (probe training, statistics).
     pub probe_fraction: f64,
     /// `N_p`.
@@ -314,6 +322,7 @@ impl RunConfig {
             epochs: 2,
             lr: 1e-3,
             probe_lr: 1.5e-3,
+            router_lr_scale: 1.0,
             probe_fraction: 0.1,
             probe_experts: 2,
             alpha: 0.8,
@@ -374,6 +383,7 @@ impl RunConfig {
         let rates = [
             ("lr", Some(self.lr)),
             ("probe_lr", Some(self.probe_lr)),
+            ("router_lr_scale", Some(self.router_lr_scale)),
             ("ptl.lr", self.ptl.lr),
             ("moe.alpha", Some(self.moe.alpha)),
         ];

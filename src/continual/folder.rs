@@ -47,6 +47,11 @@ pub struct Progress {
     pub seconds_per_task: Vec<f64>,
     /// Per task, the mean loss of the last 10 % of training steps.
     pub final_loss: Vec<f64>,
+    /// Per task, over the same steps: the share of the routed top-k slots (all MoE layers)
+    /// that went to the experts the task trained, against the frozen old ones (1 for a
+    /// baseline that trains every expert).
+    #[serde(default)]
+    pub final_trained_share: Vec<f64>,
     /// Per task, the training samples used and those left out.
     #[serde(default)]
     pub train_data: Vec<LoadReport>,

@@ -7,8 +7,9 @@ use crate::observer::{RunEvent, RunObserver};
 /// Passes the learner's events on to `observer` and keeps the current stage's losses.
 pub(super) struct StageLog<'a> {
     observer: &'a dyn RunObserver,
-    /// `(step, cross-entropy)` of the current stage's steps run by this process.
-    losses: Vec<(usize, f64)>,
+    /// `(step, cross-entropy, trained experts' routing share)` of the current stage's steps
+    /// run by this process.
+    losses: Vec<(usize, f64, f64)>,
     /// The current stage's length.
     steps: usize,
 }
@@ -39,11 +40,15 @@ impl<'a> StageLog<'a> {
                 });
             }
             LearnEvent::Step { step, loss, .. } => {
-                self.losses.push((step, loss.ce));
+                self.losses.push((step, loss.ce, loss.trained_share));
                 let mut status =
                     format!("ce {:.3} aux {:.3} rec {:.2}", loss.ce, loss.aux, loss.rec);
                 if loss.penalty != 0.0 {
                     status += &format!(" penalty {:.4}", loss.penalty);
+                }
+                // Only where frozen experts take part in the routing (LLaVA-CMoE's stages).
+                if loss.trained_share < 1.0 {
+                    status += &format!(" trained-share {:.2}", loss.trained_share);
                 }
                 self.observer.event(RunEvent::Advanced {
                     steps: 1,
@@ -87,12 +92,22 @@ impl<'a> StageLog<'a> {
     /// Mean cross-entropy of the last 10 % of the training stage's steps (of those this
     /// process ran, when the stage was resumed inside them).
     pub(super) fn final_loss(&self) -> f64 {
+        self.tail_mean(|&(_, ce, _)| ce)
+    }
+
+    /// Mean share of the routed top-k slots that went to the experts the stage trains, over
+    /// the same last 10 % of the training stage's steps as [`Self::final_loss`].
+    pub(super) fn final_trained_share(&self) -> f64 {
+        self.tail_mean(|&(_, _, share)| share)
+    }
+
+    fn tail_mean(&self, value: impl Fn(&(usize, f64, f64)) -> f64) -> f64 {
         let from = self.steps - (self.steps / 10).max(1).min(self.steps);
         let tail: Vec<f64> = self
             .losses
             .iter()
-            .filter(|(step, _)| *step >= from)
-            .map(|(_, ce)| *ce)
+            .filter(|(step, _, _)| *step >= from)
+            .map(value)
             .collect();
         tail.iter().sum::<f64>() / tail.len().max(1) as f64
     }

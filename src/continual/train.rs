@@ -456,6 +456,9 @@ impl<B: Backend> Run<'_, B> {
         progress.train_data.push(data.report());
         progress.final_loss.push(observer.final_loss());
         progress
+            .final_trained_share
+            .push(observer.final_trained_share());
+        progress
             .trainable_params_per_task
             .push(learner.trainable_params(t, shared));
         progress
@@ -705,6 +708,7 @@ impl<B: Backend> Settings<'_, B> {
     pub(super) fn stage(&self, steps: usize, seed: u64) -> StageConfig {
         StageConfig {
             lr: self.config.lr,
+            router_lr_scale: self.config.router_lr_scale,
             warmup_ratio: 0.03,
             steps,
             accumulation: self.config.accumulation.max(1),
@@ -780,6 +784,7 @@ fn run_multitask<B: Backend>(
             accuracy: vec![row],
             train_data: vec![data.report()],
             final_loss: vec![observer.final_loss()],
+            final_trained_share: vec![observer.final_trained_share()],
             trainable_params_per_task: vec![learner.trainable_params(0, true)],
             experts_per_layer: vec![learner.model.experts_per_layer()],
             seconds_per_task: vec![started.elapsed().as_secs_f64()],

@@ -30,6 +30,7 @@ fn task_data<Be: Backend>(first_seed: i64, device: &Be::Device) -> TaskData<Be> 
 fn recipe() -> TaskRecipe {
     let stage = StageConfig {
         lr: 1e-2,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.03,
         steps: 4,
         accumulation: 1,

@@ -45,6 +45,7 @@ fn batch<AD: AutodiffBackend>(shift: usize, device: &AD::Device) -> TrainBatch<A
 fn stage(accumulation: usize) -> StageConfig {
     StageConfig {
         lr: 1e-2,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.0,
         steps: 3,
         accumulation,

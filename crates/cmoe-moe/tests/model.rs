@@ -1,5 +1,6 @@
-//! The continual model on the tiny HF fixture: fresh experts leave the base untouched, and
-//! gradients reach exactly the trainable parameters.
+//! The continual model on the tiny HF fixture: fresh experts leave the base untouched,
+//! gradients reach exactly the trainable parameters, and the routers' learning rate scales
+//! their step alone.
 
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
@@ -11,7 +12,7 @@ use cmoe_moe::train::Cycle;
 use cmoe_moe::train::causal_lm_loss;
 use cmoe_moe::train::{StageConfig, TrainBatch, train_stage};
 use cmoe_moe::{LlavaCmoe, ModelInput};
-use cmoe_test_support::{on_backends, prompt_ids, prompt_input, tiny_llava};
+use cmoe_test_support::{on_backends, prompt_ids, prompt_input, randomize_experts, tiny_llava};
 
 /// The tiny fixture's prompt with a question and its answer, on a grey image.
 fn input<Be: Backend>(device: &Be::Device) -> ModelInput<Be> {
@@ -110,6 +111,7 @@ fn train_from<AD: AutodiffBackend>(
 ) -> (Vec<f32>, Vec<f64>) {
     let stage = StageConfig {
         lr: 1e-2,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.0,
         steps: 2,
         accumulation,
@@ -169,11 +171,70 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
     );
 }
 
+/// One AdamW step from one start with the routers at 1x and at 4x the experts' learning rate:
+/// the experts end bit-identical, the routers move 4 times as far (AdamW's first step is
+/// `lr * g / (|g| + eps)`, so the largest move is the learning rate itself).
+fn the_router_learning_rate_scales_only_the_routers_step<AD: AutodiffBackend>() {
+    let device = Default::default();
+    let mut start = LlavaCmoe::new(tiny_llava::<AD>(&device), &config(), &device);
+    // Experts that contribute, so that the routing weights have a gradient.
+    for layer in &mut start.moe {
+        randomize_experts(layer, 0, &device);
+    }
+    let batch = TrainBatch {
+        labels: input::<AD>(&device).input_ids,
+        input: input(&device),
+    };
+    let step = |router_lr_scale: f64| {
+        let stage = StageConfig {
+            lr: 1e-3,
+            router_lr_scale,
+            warmup_ratio: 0.0,
+            steps: 1,
+            accumulation: 1,
+            weight_decay: 0.0,
+            loss: Default::default(),
+            seed: None,
+        };
+        let mut source = Cycle::new(std::slice::from_ref(&batch));
+        train_stage(start.clone(), 0, &mut source, &stage, |_, _| {}).unwrap()
+    };
+    let (plain, scaled) = (step(1.0), step(4.0));
+    let largest_move = |model: &LlavaCmoe<AD>, layer: usize| -> f64 {
+        let moved = model.moe[layer].routers.routers[0].weight.val()
+            - start.moe[layer].routers.routers[0].weight.val();
+        moved.abs().max().into_scalar().elem()
+    };
+    for layer in 0..start.moe.len() {
+        for (a, b) in plain.moe[layer]
+            .experts
+            .iter()
+            .zip(&scaled.moe[layer].experts)
+        {
+            assert_eq!(
+                fingerprint(a),
+                fingerprint(b),
+                "layer {layer}: an expert moved"
+            );
+        }
+        let (one, four) = (largest_move(&plain, layer), largest_move(&scaled, layer));
+        assert!(
+            (one - 1e-3).abs() < 1e-5,
+            "layer {layer}: router moved {one}"
+        );
+        assert!(
+            (four - 4e-3).abs() < 4e-5,
+            "layer {layer}: router moved {four}"
+        );
+    }
+}
+
 on_backends! {
     flex: burn_flex::Flex,
     ndarray: burn_ndarray::NdArray;
     fresh_experts_leave_the_base_model_unchanged: B,
     gradients_reach_only_the_experts_and_router: AD,
     accumulated_micro_batches_make_one_step: AD,
+    the_router_learning_rate_scales_only_the_routers_step: AD,
     a_feature_read_inside_a_sequence_equals_the_prompt_alone: B,
 }

@@ -51,6 +51,7 @@ fn moe(dropout: f64) -> MoeConfig {
 fn stage(steps: usize) -> StageConfig {
     StageConfig {
         lr: 1e-2,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.03,
         steps,
         accumulation: 1,

@@ -90,6 +90,7 @@ fn bf16_base_with_f32_experts_trains_like_f32() {
 
     let stage = StageConfig {
         lr: 1e-2,
+        router_lr_scale: 1.0,
         warmup_ratio: 0.0,
         steps: 3,
         accumulation: 1,

@@ -50,6 +50,7 @@ impl TaskRecipe {
     pub fn paper(probe_steps: usize, steps: usize) -> Self {
         let stage = StageConfig {
             lr: 2e-4,
+            router_lr_scale: 1.0,
             warmup_ratio: 0.03,
             steps,
             accumulation: 1,

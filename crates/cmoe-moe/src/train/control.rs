@@ -15,11 +15,19 @@ fn one() -> usize {
     1
 }
 
+fn unit() -> f64 {
+    1.0
+}
+
 /// Optimiser settings of one stage (paper: AdamW, warmup 0.03 then cosine).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageConfig {
     /// Peak learning rate (paper: 2e-4, probes 3e-4).
     pub lr: f64,
+    /// The routers' peak learning rate as a multiple of `lr` (1: one learning rate for
+    /// experts and routers, as in the paper).
+    #[serde(default = "unit")]
+    pub router_lr_scale: f64,
     /// Fraction of steps spent warming up linearly.
     pub warmup_ratio: f64,
     /// Optimiser steps.

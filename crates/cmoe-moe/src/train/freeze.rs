@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
@@ -32,6 +32,32 @@ pub fn set_trainable<B: AutodiffBackend, H: Module<B>>(
         layer.routers.initial = layer.routers.initial.take().map(|r| require_grad(r, false));
     }
     model
+}
+
+/// Per MoE layer, per expert: whether the expert takes gradients (what [`set_trainable`] left
+/// trainable).
+pub fn trainable_experts<B: Backend, H: Module<B>>(model: &CmoeModel<B, H>) -> Vec<Vec<bool>> {
+    struct AnyTrainable(bool);
+    impl<B: Backend> ModuleVisitor<B> for AnyTrainable {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.is_require_grad();
+        }
+    }
+    model
+        .moe
+        .iter()
+        .map(|layer| {
+            layer
+                .experts
+                .iter()
+                .map(|expert| {
+                    let mut any = AnyTrainable(false);
+                    expert.visit(&mut any);
+                    any.0
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Sets whether every float parameter of `module` takes gradients.

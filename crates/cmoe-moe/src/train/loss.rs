@@ -64,6 +64,11 @@ pub struct LossValues {
     pub penalty: f64,
     /// Weighted total.
     pub total: f64,
+    /// The share of the routed top-k slots, over every MoE layer, that went to the experts
+    /// the stage trains (LLaVA-CMoE: the task's new experts against the frozen old ones; 1
+    /// for a baseline that trains every expert). Not a loss term.
+    #[serde(default)]
+    pub trained_share: f64,
 }
 
 impl LossValues {
@@ -75,6 +80,7 @@ impl LossValues {
         self.aux += scale * other.aux;
         self.penalty += scale * other.penalty;
         self.total += scale * other.total;
+        self.trained_share += scale * other.trained_share;
     }
 }
 
@@ -103,7 +109,7 @@ impl<B: Backend> LossTerms<B> {
         }
     }
 
-    /// Reads the terms back (one device sync each).
+    /// Reads the terms back (one device sync each); `trained_share` is left at 0.
     pub fn values(&self) -> LossValues {
         let v = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
         LossValues {
@@ -113,6 +119,7 @@ impl<B: Backend> LossTerms<B> {
             aux: v(&self.aux),
             penalty: v(&self.penalty),
             total: v(&self.total),
+            trained_share: 0.0,
         }
     }
 }

@@ -19,7 +19,7 @@ pub use batch::TrainBatch;
 pub use checkpoint::StageCheckpoints;
 pub use control::{Penalty, SaveSnapshot, StageConfig, StageControl, StageSnapshot, StageState};
 pub use data_parallel::Replicas;
-pub use freeze::{inference, set_trainable};
+pub use freeze::{inference, set_trainable, trainable_experts};
 pub use loss::{AnswerTargets, IGNORE_INDEX, LossTerms, LossValues, LossWeights, causal_lm_loss};
 pub use optim_state::{OptimState, by_id, by_order};
 pub use schedule::{adamw, learning_rate};

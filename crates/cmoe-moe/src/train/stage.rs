@@ -19,12 +19,14 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::AutodiffBackend;
 
 use super::data_parallel::Replicas;
+use super::freeze::trainable_experts;
 use super::noise::NoiseStream;
 use super::{
     AnswerTargets, BatchSource, LossTerms, LossValues, Penalty, StageConfig, StageControl,
     StageError, StageSnapshot, StageState, TrainBatch, adamw, by_id, by_order, learning_rate,
 };
 use crate::host::{AutodiffHost, MoeHost};
+use crate::layer::LayerRouting;
 use crate::model::CmoeModel;
 use crate::ptl::{PtlFeature, TaskVae, VaeFit, batch_features};
 
@@ -77,6 +79,7 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
     let device = model.devices().into_iter().next().unwrap_or_default();
     check_devices(&device, &control, micro)?;
     let mut replicas = Replicas::new(&model, vae.as_ref().map(|fit| &fit.vae), control.devices);
+    let trained = trainable_experts(&model);
     for step in start..config.steps {
         let step_seed = config
             .seed
@@ -96,6 +99,7 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
             step,
             lr,
             penalty: control.penalty,
+            trained: &trained,
             noise_seed: replicas
                 .share_a_device()
                 .then(|| step_seed.unwrap_or_else(rand::random)),
@@ -124,7 +128,17 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
             mean.add_scaled(v, 1.0 / micro as f64);
         }
         on_step(step, &mean);
-        model = replicas.step(&mut optim, lr, model, model_grads);
+        if config.router_lr_scale == 1.0 {
+            model = replicas.step(&mut optim, lr, model, model_grads);
+        } else {
+            // Two steps of the one optimiser on disjoint parameters: AdamW's state is per
+            // parameter, so this is one step with the routers at their own learning rate.
+            let mut model_grads = model_grads;
+            let router_grads = take_router_grads::<B, H>(&model, &mut model_grads);
+            model = replicas.step(&mut optim, lr, model, model_grads);
+            let router_lr = lr * config.router_lr_scale;
+            model = replicas.step(&mut optim, router_lr, model, router_grads);
+        }
         if let Some(mut fit) = vae.take() {
             let vae_lr = fit.config.lr.map_or(lr, |peak| {
                 learning_rate(step, config.steps, peak, config.warmup_ratio)
@@ -162,6 +176,31 @@ pub fn train_stage_with<B: AutodiffBackend, H: AutodiffHost<B>>(
         B::seed(&device, seed ^ 0x94D0_49BB_1331_11EB);
     }
     Ok((model, vae))
+}
+
+/// Moves the routers' gradients out of each device's `grads` into a set of their own.
+fn take_router_grads<B: AutodiffBackend, H: Module<B>>(
+    model: &CmoeModel<B, H>,
+    grads: &mut [GradientsParams],
+) -> Vec<GradientsParams> {
+    let ids: Vec<_> = model
+        .moe
+        .iter()
+        .flat_map(|layer| layer.routers.routers.iter().chain(&layer.routers.initial))
+        .map(|router| router.weight.id)
+        .collect();
+    grads
+        .iter_mut()
+        .map(|grads| {
+            let mut routers = GradientsParams::new();
+            for &id in &ids {
+                if let Some(grad) = grads.remove::<B::InnerBackend, 2>(id) {
+                    routers.register(id, grad);
+                }
+            }
+            routers
+        })
+        .collect()
 }
 
 /// Refuses devices a stage cannot use: a first device that is not the model's, several devices
@@ -341,6 +380,8 @@ struct ShardContext<'a, B: AutodiffBackend> {
     step: usize,
     lr: f64,
     penalty: Option<&'a dyn Penalty<B>>,
+    /// Per MoE layer, per expert: whether the stage trains it.
+    trained: &'a [Vec<bool>],
     /// When replicas share a device: the seed of the step's per-micro-batch noise streams
     /// (see [`crate::train::noise`]), so that the draws do not depend on thread timing.
     noise_seed: Option<u64>,
@@ -417,6 +458,7 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             let ce = answers
                 .cross_entropy(out.logits)
                 .ok_or(StageError::NoLabels(position))?;
+            let trained_share = trained_share(&out.routing, self.trained);
             let layers = out.routing.len().max(1) as f64;
             let aux = out
                 .routing
@@ -428,7 +470,10 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             let rec = rec.unwrap_or_else(|| ce.zeros_like());
             let penalty = penalty.unwrap_or_else(|| ce.zeros_like());
             let terms = LossTerms::new(ce, kl, rec, aux, penalty, self.config.loss);
-            let v = terms.values();
+            let v = LossValues {
+                trained_share,
+                ..terms.values()
+            };
             if !v.total.is_finite() {
                 return Err(StageError::NonFinite {
                     step: self.step,
@@ -458,9 +503,32 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
     }
 }
 
+/// The share of a batch's routed top-k slots, over every MoE layer, that went to the experts
+/// `trained` marks (0 when nothing was routed).
+fn trained_share<B: burn::tensor::backend::Backend>(
+    routing: &[LayerRouting<B>],
+    trained: &[Vec<bool>],
+) -> f64 {
+    let (mut on_trained, mut routed) = (0u64, 0u64);
+    for (layer, routing) in routing.iter().enumerate() {
+        for (expert, &count) in routing.selections.iter().enumerate() {
+            routed += count;
+            if trained.get(layer).and_then(|t| t.get(expert)) == Some(&true) {
+                on_trained += count;
+            }
+        }
+    }
+    if routed == 0 {
+        0.0
+    } else {
+        on_trained as f64 / routed as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::batches_read_after;
+    use super::{batches_read_after, trained_share};
+    use crate::layer::LayerRouting;
 
     #[test]
     fn batches_read_count_the_batches_a_source_passed_over() {
@@ -475,5 +543,22 @@ mod tests {
         assert_eq!(batches_read_after(5, 1, 3), 8);
         // One batch per pass.
         assert_eq!(batches_read_after(4, 0, 1), 5);
+    }
+
+    #[test]
+    fn trained_share_counts_the_slots_routed_to_trained_experts_over_all_layers() {
+        type B = burn_ndarray::NdArray;
+        let device = Default::default();
+        let layer = |selections: Vec<u64>| LayerRouting::<B> {
+            aux_loss: burn::tensor::Tensor::zeros([1], &device),
+            tokens: selections.iter().sum::<u64>() / 2,
+            selections,
+        };
+        // Layer 0: 10 slots, 3 on its new expert; layer 1 has no new expert: 10 more slots.
+        let routing = [layer(vec![4, 3, 3]), layer(vec![6, 4])];
+        let trained = [vec![false, false, true], vec![false, false]];
+        assert_eq!(trained_share(&routing, &trained), 3.0 / 20.0);
+        assert_eq!(trained_share(&routing[..1], &[vec![true; 3]]), 1.0);
+        assert_eq!(trained_share::<B>(&[], &[]), 0.0);
     }
 }
