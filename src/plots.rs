@@ -514,12 +514,42 @@ fn sample_std(values: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{comparison_figures, sample_std};
+    use super::{Bars, bars, comparison_figures, sample_std};
 
     #[test]
     fn sample_std_divides_by_n_minus_one() {
         assert_eq!(sample_std(&[5.0]), 0.0);
         assert!((sample_std(&[1.0, 3.0]) - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    /// The same bars without value labels, with and without a spread: only the error bars
+    /// can tell the two figures apart.
+    #[test]
+    fn bars_with_a_spread_draw_error_bars() {
+        let dir = std::env::temp_dir().join(format!("cmoe-bars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let groups = ["cmoe".to_string(), "lora".to_string()];
+        let series = [("Immediate".to_string(), vec![50.0, 60.0])];
+        let draw = |name: &str, spread: &[Vec<f64>]| {
+            let path = dir.join(name);
+            let b = Bars {
+                title: "t",
+                y_label: "y",
+                groups: &groups,
+                series: &series,
+                spread,
+                y_max: Some(100.0),
+                decimals: None,
+            };
+            bars(&path, &b).unwrap();
+            std::fs::read(&path).unwrap()
+        };
+        let plain = draw("plain.png", &[]);
+        let zero = draw("zero.png", &[vec![0.0, 0.0]]);
+        let spread = draw("spread.png", &[vec![5.0, 2.0]]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(plain, zero, "a zero spread draws nothing");
+        assert_ne!(plain, spread);
     }
 
     /// Two comparisons with the same seed means: only the one whose seeds differ has error

@@ -49,9 +49,10 @@ pub struct Progress {
     pub final_loss: Vec<f64>,
     /// Per task, over the same steps: the share of the routed top-k slots (all MoE layers)
     /// that went to the experts the task trained, against the frozen old ones (1 for a
-    /// baseline that trains every expert).
+    /// baseline that trains every expert; at most `min(new, k) / k` of a layer's slots can go
+    /// to its `new` experts). `None` for tasks run before the share was recorded.
     #[serde(default)]
-    pub final_trained_share: Vec<f64>,
+    pub final_trained_share: Vec<Option<f64>>,
     /// Per task, the training samples used and those left out.
     #[serde(default)]
     pub train_data: Vec<LoadReport>,

@@ -46,8 +46,9 @@ impl<'a> StageLog<'a> {
                 if loss.penalty != 0.0 {
                     status += &format!(" penalty {:.4}", loss.penalty);
                 }
-                // Only where frozen experts take part in the routing (LLaVA-CMoE's stages).
-                if loss.trained_share < 1.0 {
+                // Only where frozen experts take part in the routing (LLaVA-CMoE's stages);
+                // the share is a mean over micro-batches, so 1 may come out a hair below.
+                if loss.trained_share < 1.0 - 1e-9 {
                     status += &format!(" trained-share {:.2}", loss.trained_share);
                 }
                 self.observer.event(RunEvent::Advanced {

@@ -455,9 +455,11 @@ impl<B: Backend> Run<'_, B> {
         progress.train_data.truncate(t);
         progress.train_data.push(data.report());
         progress.final_loss.push(observer.final_loss());
+        // A run resumed from a progress file written before the share was recorded.
+        progress.final_trained_share.resize(t, None);
         progress
             .final_trained_share
-            .push(observer.final_trained_share());
+            .push(Some(observer.final_trained_share()));
         progress
             .trainable_params_per_task
             .push(learner.trainable_params(t, shared));
@@ -784,7 +786,7 @@ fn run_multitask<B: Backend>(
             accuracy: vec![row],
             train_data: vec![data.report()],
             final_loss: vec![observer.final_loss()],
-            final_trained_share: vec![observer.final_trained_share()],
+            final_trained_share: vec![Some(observer.final_trained_share())],
             trainable_params_per_task: vec![learner.trainable_params(0, true)],
             experts_per_layer: vec![learner.model.experts_per_layer()],
             seconds_per_task: vec![started.elapsed().as_secs_f64()],

@@ -66,7 +66,9 @@ pub struct LossValues {
     pub total: f64,
     /// The share of the routed top-k slots, over every MoE layer, that went to the experts
     /// the stage trains (LLaVA-CMoE: the task's new experts against the frozen old ones; 1
-    /// for a baseline that trains every expert). Not a loss term.
+    /// for a baseline that trains every expert; a layer's `new` experts can take at most
+    /// `min(new, k) / k` of its slots). The mean over the step's micro-batches. Not a loss
+    /// term.
     #[serde(default)]
     pub trained_share: f64,
 }
