@@ -280,8 +280,8 @@ pub fn bars(path: &Path, b: &Bars) -> anyhow::Result<()> {
             }
             if let Some(decimals) = b.decimals {
                 for (g, &v) in values.iter().enumerate() {
-                    let top = if half(g) > 0.0 { v + half(g) } else { v };
-                    let (x, y) = chart.backend_coord(&(left(g) + bar * 0.46, top));
+                    // Above the error bar, when there is one.
+                    let (x, y) = chart.backend_coord(&(left(g) + bar * 0.46, v + half(g)));
                     root.draw(&Text::new(
                         format!("{v:.decimals$}"),
                         (x, y - 3),
