@@ -458,8 +458,7 @@ impl BackendTask for ContinualBenchTask {
 
     fn run<B: Backend>(self, device: B::Device) -> anyhow::Result<ContinualResult> {
         use cmoe_moe::LlavaCmoe;
-        use cmoe_moe::pgke::ExpansionPlan;
-        use cmoe_moe::pgke::expand;
+        use cmoe_moe::pgke::{ExpansionPlan, NewRouterColumns, expand};
         use cmoe_moe::ptl::VaeFit;
         use cmoe_moe::train::set_trainable;
         type AD<B> = Autodiff<B>;
@@ -487,7 +486,13 @@ impl BackendTask for ContinualBenchTask {
         let cmoe_model = || -> anyhow::Result<LlavaCmoe<AD<B>>> {
             let model = LlavaCmoe::new(config.init::<AD<B>>(&device), &moe, &device);
             let plan = ExpansionPlan::every_layer(1, layers, 1, 0);
-            let model = expand(model, 1, &vec![initial; layers], &plan)?;
+            let model = expand(
+                model,
+                1,
+                &vec![initial; layers],
+                &plan,
+                NewRouterColumns::Random,
+            )?;
             Ok(set_trainable(model, 1, &vec![initial..initial + 1; layers]))
         };
         let vae = || Some(VaeFit::new(self.settings.ptl(), hidden, &device));
@@ -536,8 +541,7 @@ impl ContinualBenchTask {
         device: &B::Device,
     ) -> anyhow::Result<f64> {
         use cmoe_moe::LlavaCmoe;
-        use cmoe_moe::pgke::ExpansionPlan;
-        use cmoe_moe::pgke::expand;
+        use cmoe_moe::pgke::{ExpansionPlan, NewRouterColumns, expand};
         use cmoe_moe::ptl::{BankEntry, PrimitiveBank};
         use cmoe_moe::state::ContinualMeta;
         const TASKS: usize = 8;
@@ -553,6 +557,7 @@ impl ContinualBenchTask {
                 task,
                 &before,
                 &ExpansionPlan::every_layer(task, layers, 1, 0),
+                NewRouterColumns::Random,
             )?;
         }
         let ptl = self.settings.ptl();

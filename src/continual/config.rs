@@ -8,7 +8,7 @@ use cmoe_coin::mini::{MiniCoinConfig, TASKS};
 use cmoe_coin::score::TaskType;
 use cmoe_moe::layer::FfnTargets;
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::pgke::ExpansionMode;
+use cmoe_moe::pgke::{ExpansionMode, NewRouterColumns};
 use cmoe_moe::ptl::{PtlConfig, PtlFeature};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -249,6 +249,10 @@ pub struct RunConfig {
     /// paper's single learning rate).
     #[serde(default = "unit")]
     pub router_lr_scale: f64,
+    /// How a new expert's router column starts: `random` (the paper) or `copy-source`, the
+    /// probe router's column of the expert it copies.
+    #[serde(default)]
+    pub new_router_columns: NewRouterColumns,
     /// Share of the training set in each PGKE subset (probe training, statistics).
     pub probe_fraction: f64,
     /// `N_p`.
@@ -323,6 +327,7 @@ impl RunConfig {
             lr: 1e-3,
             probe_lr: 1.5e-3,
             router_lr_scale: 1.0,
+            new_router_columns: NewRouterColumns::Random,
             probe_fraction: 0.1,
             probe_experts: 2,
             alpha: 0.8,
@@ -483,6 +488,12 @@ impl RunConfig {
         }
         if self.method == Method::Cmoe && self.ptl.feature != PtlFeature::Last {
             name += &format!("-ptl-{}", word(serde_json::json!(self.ptl.feature)));
+        }
+        if self.method == Method::Cmoe && self.new_router_columns != NewRouterColumns::Random {
+            name += &format!(
+                "-columns-{}",
+                word(serde_json::json!(self.new_router_columns))
+            );
         }
         if self.init != InitChoice::Phase {
             name += &format!("-init-{}", word(serde_json::json!(self.init)));

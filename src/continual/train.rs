@@ -496,6 +496,7 @@ impl<B: Backend> Run<'_, B> {
                 PlanChoice::NoExtension => Placement::Unfrozen,
             },
             per_layer: config.experts_per_layer,
+            router_columns: config.new_router_columns,
             probe_stage: StageConfig {
                 lr: config.probe_lr,
                 steps: steps(config, data.probe_train().len()),

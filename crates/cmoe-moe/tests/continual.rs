@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{LearnEvent, Placement, Stage, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::pgke::{ExpansionMode, PlanSource, threshold};
+use cmoe_moe::pgke::{ExpansionMode, NewRouterColumns, PlanSource, threshold};
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::train::checkpoint::StageCheckpoints;
 use cmoe_moe::train::{StageConfig, StageError};
@@ -46,6 +46,7 @@ fn recipe() -> TaskRecipe {
         alpha: 100.0,
         placement: Placement::Probe,
         per_layer: ExpansionMode::ProbeCount,
+        router_columns: NewRouterColumns::Random,
         probe_stage: StageConfig { lr: 3e-2, ..stage },
         stage,
     }

@@ -13,7 +13,7 @@ use cmoe_moe::LlavaLearner;
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::pgke::ExpansionMode;
+use cmoe_moe::pgke::{ExpansionMode, NewRouterColumns};
 use cmoe_moe::ptl::{PtlConfig, PtlFeature, VaeFit, batch_features};
 use cmoe_moe::train::{Cycle, StageConfig, StageControl, StageError, TrainBatch, train_stage_with};
 use cmoe_test_support::{IGNORE, on_backends, prompt_ids, tiny_llava, train_batch};
@@ -63,13 +63,23 @@ fn train<AD: AutodiffBackend>(
     accumulation: usize,
     devices: &[AD::Device],
 ) -> (LlavaCmoe<AD>, Vec<f32>, Vec<f64>) {
+    train_with(start, batches, &stage(accumulation), devices)
+}
+
+/// [`train`] with the stage's settings given.
+fn train_with<AD: AutodiffBackend>(
+    start: &LlavaCmoe<AD>,
+    batches: &[TrainBatch<AD>],
+    config: &StageConfig,
+    devices: &[AD::Device],
+) -> (LlavaCmoe<AD>, Vec<f32>, Vec<f64>) {
     let mut losses = Vec::new();
     let (model, _) = train_stage_with(
         start.clone(),
         None,
         0,
         &mut Cycle::new(batches),
-        &stage(accumulation),
+        config,
         StageControl::on(devices),
         |_, v| losses.push(v.total),
     )
@@ -117,6 +127,29 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
     assert!(
         max_diff(&half, &parallel) > 1e-4,
         "the second device's micro-batches did not count"
+    );
+}
+
+/// With the routers at their own learning rate (two optimiser steps per step, on disjoint
+/// parameters), two devices still make the one-device steps, and the scale reaches them.
+fn the_routers_own_learning_rate_holds_on_two_devices<AD: AutodiffBackend>() {
+    let _alone = alone();
+    let two = one_device_twice::<AD>();
+    let device = two[0].clone();
+    let start = tiny_model::<AD>(&device);
+    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let scaled = StageConfig {
+        router_lr_scale: 4.0,
+        ..stage(4)
+    };
+    let (_, one, _) = train_with(&start, &batches, &scaled, &[]);
+    let (_, parallel, _) = train_with(&start, &batches, &scaled, &two);
+    let diff = max_diff(&one, &parallel);
+    assert!(diff < 1e-5, "logits differ by {diff}");
+    let (_, unscaled, _) = train_with(&start, &batches, &stage(4), &two);
+    assert!(
+        max_diff(&unscaled, &parallel) > 1e-4,
+        "the routers' scale did not reach the two-device step"
     );
 }
 
@@ -242,6 +275,7 @@ fn a_learner_on_two_devices_learns_as_on_one<AD: AutodiffBackend>() {
         alpha: 100.0,
         placement: Placement::Probe,
         per_layer: ExpansionMode::ProbeCount,
+        router_columns: NewRouterColumns::Random,
         probe_stage: StageConfig { lr: 3e-2, ..stage },
         stage,
     };
@@ -336,6 +370,7 @@ on_backends! {
     flex: burn_flex::Flex,
     ndarray: burn_ndarray::NdArray;
     two_devices_make_the_one_device_steps: AD,
+    the_routers_own_learning_rate_holds_on_two_devices: AD,
     replicas_on_one_device_repeat_their_draws: AD,
     the_feature_memory_is_the_one_device_one: AD,
     a_learner_on_two_devices_learns_as_on_one: AD,

@@ -5,6 +5,8 @@
 //!   (its router extends the initial phase's, which stays bit-identical, and reloads);
 //! - PGKE adds the configured number of experts per selected layer, the ablations the same;
 //!   "w/o extension" adds none and retrains every expert;
+//! - a new expert's router column is random (the paper), or with `copy-source` the probe
+//!   router's column of the expert it copies; the old columns are the previous router's;
 //! - EWC's penalty is zero at the consolidated parameters and grows quadratically away from
 //!   them; LwF's target is the frozen previous model's output at the answer positions, and the
 //!   answer-position logits and cross-entropy equal the full forward's there.
@@ -19,8 +21,10 @@ use cmoe_moe::baselines::{Ewc, Lwf, distillation};
 use cmoe_moe::fingerprint::fingerprint;
 use cmoe_moe::learner::{Placement, TaskData, TaskRecipe};
 use cmoe_moe::model::MoeConfig;
-use cmoe_moe::pgke::activation_stats;
-use cmoe_moe::pgke::{ExpansionMode, PlanSource};
+use cmoe_moe::pgke::{
+    ExpansionMode, ExpansionPlan, NewRouterColumns, PlanSource, activation_stats, add_probes,
+    expand,
+};
 use cmoe_moe::ptl::PtlConfig;
 use cmoe_moe::train::Cycle;
 use cmoe_moe::train::{AnswerTargets, causal_lm_loss};
@@ -68,6 +72,7 @@ fn recipe(placement: Placement, per_layer: ExpansionMode) -> TaskRecipe {
         alpha: 100.0,
         placement,
         per_layer,
+        router_columns: NewRouterColumns::Random,
         probe_stage: stage(2),
         stage: stage(2),
     }
@@ -413,6 +418,48 @@ fn lwf_target_is_the_frozen_previous_models_output<Be: AutodiffBackend>() {
     assert!(scalar(distillation(same.clone() * 1.5, same, 2.0)) > 0.0);
 }
 
+/// Router columns `[first, last)` of `router`, flattened column by column.
+fn columns<Be: Backend>(
+    router: &cmoe_moe::layer::TaskRouter<Be>,
+    first: usize,
+    last: usize,
+) -> Vec<f32> {
+    let [d, _] = router.weight.dims();
+    let w = router.weight.val().slice([0..d, first..last]);
+    w.transpose().into_data().iter().collect()
+}
+
+fn new_router_columns_are_random_or_the_sources<Be: AutodiffBackend>() {
+    let device = Default::default();
+    Be::seed(&device, 6);
+    let model = LlavaCmoe::<Be>::new(tiny_llava(&device), &moe(0.0), &device);
+    let (probed, before) = add_probes(model, 1, 2).unwrap();
+    let (old, probe) = (before[0], before[0] + 1); // the second probe is the source
+    let previous = columns(probed.moe[0].routers.get(0), 0, old);
+    let source = columns(probed.moe[0].routers.get(1), probe, probe + 1);
+    let layers = probed.moe.len();
+    let grow = |columns_from| {
+        let plan = ExpansionPlan::every_layer(1, layers, 2, probe);
+        expand(probed.clone(), 1, &before, &plan, columns_from).unwrap()
+    };
+    let copied = grow(NewRouterColumns::CopySource);
+    let router = copied.moe[0].routers.get(1);
+    assert_eq!(router.num_experts(), old + 2);
+    assert_eq!(columns(router, 0, old), previous);
+    assert_eq!(
+        columns(router, old, old + 2),
+        [source.clone(), source.clone()].concat()
+    );
+    // The new experts copy the source's weights in both modes.
+    let expert = fingerprint(&probed.moe[0].experts[probe]);
+    assert_eq!(fingerprint(&copied.moe[0].experts[old]), expert);
+    let random = grow(NewRouterColumns::Random);
+    let router = random.moe[0].routers.get(1);
+    assert_eq!(columns(router, 0, old), previous);
+    assert_ne!(columns(router, old, old + 1), source);
+    assert_eq!(fingerprint(&random.moe[0].experts[old + 1]), expert);
+}
+
 on_backends! {
     flex: burn_flex::Flex,
     ndarray: burn_ndarray::NdArray;
@@ -420,6 +467,7 @@ on_backends! {
     probe_statistics_are_gathered_without_dropout: AD,
     the_first_task_goes_through_pgke_after_an_initial_phase: AD,
     placements_add_the_configured_experts_per_layer: AD,
+    new_router_columns_are_random_or_the_sources: AD,
     ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically: AD,
     lwf_target_is_the_frozen_previous_models_output: AD,
 }

@@ -4,7 +4,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Distribution, Tensor, backend::Backend};
+use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
 
 /// Configuration of a [`TaskRouter`], and of a [`RouterBank`] whose first router it is.
 #[derive(Config, Debug)]
@@ -73,6 +73,26 @@ impl<B: Backend> TaskRouter<B> {
         };
         Self {
             weight: Param::from_tensor(weight),
+        }
+    }
+
+    /// The next task's router: this one's columns copied, then one column per new expert,
+    /// `source`'s column `c` for each `c` in `copied` (a new expert that copies expert `c`
+    /// starts routed as `source` routes `c`). The copy is a new parameter.
+    pub fn extended_with_copies(&self, source: &TaskRouter<B>, copied: &[usize]) -> Self {
+        let old = self.weight.val().detach();
+        if copied.is_empty() {
+            return Self {
+                weight: Param::from_tensor(old),
+            };
+        }
+        let device = old.device();
+        let columns: Vec<i64> = copied.iter().map(|&c| c as i64).collect();
+        let columns =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(columns, [copied.len()]), &device);
+        let picked = source.weight.val().detach().select(1, columns);
+        Self {
+            weight: Param::from_tensor(Tensor::cat(vec![old, picked], 1).detach()),
         }
     }
 }

@@ -128,7 +128,7 @@ impl<B: AutodiffBackend, H: AutodiffHost<B>> ContinualLearner<B, H> {
             let plan = ExpansionPlan::uniform(task, PlanSource::Unfrozen, [], 0, 0);
             observe(LearnEvent::Planned(&plan));
             let before = model.experts_per_layer();
-            model = expand(model, task, &before, &plan)?;
+            model = expand(model, task, &before, &plan, recipe.router_columns)?;
             meta.plans.push(plan);
             let learner = Self {
                 model,
@@ -154,7 +154,7 @@ impl<B: AutodiffBackend, H: AutodiffHost<B>> ContinualLearner<B, H> {
         let stats = activation_stats(&probed, task, &mut *data.probe_eval())?;
         let plan = place(recipe, task, &stats, &before);
         observe(LearnEvent::Planned(&plan));
-        let model = expand(probed, task, &before, &plan)?;
+        let model = expand(probed, task, &before, &plan, recipe.router_columns)?;
         meta.plans.push(plan);
         Ok((
             Self {

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::pgke::{ActivationStats, ExpansionMode, ExpansionPlan, plan_from_stats};
+use crate::pgke::{
+    ActivationStats, ExpansionMode, ExpansionPlan, NewRouterColumns, plan_from_stats,
+};
 use crate::train::{LossValues, StageConfig};
 
 /// Where a new task's experts go.
@@ -37,6 +39,9 @@ pub struct TaskRecipe {
     /// / 8). The ablation placements add the same count per layer; with
     /// [`ExpansionMode::ProbeCount`] they add the mean `N_s` of PGKE's layers (at least one).
     pub per_layer: ExpansionMode,
+    /// How the new experts' router columns start (paper: random).
+    #[serde(default)]
+    pub router_columns: NewRouterColumns,
     /// The probe stage's optimiser settings (paper: lr 3e-4).
     pub probe_stage: StageConfig,
     /// The task's main stage (paper: lr 2e-4).
@@ -63,6 +68,7 @@ impl TaskRecipe {
             alpha: 0.8,
             placement: Placement::Probe,
             per_layer: ExpansionMode::Fixed(1),
+            router_columns: NewRouterColumns::Random,
             probe_stage: StageConfig {
                 lr: 3e-4,
                 steps: probe_steps,

@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use serde::{Deserialize, Serialize};
 
 use super::{ActivationStats, ExpansionPlan};
 use crate::host::AutodiffHost;
@@ -62,14 +63,28 @@ pub fn activation_stats<B: AutodiffBackend, H: AutodiffHost<B>>(
     Ok(stats)
 }
 
+/// How a new expert's router column starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NewRouterColumns {
+    /// Random, as every new router row in the paper (`router_i = router_{i-1} + random rows`).
+    #[default]
+    Random,
+    /// The probe router's column of the expert the new expert copies (`init_from`): the new
+    /// expert starts with its source's weights and its source's routing on this task. Not
+    /// the paper's; an option for the share of routing a task's new experts get.
+    CopySource,
+}
+
 /// PGKE step 3: drops the probes and the probe router (layers had `before[layer]` experts),
 /// adds each planned layer's experts as copies of `init_from`, and creates router_task = the
-/// previous router + one random column per new expert.
+/// previous router + one column per new expert, random or copied as `columns` says.
 pub fn expand<B: Backend, H: Module<B>>(
     mut model: CmoeModel<B, H>,
     task: usize,
     before: &[usize],
     plan: &ExpansionPlan,
+    columns: NewRouterColumns,
 ) -> Result<CmoeModel<B, H>, StageError> {
     for (index, layer) in model.moe.iter_mut().enumerate() {
         let grow = plan.layers.iter().find(|l| l.layer == index);
@@ -80,17 +95,19 @@ pub fn expand<B: Backend, H: Module<B>>(
                     .collect()
             })
             .unwrap_or_default();
+        let previous = layer.routers.previous(task).ok_or_else(|| {
+            StageError::Config(format!("task {task} has no previous router to extend"))
+        })?;
+        // The probe router, when the task was probed: the routing `init_from` was chosen under.
+        let probe_router = layer.routers.routers.get(task).unwrap_or(previous);
+        let router = match (columns, grow) {
+            (NewRouterColumns::CopySource, Some(g)) => {
+                previous.extended_with_copies(probe_router, &vec![g.init_from; g.add])
+            }
+            _ => previous.extended(new.len()),
+        };
         layer.experts.truncate(before[index]);
-        if layer.routers.num_tasks() > task {
-            layer.routers.routers.truncate(task); // the probe router
-        }
-        let router = layer
-            .routers
-            .previous(task)
-            .ok_or_else(|| {
-                StageError::Config(format!("task {task} has no previous router to extend"))
-            })?
-            .extended(new.len());
+        layer.routers.routers.truncate(task); // the probe router, if any
         layer.experts.extend(new);
         layer.routers.routers.push(router);
     }

@@ -10,7 +10,7 @@
 mod expand;
 mod plan;
 
-pub use expand::{activation_stats, add_probes, expand, new_expert_ranges};
+pub use expand::{NewRouterColumns, activation_stats, add_probes, expand, new_expert_ranges};
 pub use plan::{
     ActivationStats, ExpansionMode, ExpansionPlan, LayerExpansion, PlanSource, plan_from_stats,
     threshold,
