@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use cmoe_test_support::scratch;
-use llava_cmoe::continual::{ExpansionMode, InitChoice, Method, Preset, RunConfig};
+use llava_cmoe::continual::{
+    ExpansionMode, InitChoice, Method, NewRouterColumns, Preset, RunConfig,
+};
 
 fn preset() -> RunConfig {
     RunConfig::preset(Preset::Default, Method::Cmoe)
@@ -26,6 +28,7 @@ fn the_7b_coin_file_carries_the_paper_settings() {
     assert_eq!(c.checkpoint_every, 50);
     assert_eq!(c.data_root.as_deref(), Some(Path::new("data/CoIN")));
     assert_eq!(c.experts_per_layer, ExpansionMode::Fixed(1));
+    assert_eq!(c.new_router_columns, NewRouterColumns::Random);
     assert_eq!(c.init, InitChoice::Phase);
     // What the file does not name keeps the preset's value.
     assert_eq!(c.moe.targets, preset().moe.targets);
@@ -71,6 +74,14 @@ fn unknown_or_mistyped_settings_are_errors_naming_them() {
     let counted = write("counted.toml", "experts_per_layer = \"probe-count\"\n");
     let c = preset().with_file(&counted).unwrap();
     assert_eq!(c.experts_per_layer, ExpansionMode::ProbeCount);
+    let copied = write("copied.toml", "new_router_columns = \"copy-source\"\n");
+    let c = preset().with_file(&copied).unwrap();
+    assert_eq!(c.new_router_columns, NewRouterColumns::CopySource);
+    assert_eq!(
+        c.default_name(Preset::Default),
+        "default-cmoe-columns-copy-source"
+    );
+    assert_eq!(preset().new_router_columns, NewRouterColumns::Random);
     let zero = write("zero.toml", "experts_per_layer = 0\n");
     let err = format!("{:#}", preset().with_file(&zero).unwrap_err());
     assert!(

@@ -21,7 +21,7 @@ mod train;
 
 pub use ask::{Answer, AskTask};
 /// How many experts each selected layer receives (`experts_per_layer`), the core's own type.
-pub use cmoe_moe::pgke::ExpansionMode;
+pub use cmoe_moe::pgke::{ExpansionMode, NewRouterColumns};
 pub use config::check_image_size;
 pub use config::{
     EwcSettings, InitChoice, LwfSettings, Method, PlanChoice, Preset, RouterChoice, RunConfig,
