@@ -34,6 +34,14 @@ fn tiny_model<AD: AutodiffBackend>(device: &AD::Device) -> LlavaCmoe<AD> {
     LlavaCmoe::new(tiny_llava(device), &moe_config(), device)
 }
 
+/// The tiny model and four batches (shifts 0 to 3) to train it on.
+fn start_and_batches<AD: AutodiffBackend>(
+    device: &AD::Device,
+) -> (LlavaCmoe<AD>, Vec<TrainBatch<AD>>) {
+    let model = tiny_model::<AD>(device);
+    (model, (0..4).map(|s| batch::<AD>(s, device)).collect())
+}
+
 /// A one-row batch whose image is shifted by `shift` (so every batch has its own gradient).
 fn batch<AD: AutodiffBackend>(shift: usize, device: &AD::Device) -> TrainBatch<AD> {
     let ids = prompt_ids(&[13, 5618, 338, 445, 29973, 319, 1799, 29901, 15317, 2]);
@@ -106,8 +114,7 @@ fn two_devices_make_the_one_device_steps<AD: AutodiffBackend>() {
     let _alone = alone();
     let two = one_device_twice::<AD>();
     let device = two[0].clone();
-    let start = tiny_model::<AD>(&device);
-    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let (start, batches) = start_and_batches::<AD>(&device);
     let (one_model, one, one_losses) = train(&start, &batches, 4, &[]);
     let (two_model, parallel, parallel_losses) = train(&start, &batches, 4, &two);
     // Three steps of four micro-batches, two on each device: the same updates up to the order
@@ -136,8 +143,7 @@ fn the_routers_own_learning_rate_holds_on_two_devices<AD: AutodiffBackend>() {
     let _alone = alone();
     let two = one_device_twice::<AD>();
     let device = two[0].clone();
-    let start = tiny_model::<AD>(&device);
-    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let (start, batches) = start_and_batches::<AD>(&device);
     let scaled = StageConfig {
         router_lr_scale: 4.0,
         ..stage(4)
@@ -213,8 +219,7 @@ fn the_feature_memory_is_the_one_device_one<AD: AutodiffBackend>() {
     let _alone = alone();
     let two = one_device_twice::<AD>();
     let device = two[0].clone();
-    let start = tiny_model::<AD>(&device);
-    let batches: Vec<_> = (0..4).map(|s| batch::<AD>(s, &device)).collect();
+    let (start, batches) = start_and_batches::<AD>(&device);
     let width = batch_features(&start, &batches[0], 0, PtlFeature::Last)
         .unwrap()
         .dims()[1];
