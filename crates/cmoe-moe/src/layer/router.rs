@@ -80,12 +80,10 @@ impl<B: Backend> TaskRouter<B> {
     /// `source`'s column `c` for each `c` in `copied` (a new expert that copies expert `c`
     /// starts routed as `source` routes `c`). The copy is a new parameter.
     pub fn extended_with_copies(&self, source: &TaskRouter<B>, copied: &[usize]) -> Self {
-        let old = self.weight.val().detach();
         if copied.is_empty() {
-            return Self {
-                weight: Param::from_tensor(old),
-            };
+            return self.extended(0);
         }
+        let old = self.weight.val().detach();
         let device = old.device();
         let columns: Vec<i64> = copied.iter().map(|&c| c as i64).collect();
         let columns =
