@@ -5,7 +5,7 @@
 //! a run killed after three tasks, resumed, killed again between task 5's PGKE expansion and its
 //! training (and in the middle of a checkpoint swap), resumed, killed inside task 6's training
 //! stage (while writing its step-3 checkpoint), and resumed again ends bit-identical to an
-//! unbroken run.
+//! unbroken run; a finished run resumed trains nothing and keeps its report.
 
 use std::path::Path;
 use std::process::Command;
@@ -234,6 +234,26 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         state("whole") == state("broken"),
         "the final states differ after resuming"
     );
+    // A finished run resumed with its own settings trains nothing and writes the same report
+    // (how `cargo xtask compare` reuses runs); with other settings it is refused, named.
+    let finished = train("whole", &["--resume"]);
+    assert!(
+        finished.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
+    let message = String::from_utf8_lossy(&finished.stderr);
+    assert!(message.contains("every task is done"), "{message}");
+    assert!(
+        !message.contains("zero-shot") && !message.contains("task 1/8"),
+        "{message}"
+    );
+    assert_eq!(report(&runs.join("whole")), a);
+    let other = train("whole", &["--resume", "--seed", "3"]);
+    assert!(!other.status.success());
+    let message = String::from_utf8_lossy(&other.stderr);
+    assert!(message.contains("seed: 0 -> 3"), "{message}");
+    assert_eq!(report(&runs.join("whole")), a);
     // The report's shape.
     let tasks = a["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 8);

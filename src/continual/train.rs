@@ -105,6 +105,19 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
     // Held until this function returns (or the process dies): one run per folder.
     let _lock = RunLock::acquire(&dir)?;
     let mut progress = start_or_resume(&config, &dir, resume)?;
+    let (names, types): (Vec<String>, Vec<TaskType>) = config.task_list()?.into_iter().unzip();
+    if progress.completed == names.len() {
+        // A finished run (resumed with the same settings, which `start_or_resume` checked):
+        // nothing is left to train, so its report is written again from its progress. This is
+        // how `cargo xtask compare` reuses a run only when it was made with the same settings.
+        observer.note(&format!(
+            "{}: every task is done; its report is written again from its progress",
+            dir.display()
+        ));
+        let report = make_report(&config, &progress, names);
+        write_report(&report, &dir)?;
+        return Ok(report);
+    }
     progress.backend = backend;
 
     // The data: the user's CoIN folder, or Mini-CoIN generated once per run folder,
@@ -118,7 +131,6 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
         InitChoice::Phase => Some(init_data_path(&config, &data_dir)?),
         InitChoice::FirstTask => None,
     };
-    let (names, types): (Vec<String>, Vec<TaskType>) = config.task_list()?.into_iter().unzip();
     let Runtime {
         base,
         pad,

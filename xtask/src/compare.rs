@@ -1,8 +1,8 @@
 //! `cargo xtask compare`: several `cmoe train` runs with one preset, and their reports put in
 //! one table: a free list of runs, the paper's Table 1 (`--paper`: every method, Immediate and
 //! Last rows, Mean, BWT, trainable parameters per task), or its ablation tables
-//! (`--ablations`: Tables 2 to 5). A run whose report already exists under `--out` is reused;
-//! one that was killed is resumed.
+//! (`--ablations`: Tables 2 to 5). A run already under `--out` is reused if finished and
+//! resumed if killed, both only when it was made with the same settings.
 
 use std::path::Path;
 
@@ -55,21 +55,21 @@ pub struct Runner<'a> {
 }
 
 impl Runner<'_> {
-    /// The report of `spec`'s run: read if it exists, else the run is made (or resumed).
+    /// The report of `spec`'s run: the run is made, or, when its folder holds one, resumed.
+    /// `cmoe train --resume` refuses a run made with other settings (naming them), so a report
+    /// left by an older preset is never mixed in; a finished run only has its report rewritten.
     fn report(&self, spec: &RunSpec) -> anyhow::Result<Value> {
         let (name, mut flags) = spec.name_and_flags(self.preset);
         let dir = self.out.join(&name);
         let path = dir.join("report.json");
-        if path.exists() {
-            eprintln!("== {} == (reusing {})", spec.0, path.display());
+        flags.extend(["--runs".to_string(), self.out.display().to_string()]);
+        if dir.join("run.json").exists() {
+            eprintln!("== {} == (resuming or reusing {})", spec.0, dir.display());
+            flags.push("--resume".into());
         } else {
             eprintln!("== {} ==", spec.0);
-            flags.extend(["--runs".to_string(), self.out.display().to_string()]);
-            if dir.join("progress.json").exists() {
-                flags.push("--resume".into());
-            }
-            (self.train)(&flags)?;
         }
+        (self.train)(&flags)?;
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))

@@ -65,8 +65,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Runs several methods / ablations with one preset and writes one comparison table
-    /// (Markdown + JSON under --out). A run whose report exists there is reused, a killed one
-    /// resumed.
+    /// (Markdown + JSON under --out). A finished run there is reused and a killed one resumed,
+    /// both only if made with the same settings (`cmoe train --resume` checks).
     Compare {
         /// Burn backend.
         #[arg(long, default_value = "flex")]
