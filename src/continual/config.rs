@@ -289,7 +289,7 @@ impl RunConfig {
         let base = Self {
             model: PathBuf::from("assets/llava-mini"),
             data: MiniCoinConfig {
-                train_per_task: 1000,
+                train_per_task: 1500,
                 test_per_task: 100,
                 init_samples: 400,
                 ..MiniCoinConfig::default()

@@ -67,7 +67,7 @@ impl Default for MiniCoinConfig {
         Self {
             seed: 2024,
             image_size: 64,
-            train_per_task: 1000,
+            train_per_task: 1500,
             test_per_task: 100,
             init_samples: 0,
         }
