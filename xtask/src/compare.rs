@@ -69,7 +69,14 @@ impl Runner<'_> {
         } else {
             eprintln!("== {} ==", spec.0);
         }
-        (self.train)(&flags)?;
+        (self.train)(&flags).with_context(|| {
+            format!(
+                "run `{}` in {} (a run made there with other settings is refused: move it \
+                 or pass another --out)",
+                spec.0,
+                dir.display()
+            )
+        })?;
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: malformed", path.display()))
