@@ -27,6 +27,13 @@ fn ok(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// The stderr of a command that must have succeeded (shown if it did not).
+fn stderr_of_success(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
 /// What a successful `cmoe ... --json` printed.
 fn ok_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&ok(args).stdout).unwrap()
@@ -207,13 +214,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         "{message}"
     );
     // Task 6's training continues from its step-2 checkpoint.
-    let resumed = train("broken", &["--resume"]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    let message = String::from_utf8_lossy(&resumed.stderr);
+    let message = stderr_of_success(&train("broken", &["--resume"]));
     assert!(
         message.contains("resuming the training stage at step 2"),
         "{message}"
@@ -236,13 +237,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     );
     // A finished run resumed with its own settings trains nothing and writes the same report
     // (how `cargo xtask compare` reuses runs); with other settings it is refused, named.
-    let finished = train("whole", &["--resume"]);
-    assert!(
-        finished.status.success(),
-        "{}",
-        String::from_utf8_lossy(&finished.stderr)
-    );
-    let message = String::from_utf8_lossy(&finished.stderr);
+    let message = stderr_of_success(&train("whole", &["--resume"]));
     assert!(message.contains("every task is done"), "{message}");
     assert!(
         !message.contains("zero-shot") && !message.contains("task 1/8"),
