@@ -89,7 +89,7 @@ def main() -> None:
         with_dead = 0
         for answer, count in answers.items():
             tokens = [t for t in bpe.encode(answer) if along(t) > THRESHOLD]
-            dead.update({t: count for t in set(tokens)})
+            dead.update({t: count for t in sorted(set(tokens))})
             with_dead += count if tokens else 0
         listed = ", ".join(f"`{t.replace('Ġ', ' ')}`" for t, _ in dead.most_common(12)) or "none"
         print(f"| {task} | {len(answers)} distinct | {listed} | {100 * with_dead / sum(answers.values()):.0f} % |")
