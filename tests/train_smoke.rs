@@ -82,11 +82,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         cmoe(&args)
     };
     let out = pretrain(m, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stderr_of_success(&out);
     for file in [
         "config.json",
         "model.safetensors",
@@ -113,11 +109,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
     assert!(!stopped.status.success());
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("stopped after step 5"));
     let resumed = pretrain(b, &["--resume"]);
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    stderr_of_success(&resumed);
     for file in ["model.safetensors", "tokenizer.json"] {
         assert!(
             std::fs::read(model.join(file)).unwrap() == std::fs::read(broken.join(file)).unwrap(),
@@ -175,11 +167,7 @@ fn smoke_run_reports_and_resumes_bit_identically() {
         cmoe(&args)
     };
     let whole = train("whole", &[]);
-    assert!(
-        whole.status.success(),
-        "{}",
-        String::from_utf8_lossy(&whole.stderr)
-    );
+    stderr_of_success(&whole);
     let stopped = train("broken", &["--stop-after-tasks", "3"]);
     assert!(!stopped.status.success());
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("--resume"));

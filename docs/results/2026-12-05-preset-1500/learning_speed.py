@@ -10,9 +10,6 @@ import re
 import sys
 from pathlib import Path
 
-TASKS = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
-
-
 def first_below(log: str, threshold: float) -> dict:
     """Per task: the first logged training step whose ce is below `threshold`, or None."""
     found = {}
@@ -26,14 +23,17 @@ def main() -> None:
     threshold = float(sys.argv[1]) if len(sys.argv) > 1 else 0.5
     here = Path(__file__).parent
     runs = sorted(p.parent for p in here.glob("*/run.log"))
+    # Every run here learns the tasks in CoIN's order; the header is the first run's.
+    tasks = json.loads((runs[0] / "report.json").read_text())["tasks"]
     print(f"First logged step with ce < {threshold} / final ce (- : never)\n")
-    print("| run | " + " | ".join(TASKS) + " |")
-    print("|---" * (len(TASKS) + 1) + "|")
+    print("| run | " + " | ".join(tasks) + " |")
+    print("|---" * (len(tasks) + 1) + "|")
     for run in runs:
         found = first_below((run / "run.log").read_text(), threshold)
         final = json.loads((run / "progress.json").read_text())["final_loss"]
+        assert json.loads((run / "report.json").read_text())["tasks"] == tasks, run
         cells = []
-        for task, loss in zip(TASKS, final):
+        for task, loss in zip(tasks, final):
             step = found.get(task)
             cells.append(f"{'-' if step is None else step} / {loss:.2f}")
         print(f"| `{run.name}` | " + " | ".join(cells) + " |")
