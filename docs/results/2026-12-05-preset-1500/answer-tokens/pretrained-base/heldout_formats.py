@@ -1,0 +1,50 @@
+"""A base's held-out stage-2 accuracy split by the answer's format, for the kinds that
+`stage-2-answers.patch` gives two formats (counts in words or digits, colour choices plain or
+lettered, boxes in pixels or fractions), and the lettered colour choices' two parts: is the
+colour right, is the letter right.
+
+Usage: python3 heldout_formats.py ANSWERS.jsonl
+  ANSWERS.jsonl: `cmoe eval-base --model MODEL_DIR --answers ANSWERS.jsonl`
+Standard library only.
+"""
+
+import json
+import re
+import sys
+from collections import Counter
+
+
+def main() -> None:
+    rows = [json.loads(line) for line in open(sys.argv[1])]
+    splits = {
+        "count": lambda r: "digits" if re.search(r"\d", r["reference"]) else "words",
+        "colour-choice": lambda r: "lettered" if "option" in r["reference"] else "plain",
+        "corners": lambda r: "fractions" if "[" in r["reference"] else "pixels",
+    }
+    print("| kind | format | right | of |")
+    print("|---|---|---|---|")
+    for kind, split in splits.items():
+        right, total = Counter(), Counter()
+        for r in rows:
+            if r["kind"] == kind:
+                right[split(r)] += r["correct"]
+                total[split(r)] += 1
+        for fmt in sorted(total):
+            print(f"| {kind} | {fmt} | {right[fmt]} | {total[fmt]} |")
+    # Counts: the question does not say which format, so only the format's coin flip decides
+    # whether a right count is scored right.
+    same = [r for r in rows if r["kind"] == "count"
+            and bool(re.search(r"\d", r["reference"])) == bool(re.search(r"\d", r["answer"]))]
+    print(f"\ncount, answered in the reference's format: {sum(r['correct'] for r in same)} "
+          f"right of {len(same)}")
+    lettered = [r for r in rows if r["kind"] == "colour-choice" and "option" in r["reference"]]
+    colour = sum(r["answer"].split(",")[0] == r["reference"].split(",")[0] for r in lettered)
+    letters = Counter(r["answer"].rstrip(".").split()[-1] for r in lettered)
+    truth = Counter(r["reference"].rstrip(".").split()[-1] for r in lettered)
+    print(f"lettered colour choices: colour right {colour} of {len(lettered)}, letter right "
+          f"{sum(r['correct'] for r in lettered)}; letters answered {dict(sorted(letters.items()))}, "
+          f"right letters {dict(sorted(truth.items()))}")
+
+
+if __name__ == "__main__":
+    main()
