@@ -31,15 +31,18 @@ def main() -> None:
                 total[split(r)] += 1
         for fmt in sorted(total):
             print(f"| {kind} | {fmt} | {right[fmt]} | {total[fmt]} |")
-    # Counts: the question does not say which format, so only the format's coin flip decides
-    # whether a right count is scored right.
+    # Counts: the question does not say which format; the reference's is a hidden coin flip, so
+    # a right count is scored right only where the model's format matches it.
     same = [r for r in rows if r["kind"] == "count"
             and bool(re.search(r"\d", r["reference"])) == bool(re.search(r"\d", r["answer"]))]
     print(f"\ncount, answered in the reference's format: {sum(r['correct'] for r in same)} "
           f"right of {len(same)}")
     lettered = [r for r in rows if r["kind"] == "colour-choice" and "option" in r["reference"]]
-    colour = sum(r["answer"].split(",")[0] == r["reference"].split(",")[0] for r in lettered)
-    letters = Counter(r["answer"].rstrip(".").split()[-1] for r in lettered)
+    # An answer without a letter ("Red.") counts as the letter "-".
+    colour = sum(r["answer"].split(",")[0].rstrip(".") == r["reference"].split(",")[0]
+                 for r in lettered)
+    letters = Counter(r["answer"].rstrip(".").split()[-1] if "option" in r["answer"] else "-"
+                      for r in lettered)
     truth = Counter(r["reference"].rstrip(".").split()[-1] for r in lettered)
     print(f"lettered colour choices: colour right {colour} of {len(lettered)}, letter right "
           f"{sum(r['correct'] for r in lettered)}; letters answered {dict(sorted(letters.items()))}, "
