@@ -14,10 +14,14 @@ import sys
 from collections import Counter
 
 
+def in_digits(text: str) -> bool:
+    return re.search(r"\d", text) is not None
+
+
 def main() -> None:
     rows = [json.loads(line) for line in open(sys.argv[1])]
     splits = {
-        "count": lambda r: "digits" if re.search(r"\d", r["reference"]) else "words",
+        "count": lambda r: "digits" if in_digits(r["reference"]) else "words",
         "colour-choice": lambda r: "lettered" if "option" in r["reference"] else "plain",
         "corners": lambda r: "fractions" if "[" in r["reference"] else "pixels",
     }
@@ -27,14 +31,15 @@ def main() -> None:
         right, total = Counter(), Counter()
         for r in rows:
             if r["kind"] == kind:
-                right[split(r)] += r["correct"]
-                total[split(r)] += 1
+                fmt = split(r)
+                right[fmt] += r["correct"]
+                total[fmt] += 1
         for fmt in sorted(total):
             print(f"| {kind} | {fmt} | {right[fmt]} | {total[fmt]} |")
     # Counts: the question does not say which format; the reference's is a hidden coin flip, so
     # a right count is scored right only where the model's format matches it.
     same = [r for r in rows if r["kind"] == "count"
-            and bool(re.search(r"\d", r["reference"])) == bool(re.search(r"\d", r["answer"]))]
+            and in_digits(r["reference"]) == in_digits(r["answer"])]
     print(f"\ncount, answered in the reference's format: {sum(r['correct'] for r in same)} "
           f"right of {len(same)}")
     lettered = [r for r in rows if r["kind"] == "colour-choice" and "option" in r["reference"]]
