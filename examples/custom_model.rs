@@ -190,10 +190,8 @@ fn batch<Be: Backend>(rows: &[([i64; 4], i64)], device: &Be::Device) -> TrainBat
         .flat_map(|(_, a)| [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, *a])
         .collect();
     let shape = [rows.len(), 5];
-    TrainBatch {
-        input: ModelInput::tokens(Tensor::from_data(TensorData::new(ids, shape), device)),
-        labels: Tensor::from_data(TensorData::new(labels, shape), device),
-    }
+    let input = ModelInput::tokens(Tensor::from_data(TensorData::new(ids, shape), device));
+    TrainBatch::from_host(input, labels, shape, device)
 }
 
 /// The share of `rows` whose answer is the arg-max of `logits` `[rows, 4, vocab]` at the last

@@ -2,10 +2,12 @@
 //! `ndarray`, `wgpu`, `cuda`). Model code is generic; a [`BackendTask`] is the one place a
 //! concrete backend type is picked.
 
+use std::any::TypeId;
 use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::backend::Backend;
+use cmoe_moe::Dispatch;
 
 /// A backend this crate knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,18 @@ impl BackendKind {
     pub fn compiled() -> Vec<BackendKind> {
         Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
     }
+
+    /// Where a run on this backend runs, for its memory plan: bytes per boolean (Burn 0.21's
+    /// CUDA and flex store bytes, its wgpu backend 32-bit words, ndarray Rust `bool`s) and
+    /// whether it is a GPU.
+    pub fn target(self) -> crate::continual::Target {
+        let (bool_bytes, gpu) = match self {
+            Self::Flex | Self::Ndarray => (1, false),
+            Self::Wgpu => (4, true),
+            Self::Cuda => (1, true),
+        };
+        crate::continual::Target { bool_bytes, gpu }
+    }
 }
 
 impl fmt::Display for BackendKind {
@@ -64,6 +78,22 @@ impl FromStr for BackendKind {
             .into_iter()
             .find(|b| b.name() == s)
             .ok_or_else(|| format!("unknown backend {s:?} (flex, ndarray, wgpu or cuda)"))
+    }
+}
+
+/// How the MoE layers send tokens to their experts on backend `B`: grouped on the CPU backends
+/// (the routing is read back for free, and only `k` experts run per token), masked on the GPU
+/// ones (nothing read back); docs/benchmarks.md has both measured.
+pub fn dispatch_for<B: Backend>() -> Dispatch {
+    let mut cpu = Vec::new();
+    #[cfg(feature = "flex")]
+    cpu.push(TypeId::of::<burn_flex::Flex>());
+    #[cfg(feature = "ndarray")]
+    cpu.push(TypeId::of::<burn_ndarray::NdArray>());
+    if cpu.contains(&TypeId::of::<B>()) {
+        Dispatch::Grouped
+    } else {
+        Dispatch::Masked
     }
 }
 

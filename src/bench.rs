@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::backend::Autodiff;
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
@@ -221,7 +222,8 @@ impl BackendTask for BenchTask {
 }
 
 /// Dispatch cost of one MoE-LoRA FFN layer at the mini shapes (hidden 256, MLP 688, LoRA r16,
-/// 8 x 105 tokens): sparse dispatch against the dense definition, for several expert counts.
+/// dropout 0.05, 8 x 105 tokens): the grouped and the masked dispatch, for several expert
+/// counts, forward alone and forward + backward.
 pub struct MoeDispatchTask {
     /// Expert counts to measure.
     pub experts: Vec<usize>,
@@ -231,7 +233,7 @@ pub struct MoeDispatchTask {
     pub repeats: usize,
 }
 
-/// Seconds per forward of one MoE layer.
+/// Seconds per forward, and per forward + backward, of one MoE layer in each dispatch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MoeDispatchResult {
     /// Backend name.
@@ -240,17 +242,22 @@ pub struct MoeDispatchResult {
     pub experts: usize,
     /// Experts per token.
     pub top_k: usize,
-    /// Median seconds, sparse (grouped gather / compute / scatter-add).
-    pub sparse_s: f64,
-    /// Median seconds, dense (every expert on every token).
-    pub dense_s: f64,
+    /// Median seconds of a forward, grouped dispatch (gather / compute / scatter-add).
+    pub grouped_s: f64,
+    /// Median seconds of a forward, masked dispatch (every expert on every token, two
+    /// products per projection, nothing read back).
+    pub masked_s: f64,
+    /// Median seconds of a forward and backward (every expert trainable), grouped.
+    pub grouped_train_s: f64,
+    /// Median seconds of a forward and backward (every expert trainable), masked.
+    pub masked_train_s: f64,
 }
 
 impl BackendTask for MoeDispatchTask {
     type Output = Vec<MoeDispatchResult>;
 
     fn run<B: Backend>(self, device: B::Device) -> Vec<MoeDispatchResult> {
-        use cmoe_moe::MoeLoraFfnConfig;
+        use cmoe_moe::{Dispatch, MoeLoraFfnConfig};
         let (hidden, intermediate, rank) = (256, 688, 16);
         let text: cmoe_llava::config::TextConfig = serde_json::from_value(serde_json::json!({
             "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": 1,
@@ -258,29 +265,57 @@ impl BackendTask for MoeDispatchTask {
         }))
         .expect("valid text config");
         let base = text.init::<B>(false, &device).model.layers.remove(0).mlp;
+        let trained = text
+            .init::<Autodiff<B>>(false, &device)
+            .model
+            .layers
+            .remove(0)
+            .mlp
+            .no_grad();
         let x = Tensor::<B, 3>::random([8, 105, hidden], Distribution::Normal(0.0, 1.0), &device);
+        let x_trained = Tensor::<Autodiff<B>, 3>::from_inner(x.clone());
         self.experts
             .iter()
             .map(|&n| {
-                let layer = MoeLoraFfnConfig::new(hidden, intermediate)
+                let config = MoeLoraFfnConfig::new(hidden, intermediate)
                     .with_experts(n)
                     .with_rank(rank)
                     .with_alpha(32.0)
-                    .with_dropout(0.0)
-                    .with_top_k(self.top_k)
-                    .init::<B>(&device);
-                let sparse_s = time::<B>(&device, self.repeats, || {
-                    let _ = layer.forward(&base, x.clone(), 0, None).0.into_data();
-                });
-                let dense_s = time::<B>(&device, self.repeats, || {
-                    let _ = layer.forward_dense(&base, x.clone(), 0).into_data();
-                });
+                    .with_dropout(0.05)
+                    .with_top_k(self.top_k);
+                let mut layer = config.init::<B>(&device);
+                let mut layer_trained = config.init::<Autodiff<B>>(&device);
+                let mut forward = |dispatch| {
+                    layer.dispatch = dispatch;
+                    time::<B>(&device, self.repeats, || {
+                        let _ = layer.forward(&base, x.clone(), 0, None).0.into_data();
+                    })
+                };
+                let (grouped_s, masked_s) = (forward(Dispatch::Grouped), forward(Dispatch::Masked));
+                let mut train = |dispatch| {
+                    layer_trained.dispatch = dispatch;
+                    time::<B>(&device, self.repeats, || {
+                        let (out, routing) =
+                            layer_trained.forward(&trained, x_trained.clone(), 0, None);
+                        let grads = (out.sum() + routing.aux_loss).backward();
+                        let a = &layer_trained.experts[0]
+                            .gate
+                            .as_ref()
+                            .expect("gate expert")
+                            .lora_a;
+                        let _ = a.grad(&grads).map(|g| g.into_data());
+                    })
+                };
+                let (grouped_train_s, masked_train_s) =
+                    (train(Dispatch::Grouped), train(Dispatch::Masked));
                 MoeDispatchResult {
                     backend: B::name(&device),
                     experts: n,
                     top_k: self.top_k,
-                    sparse_s,
-                    dense_s,
+                    grouped_s,
+                    masked_s,
+                    grouped_train_s,
+                    masked_train_s,
                 }
             })
             .collect()
@@ -391,10 +426,7 @@ fn train_batches<B: Backend>(
                 .collect();
             input.input_ids = Tensor::from_data(TensorData::new(ids, [rows, seq]), device);
             input.attention_mask = Some(Tensor::ones([rows, seq], device));
-            cmoe_moe::train::TrainBatch {
-                input: input.into(),
-                labels: Tensor::from_data(TensorData::new(labels, [rows, seq]), device),
-            }
+            cmoe_moe::train::TrainBatch::from_host(input.into(), labels, [rows, seq], device)
         })
         .collect()
 }
@@ -451,6 +483,8 @@ pub struct ContinualBenchTask {
     /// Replicas of the model training side by side (each step's samples dealt over them), as
     /// the runner uses on this backend.
     pub replicas: usize,
+    /// The frozen base's dtype (experts, routers and VAE in f32).
+    pub base_dtype: crate::pipeline::Precision,
 }
 
 impl BackendTask for ContinualBenchTask {
@@ -483,8 +517,11 @@ impl BackendTask for ContinualBenchTask {
         // router train with the VAE; the initial experts and router 0 are frozen.
         let moe = self.settings.moe(false);
         let initial = moe.initial_experts;
+        let dtype = self.base_dtype.dtype();
+        let base = || crate::pipeline::cast_floats(config.init::<AD<B>>(&device), dtype);
         let cmoe_model = || -> anyhow::Result<LlavaCmoe<AD<B>>> {
-            let model = LlavaCmoe::new(config.init::<AD<B>>(&device), &moe, &device);
+            let mut model = LlavaCmoe::new(base(), &moe, &device);
+            model.set_dispatch(crate::backend::dispatch_for::<B>());
             let plan = ExpansionPlan::every_layer(1, layers, 1, 0);
             let model = expand(
                 model,
@@ -507,7 +544,8 @@ impl BackendTask for ContinualBenchTask {
         // (b) Plain LoRA: one expert, top-1, CE (+ the constant aux).
         let lora_model = || {
             let lora = self.settings.moe(true);
-            let model = LlavaCmoe::new(config.init::<AD<B>>(&device), &lora, &device);
+            let mut model = LlavaCmoe::new(base(), &lora, &device);
+            model.set_dispatch(crate::backend::dispatch_for::<B>());
             set_trainable(model, 0, &vec![0..1; layers])
         };
         stage_step_seconds(lora_model(), None, 0, warm_up, 1, &devices)?;
@@ -549,7 +587,9 @@ impl ContinualBenchTask {
         let layers = config.text_config.num_hidden_layers;
         let hidden = config.text_config.hidden_size;
         let moe = self.settings.moe(false);
-        let mut model = LlavaCmoe::new(config.init::<B>(device), &moe, device);
+        let base = crate::pipeline::cast_floats(config.init::<B>(device), self.base_dtype.dtype());
+        let mut model = LlavaCmoe::new(base, &moe, device);
+        model.set_dispatch(crate::backend::dispatch_for::<B>());
         for task in 1..TASKS {
             let before = model.experts_per_layer();
             model = expand(

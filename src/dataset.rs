@@ -88,6 +88,17 @@ impl CoinEncoder {
         })
     }
 
+    /// The tokens of a training conversation besides its image's (no image is read).
+    pub fn text_tokens(&self, record: &TrainRecord) -> anyhow::Result<usize> {
+        let empty = PixelValues {
+            data: Vec::new(),
+            height: 0,
+            width: 0,
+        };
+        let encoded = self.encode_conversation(record, empty)?;
+        Ok(encoded.input_ids.len() - self.tokens_per_image)
+    }
+
     /// A test question as a generation prompt (`<image>` then the question).
     pub fn encode_prompt(&self, record: &TestRecord) -> anyhow::Result<Encoded> {
         self.encode_question(&record.text, self.pixels(&record.image)?)
@@ -155,14 +166,12 @@ pub fn collate_train<B: Backend>(
     assert!(!samples.is_empty(), "a batch needs at least one sample");
     let (ids, labels, mask, len) = pad(samples, pad_id, false);
     let shape = [samples.len(), len];
-    TrainBatch {
-        input: ModelInput {
-            input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
-            pixel_values: Some(stack_pixels(samples.iter().map(|s| &s.pixels), device)),
-            attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),
-        },
-        labels: Tensor::from_data(TensorData::new(labels, shape), device),
-    }
+    let input = ModelInput {
+        input_ids: Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), device),
+        pixel_values: Some(stack_pixels(samples.iter().map(|s| &s.pixels), device)),
+        attention_mask: Some(Tensor::from_data(TensorData::new(mask, shape), device)),
+    };
+    TrainBatch::from_host(input, labels, shape, device)
 }
 
 /// A generation batch: prompts padded on the left with `pad_id`.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::config::RunConfig;
 use super::folder::read_run_file;
 use super::runtime::Runtime;
-use crate::backend::BackendTask;
+use crate::backend::{BackendTask, dispatch_for};
 use crate::dataset::collate_prompts;
 
 /// What [`AskTask`] answers.
@@ -46,7 +46,8 @@ impl BackendTask for AskTask {
             generation,
             encoder,
         } = Runtime::<B>::load(&config, PathBuf::new(), &device)?;
-        let learner = LlavaLearner::load(base, &self.dir.join("state"), &device)?;
+        let mut learner = LlavaLearner::load(base, &self.dir.join("state"), &device)?;
+        learner.model.set_dispatch(dispatch_for::<B>());
         let learned = learner.tasks_learned();
         if learned == 0 {
             anyhow::bail!("{}: no task has been learned yet", self.dir.display());

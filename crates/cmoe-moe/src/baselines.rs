@@ -123,7 +123,7 @@ impl<B: AutodiffBackend> Ewc<B> {
         for _ in 0..count {
             let (position, batch) = source.next_batch()?;
             let rows = batch.labels.dims()[0] as f64;
-            let answers = AnswerTargets::from_labels(&batch.labels);
+            let answers = batch.answers();
             let out = model.forward_answers(batch.input, 0, &answers)?;
             let ce = answers
                 .cross_entropy(out.logits)

@@ -42,12 +42,13 @@ impl<B: Backend> ModelInput<B> {
         }
     }
 
-    /// Per token (row-major), whether it is real rather than padding; `None` when the input has
-    /// no attention mask or no padding.
-    pub fn real_tokens(&self) -> Option<Vec<bool>> {
+    /// Per token (row-major), whether it is real rather than padding: `[batch * seq, 1]`, 1 for
+    /// a real token and 0 for padding, computed on the device; `None` when the input has no
+    /// attention mask.
+    pub fn real_tokens(&self) -> Option<Tensor<B, 2>> {
         let mask = self.attention_mask.as_ref()?;
-        let real: Vec<bool> = mask.to_data().iter::<i64>().map(|m| m != 0).collect();
-        real.iter().any(|&r| !r).then_some(real)
+        let [b, s] = mask.dims();
+        Some(mask.clone().not_equal_elem(0).float().reshape([b * s, 1]))
     }
 }
 

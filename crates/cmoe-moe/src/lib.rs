@@ -4,7 +4,8 @@
 //!
 //! - [`host`]: what the core needs from a host (its gated FFN blocks, hidden states, logits).
 //! - [`layer`]: Eq. 1, the MoE-LoRA layer (LoRA experts, per-task routers and their bank, the
-//!   FFN with sparse top-k dispatch and the load-balancing aux loss).
+//!   FFN with top-k routing on the device, masked or grouped dispatch, and the load-balancing
+//!   aux loss).
 //! - [`pgke`]: Probe-Guided Knowledge Extension (probes, activation statistics, threshold,
 //!   plan, expansion).
 //! - [`ptl`]: the Probabilistic Task Locator (per-task VAEs, their fitting, the primitive bank,
@@ -38,8 +39,8 @@ pub mod train;
 pub use error::{MoeError, StageError};
 pub use host::{AutodiffHost, FfnHook, GatedFfn, ModelInput, MoeHost};
 pub use layer::{
-    FfnExpert, FfnTargets, LayerRouting, LoraExpert, LoraExpertConfig, MoeLoraFfn,
-    MoeLoraFfnConfig, RouterBank, TaskRouter, TaskRouterConfig,
+    Dispatch, FfnExpert, FfnTargets, LayerRouting, LoraExpert, LoraExpertConfig, MoeLoraFfn,
+    MoeLoraFfnConfig, RouterBank, RoutingCounts, TaskRouter, TaskRouterConfig,
 };
 pub use learner::{ContinualLearner, InferenceModel};
 #[cfg(feature = "llava")]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::MoeError;
 use crate::host::{FfnHook, GatedFfn, ModelInput, MoeHost};
-use crate::layer::{FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
+use crate::layer::{Dispatch, FfnTargets, LayerRouting, MoeLoraFfn, MoeLoraFfnConfig};
 use crate::ptl::{Location, PtlFeature, TaskLocator};
 use crate::train::AnswerTargets;
 
@@ -95,6 +95,15 @@ impl<B: Backend, H: Module<B>> CmoeModel<B, H> {
     pub fn experts_per_layer(&self) -> Vec<usize> {
         self.moe.iter().map(|l| l.experts.len()).collect()
     }
+
+    /// Sets how every MoE layer sends tokens to its experts: [`Dispatch::Masked`] (the
+    /// default; nothing read back to the host: GPU backends) or [`Dispatch::Grouped`]
+    /// (cheaper arithmetic: CPU backends). Not saved with the state.
+    pub fn set_dispatch(&mut self, dispatch: Dispatch) {
+        for layer in &mut self.moe {
+            layer.dispatch = dispatch;
+        }
+    }
 }
 
 impl<B: Backend, H: MoeHost<B>> CmoeModel<B, H> {
@@ -155,12 +164,13 @@ impl<B: Backend, H: MoeHost<B>> CmoeModel<B, H> {
     }
 
     /// The FFN hook that runs every layer's MoE with task `task`'s routers; `real` marks the
-    /// first pass's non-padding tokens; `record` keeps each layer's routing.
+    /// first pass's non-padding tokens (`[batch * seq, 1]`, 1 or 0, as
+    /// [`ModelInput::real_tokens`] gives them); `record` keeps each layer's routing.
     pub fn routed(
         &self,
         task: usize,
         record: bool,
-        real: Option<Vec<bool>>,
+        real: Option<Tensor<B, 2>>,
     ) -> Result<RoutedFfn<'_, B>, MoeError> {
         if task >= self.num_tasks() {
             return Err(MoeError::Input(format!(
@@ -218,11 +228,13 @@ impl<B: Backend, H: MoeHost<B>> CmoeModel<B, H> {
                 "feature positions {positions:?} do not fit a batch of {b} x {s}"
             )));
         }
-        let ids: Vec<i64> = input.input_ids.to_data().iter::<i64>().collect();
-        let mask: Option<Vec<i64>> = input
-            .attention_mask
-            .as_ref()
-            .map(|m| m.to_data().iter::<i64>().collect());
+        // The ids and mask are read back for the pooled feature only.
+        let (input_ids, attention_mask) = match feature {
+            PtlFeature::Last => (None, None),
+            PtlFeature::Mean | PtlFeature::Both => {
+                (Some(input.input_ids.clone()), input.attention_mask.clone())
+            }
+        };
         let hidden = self.base.forward_hidden(input, None)?.cast(DType::F32);
         let [_, _, d] = hidden.dims();
         let device = hidden.device();
@@ -238,6 +250,13 @@ impl<B: Backend, H: MoeHost<B>> CmoeModel<B, H> {
         let mean = || {
             // Per row, equal weights on the question's real tokens: from where the host says
             // the question starts (LLaVA: after the image) up to the last prompt token.
+            let ids: Vec<i64> = input_ids
+                .clone()
+                .map(|t| t.into_data().iter::<i64>().collect())
+                .unwrap_or_default();
+            let mask: Option<Vec<i64>> = attention_mask
+                .clone()
+                .map(|m| m.into_data().iter::<i64>().collect());
             let mut weights = vec![0f32; b * s];
             for (row, &end) in positions.iter().enumerate() {
                 let start = self.base.question_start(&ids[row * s..(row + 1) * s], end);
@@ -266,8 +285,9 @@ pub struct RoutedFfn<'a, B: Backend> {
     /// Whether to keep each call's routing (training and statistics do; generation does not).
     record: bool,
     /// Which tokens of the first pass through the decoder (the whole sequence; a generation's
-    /// prompt) are not padding; `None`: all. Later passes (generated tokens) are all real.
-    real: Option<Vec<bool>>,
+    /// prompt) are not padding (`[batch * seq, 1]`, 1 or 0); `None`: all. Later passes
+    /// (generated tokens) are all real.
+    real: Option<Tensor<B, 2>>,
     /// Whether the first pass has gone through every layer.
     first_pass_done: Cell<bool>,
 }
@@ -275,7 +295,7 @@ pub struct RoutedFfn<'a, B: Backend> {
 impl<B: Backend> FfnHook<B> for RoutedFfn<'_, B> {
     fn forward(&self, layer: usize, ffn: &dyn GatedFfn<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let real = (!self.first_pass_done.get())
-            .then_some(self.real.as_deref())
+            .then_some(self.real.as_ref())
             .flatten();
         if layer + 1 == self.layers.len() {
             self.first_pass_done.set(true);

@@ -137,10 +137,7 @@ fn accumulated_micro_batches_make_one_step<AD: AutodiffBackend>() {
             pixel_values: x.pixel_values.map(|p| p + shift as f64 * 0.2),
             ..x
         };
-        TrainBatch {
-            labels: x.input_ids.clone(),
-            input: x,
-        }
+        TrainBatch::new(x.clone(), x.input_ids)
     };
     let (a, b) = (batch(0), batch(1));
     // One start for every run (no dropout: training draws nothing at random), so that tests
@@ -181,10 +178,7 @@ fn the_router_learning_rate_scales_only_the_routers_step<AD: AutodiffBackend>() 
     for layer in &mut start.moe {
         randomize_experts(layer, 0, &device);
     }
-    let batch = TrainBatch {
-        labels: input::<AD>(&device).input_ids,
-        input: input(&device),
-    };
+    let batch = TrainBatch::new(input(&device), input::<AD>(&device).input_ids);
     let step = |router_lr_scale: f64| {
         let stage = StageConfig {
             lr: 1e-3,

@@ -1,11 +1,11 @@
-//! The MoE-LoRA FFN layer: sparse dispatch against the dense definition, the single-expert
-//! case against plain LoRA, routers that never change when a layer grows, and experts on an
-//! FFN that is not LLaMA's.
+//! The MoE-LoRA FFN layer: both dispatches against the dense definition (padding included),
+//! the single-expert case against plain LoRA, routers that never change when a layer grows,
+//! and experts on an FFN that is not LLaMA's.
 
 use burn::tensor::{Distribution, Tensor, TensorData, Tolerance};
 use cmoe_llava::llama::LlamaMlp;
 use cmoe_moe::GatedFfn;
-use cmoe_moe::layer::{FfnExpert, MoeLoraFfn, MoeLoraFfnConfig};
+use cmoe_moe::layer::{Dispatch, FfnExpert, MoeLoraFfn, MoeLoraFfnConfig};
 use cmoe_test_support::{randomize_experts, small_mlp, small_moe_layer};
 
 type B = burn_flex::Flex;
@@ -19,20 +19,72 @@ fn layer(n_experts: usize, top_k: usize, device: &burn_flex::FlexDevice) -> MoeL
 }
 
 #[test]
-fn sparse_dispatch_equals_the_dense_definition() {
+fn both_dispatches_equal_the_dense_definition() {
     let device = Default::default();
     let base = base_mlp(&device);
-    for (n_experts, k) in [(8, 2), (5, 1), (4, 4), (16, 3)] {
-        let layer = layer(n_experts, k, &device);
-        let x = Tensor::<B, 3>::random([3, 7, 32], Distribution::Normal(0.0, 1.0), &device);
-        let (sparse, routing) = layer.forward(&base, x.clone(), 0, None);
-        let dense = layer.forward_dense(&base, x, 0);
-        sparse
-            .into_data()
-            .assert_approx_eq::<f32>(&dense.into_data(), Tolerance::absolute(1e-5));
-        assert_eq!(routing.tokens, 21);
-        assert_eq!(routing.selections.iter().sum::<u64>(), 21 * k as u64);
+    for dispatch in [Dispatch::Masked, Dispatch::Grouped] {
+        for (n_experts, k) in [(8, 2), (5, 1), (4, 4), (16, 3)] {
+            let mut layer = layer(n_experts, k, &device);
+            layer.dispatch = dispatch;
+            let x = Tensor::<B, 3>::random([3, 7, 32], Distribution::Normal(0.0, 1.0), &device);
+            let (out, routing) = layer.forward(&base, x.clone(), 0, None);
+            let dense = layer.forward_dense(&base, x, 0);
+            out.into_data()
+                .assert_approx_eq::<f32>(&dense.into_data(), Tolerance::absolute(1e-5));
+            let counts = routing.counts();
+            assert_eq!(counts.tokens, 21, "{dispatch:?}");
+            assert_eq!(counts.selections.len(), n_experts);
+            assert_eq!(counts.selections.iter().sum::<u64>(), 21 * k as u64);
+        }
     }
+}
+
+#[test]
+fn both_dispatches_agree_on_padding_statistics_and_gradients() {
+    use burn::backend::Autodiff;
+    type A = Autodiff<B>;
+    let device = Default::default();
+    let base = small_mlp::<A>(&device);
+    // Rows 0-4 real, 5-6 padding, in each of 2 sequences.
+    let real: Vec<f32> = (0..14).map(|i| if i % 7 < 5 { 1.0 } else { 0.0 }).collect();
+    let real = Tensor::<A, 2>::from_data(TensorData::new(real, [14, 1]), &device);
+    let x = Tensor::<A, 3>::random([2, 7, 32], Distribution::Normal(0.0, 1.0), &device);
+    let shared = small_moe_layer::<A>(6, 2, &device);
+    let run = |dispatch| {
+        let mut layer = shared.clone();
+        layer.dispatch = dispatch;
+        let (out, routing) = layer.forward(&base, x.clone(), 0, Some(&real));
+        let loss = out.sum() + routing.aux_loss.clone();
+        let grads = loss.backward();
+        let router = layer.routers.get(0).weight.grad(&grads).unwrap();
+        let expert = layer.experts[0]
+            .down
+            .as_ref()
+            .unwrap()
+            .lora_b
+            .grad(&grads)
+            .unwrap();
+        let aux: f32 = routing.aux_loss.clone().into_scalar();
+        (routing.counts(), aux, router, expert)
+    };
+    let masked = run(Dispatch::Masked);
+    let grouped = run(Dispatch::Grouped);
+    assert_eq!(masked.0, grouped.0);
+    assert_eq!(masked.0.tokens, 10);
+    assert!(
+        (masked.1 - grouped.1).abs() < 1e-5,
+        "aux {} vs {}",
+        masked.1,
+        grouped.1
+    );
+    masked
+        .2
+        .into_data()
+        .assert_approx_eq::<f32>(&grouped.2.into_data(), Tolerance::absolute(1e-4));
+    masked
+        .3
+        .into_data()
+        .assert_approx_eq::<f32>(&grouped.3.into_data(), Tolerance::absolute(1e-4));
 }
 
 #[test]
@@ -94,10 +146,10 @@ fn growing_a_layer_never_changes_an_older_task() {
     // Task 0's router never reaches the new experts: its output is bit-identical.
     let (after, routing) = layer.forward(&base, x.clone(), 0, None);
     assert_eq!(after.into_data(), before.into_data());
-    assert_eq!(routing.selections.len(), 4);
+    assert_eq!(routing.counts().selections.len(), 4);
     // Task 1's router does use them.
     let (_, routing) = layer.forward(&base, x, 1, None);
-    assert_eq!(routing.selections.len(), 6);
+    assert_eq!(routing.counts().selections.len(), 6);
 }
 
 /// A GELU-gated FFN that is not LLaMA's: any [`GatedFfn`] carries experts.
@@ -148,12 +200,16 @@ fn any_gated_ffn_gets_experts() {
         .reshape([2, 5, 32]);
     let (fresh, _) = layer.forward(&ffn, x.clone(), 0, None);
     assert_eq!(fresh.into_data(), plain.into_data());
-    // Trained experts change it, and the sparse dispatch still equals the dense definition.
+    // Trained experts change it, and both dispatches still equal the dense definition.
     randomize_experts(&mut layer, 0, &device);
-    let (sparse, routing) = layer.forward(&ffn, x.clone(), 0, None);
-    let dense = layer.forward_dense(&ffn, x, 0);
-    sparse
-        .into_data()
-        .assert_approx_eq::<f32>(&dense.into_data(), Tolerance::absolute(1e-5));
-    assert_eq!(routing.selections.iter().sum::<u64>(), 10 * 2);
+    let dense = layer.forward_dense(&ffn, x.clone(), 0);
+    for dispatch in [Dispatch::Masked, Dispatch::Grouped] {
+        layer.dispatch = dispatch;
+        let (out, routing) = layer.forward(&ffn, x.clone(), 0, None);
+        // Outputs and the sums behind them reach ~2000 here, where f32 rounds at ~1e-4: the
+        // dispatches add the experts' terms in different orders.
+        out.into_data()
+            .assert_approx_eq::<f32>(&dense.clone().into_data(), Tolerance::absolute(2e-3));
+        assert_eq!(routing.counts().selections.iter().sum::<u64>(), 10 * 2);
+    }
 }

@@ -98,14 +98,12 @@ pub fn train_batch<B: Backend>(
     }
     let int =
         |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [rows.len(), n]), device);
-    TrainBatch {
-        input: ModelInput {
-            input_ids: int(ids),
-            pixel_values: Some(grey_pixels(rows.len(), shade, device)),
-            attention_mask: (pad > 0).then(|| int(mask)),
-        },
-        labels: int(labels),
-    }
+    let input = ModelInput {
+        input_ids: int(ids),
+        pixel_values: Some(grey_pixels(rows.len(), shade, device)),
+        attention_mask: (pad > 0).then(|| int(mask)),
+    };
+    TrainBatch::from_host(input, labels, [rows.len(), n], device)
 }
 
 /// Two seeded rows (`seed`, `seed + 1`) labelled on their answers, with `pad` padding

@@ -3,15 +3,20 @@
 //! For a token `x` and the selected task's router `G`: `g = G x`, the top-k logits are
 //! softmax-normalised into weights `w'`, and each targeted projection `W0` (gate, up, down by
 //! default) becomes `W0 x + sum_i w'_i * scale * B_i A_i x`, the three projections sharing one
-//! routing decision per token. Dispatch is sparse: the tokens routed to each expert are gathered,
-//! run through that expert only, and scatter-added back, so the cost grows with `k`, not with
-//! the number of experts.
+//! routing decision per token.
+//!
+//! The top-k choice, the weights and the load-balancing loss are computed on the device. Two
+//! dispatches give the same function ([`Dispatch`]): [`Dispatch::Masked`] runs every expert's
+//! `A` on every token as one product and applies the routing weights on the rank side, so that
+//! nothing is read back to the host (GPU backends); [`Dispatch::Grouped`] reads the routing back
+//! and runs each expert on its own tokens only, so that its cost grows with `k`, not with the
+//! number of experts (CPU backends, where a read-back costs nothing).
 
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{
-    DType, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend,
+    Bool, DType, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend,
 };
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +24,25 @@ use crate::host::GatedFfn;
 use crate::layer::{LoraExpert, LoraExpertConfig};
 use crate::layer::{RouterBank, TaskRouter, TaskRouterConfig};
 use crate::train::noise;
+
+/// How a layer's tokens reach its experts. Both give the layer's function (tested against
+/// [`MoeLoraFfn::forward_dense`] on every backend); they differ in cost and in what they keep
+/// for the backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dispatch {
+    /// Per projection, `((x [A_1 .. A_E]) * w) [B_1; ..; B_E]`: one `[d_in, E r]` product, the
+    /// routing weights (zero for the experts a token did not choose) applied per rank, one
+    /// `[E r, d_out]` product. Nothing is read back to the host, two launches per projection,
+    /// and autodiff keeps only `[tokens, E r]` tensors besides the input. The GPU path.
+    #[default]
+    Masked,
+    /// The tokens routed to each expert are gathered, run through that expert alone and
+    /// scatter-added back, weighted on the output side: `E / k` times less expert arithmetic
+    /// than [`Self::Masked`], but the routing is read back to the host once per layer and each
+    /// expert is a few small launches. The CPU path (flex, ndarray).
+    Grouped,
+}
 
 /// Which projections of the FFN carry experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +140,7 @@ impl MoeLoraFfnConfig {
             dropout: DropoutConfig::new(self.dropout).init(),
             scale: self.alpha / self.rank as f64,
             top_k: self.top_k,
+            dispatch: Dispatch::default(),
         }
     }
 
@@ -148,78 +173,298 @@ pub struct MoeLoraFfn<B: Backend> {
     pub scale: f64,
     /// Experts per token.
     pub top_k: usize,
+    /// How tokens reach the experts (not saved with the layer: a choice of the backend).
+    #[module(skip)]
+    pub dispatch: Dispatch,
 }
 
-/// What one MoE layer's routing did on a batch.
+/// What one MoE layer's routing did on a batch, on the device (read it with
+/// [`LayerRouting::counts`], or [`RoutingCounts::read`] for many layers at once).
 #[derive(Debug, Clone)]
 pub struct LayerRouting<B: Backend> {
     /// Switch-Transformer load-balancing loss `N_e * sum_i f_i P_i` (differentiable through `P`).
     pub aux_loss: Tensor<B, 1>,
-    /// Per expert of the router: how many tokens selected it among their top-k.
+    /// `[N_e]`: per expert of the router, how many real tokens had it among their top-k.
+    pub selections: Tensor<B, 1>,
+    /// `[1]`: real tokens routed.
+    pub tokens: Tensor<B, 1>,
+}
+
+/// Routing counts read back to the host: per expert, the tokens that chose it, and the tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingCounts {
+    /// Per expert of the router: real tokens that had it among their top-k.
     pub selections: Vec<u64>,
-    /// Tokens routed.
+    /// Real tokens routed.
     pub tokens: u64,
 }
 
-/// The rows one expert receives and their weights.
-struct Dispatch<B: Backend> {
-    /// Row indices into the flattened tokens.
-    rows: Tensor<B, 1, Int>,
-    /// Routing weight times the LoRA scale, `[rows, 1]`.
-    weights: Tensor<B, 2>,
+impl<B: Backend> LayerRouting<B> {
+    /// The counts, read back to the host (one read).
+    pub fn counts(&self) -> RoutingCounts {
+        RoutingCounts::read(std::slice::from_ref(self)).remove(0)
+    }
 }
 
-/// The routing decision for a batch of tokens.
+impl RoutingCounts {
+    /// The counts of every layer of `routing`, in one read from the device.
+    pub fn read<B: Backend>(routing: &[LayerRouting<B>]) -> Vec<RoutingCounts> {
+        let Some(first) = routing.first() else {
+            return Vec::new();
+        };
+        let parts: Vec<Tensor<B, 1>> = routing
+            .iter()
+            .flat_map(|r| [r.tokens.clone(), r.selections.clone()])
+            .map(|t| t.cast(DType::F32))
+            .collect();
+        let device = first.tokens.device();
+        let all: Vec<f32> = Tensor::cat(parts, 0)
+            .to_device(&device)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 counts");
+        let mut at = 0;
+        routing
+            .iter()
+            .map(|r| {
+                let [experts] = r.selections.dims();
+                let count = |v: f32| v.round() as u64;
+                let counts = RoutingCounts {
+                    tokens: count(all[at]),
+                    selections: all[at + 1..at + 1 + experts]
+                        .iter()
+                        .map(|&v| count(v))
+                        .collect(),
+                };
+                at += 1 + experts;
+                counts
+            })
+            .collect()
+    }
+}
+
+/// The routing decision for a batch of tokens `[n, d]` against `N_e` experts, on the device.
 struct Routes<B: Backend> {
-    /// Softmax weights of the top-k experts, flattened `[n * k]` (token-major).
-    weights: Tensor<B, 1>,
-    /// Per expert: the tokens routed to it and their slots in `weights`.
-    groups: Vec<(Vec<i64>, Vec<i64>)>,
+    /// `[n, N_e]` router logits (tracked: the router trains through them).
+    logits: Tensor<B, 2>,
+    /// `[n, N_e]` the softmax of each row's top-k logits, zero for the other experts.
+    weights: Tensor<B, 2>,
+    /// `[n, N_e]` whether an expert is among the row's top-k.
+    selected: Tensor<B, 2, Bool>,
+    /// `[n, N_e]` whether an expert is the row's first choice.
+    first: Tensor<B, 2, Bool>,
 }
 
 impl<B: Backend> MoeLoraFfn<B> {
-    /// Routes the rows of `x` `[n, d]`; only the rows `real` marks (all when `None`) are sent
-    /// to experts and counted in the statistics and the aux loss: padding takes no part.
-    fn route(
-        &self,
-        router: &TaskRouter<B>,
-        x: Tensor<B, 2>,
-        real: Option<&[bool]>,
-    ) -> (Routes<B>, LayerRouting<B>) {
-        let [n, _] = x.dims();
+    /// Routes the rows of `x` `[n, d]` (f32) with `router`: the top-k experts of each row and
+    /// their softmax weights, all on the device.
+    fn route(&self, router: &TaskRouter<B>, x: Tensor<B, 2>) -> Routes<B> {
         let n_experts = router.num_experts();
-        let k = self.top_k.min(n_experts);
+        let k = self.top_k.clamp(1, n_experts);
         let logits = router.logits(x);
-        let (top_logits, top_index) = top_k(logits.clone(), k);
-        let weights = activation::softmax(top_logits, 1).reshape([n * k]);
-        let index: Vec<i64> = top_index.into_data().iter::<i64>().collect();
-        let is_real = |row: usize| real.is_none_or(|r| r[row]);
-        let mut groups = vec![(Vec::new(), Vec::new()); n_experts];
-        let mut top1 = vec![0u64; n_experts];
-        let mut selections = vec![0u64; n_experts];
-        for (slot, &e) in index.iter().enumerate() {
-            if !is_real(slot / k) {
-                continue;
+        let (selected, first) = top_k_mask(logits.clone().detach(), k);
+        let outside = selected.clone().bool_not();
+        let weights = activation::softmax(logits.clone().mask_fill(outside, f32::NEG_INFINITY), 1);
+        Routes {
+            logits,
+            weights,
+            selected,
+            first,
+        }
+    }
+
+    /// The routing statistics and the load-balancing loss `N_e * sum_i f_i P_i` over the rows
+    /// `real` marks (`[n, 1]`, 1 for a real token, 0 for padding; `None`: every row), on the
+    /// device: `f_i` is the share of real tokens whose first choice is expert `i` (a constant),
+    /// `P_i` the mean router probability of expert `i` over the real tokens.
+    fn routing_on_device(
+        &self,
+        routes: &Routes<B>,
+        real: Option<&Tensor<B, 2>>,
+    ) -> LayerRouting<B> {
+        let [n, n_experts] = routes.logits.dims();
+        let device = routes.logits.device();
+        let mut selected = routes.selected.clone().float();
+        let mut first = routes.first.clone().float();
+        let probs = activation::softmax(routes.logits.clone(), 1);
+        let (tokens, mean_prob) = match real {
+            Some(real) => {
+                selected = selected * real.clone();
+                first = first * real.clone();
+                let tokens = real.clone().sum();
+                let mean =
+                    (probs * real.clone()).sum_dim(0) / tokens.clone().clamp_min(1.0).unsqueeze();
+                (tokens, mean)
             }
-            let e = e as usize;
-            groups[e].0.push((slot / k) as i64);
-            groups[e].1.push(slot as i64);
-            selections[e] += 1;
-            if slot % k == 0 {
-                top1[e] += 1;
+            None => (Tensor::full([1], n as f64, &device), probs.mean_dim(0)),
+        };
+        let f = first.sum_dim(0) / tokens.clone().clamp_min(1.0).unsqueeze();
+        let aux_loss = (f * mean_prob).sum() * n_experts as f64;
+        LayerRouting {
+            aux_loss,
+            selections: selected.sum_dim(0).reshape([n_experts]),
+            tokens,
+        }
+    }
+
+    /// The FFN output for `x` `[batch, seq, hidden]` with task `task`'s router, and what the
+    /// routing did. `real` (`[batch * seq, 1]`, row-major, 1 for a real token and 0 for
+    /// padding; `None`: every token) marks the tokens that are not padding: only those reach
+    /// the experts and count in the routing statistics and the aux loss; a padding token gets
+    /// the frozen FFN's output. LoRA dropout draws one mask per layer input (the one gate and
+    /// up read, the one down reads), which every expert on that input shares.
+    pub fn forward(
+        &self,
+        ffn: &(impl GatedFfn<B> + ?Sized),
+        x: Tensor<B, 3>,
+        task: usize,
+        real: Option<&Tensor<B, 2>>,
+    ) -> (Tensor<B, 3>, LayerRouting<B>) {
+        let [b, s, d] = x.dims();
+        if let Some(real) = real {
+            assert_eq!(real.dims(), [b * s, 1], "one padding flag per token");
+        }
+        let flat = x.reshape([b * s, d]);
+        // Routers and experts compute in f32 whatever the frozen base's dtype (bf16 / f16 for
+        // a large model); their contributions are cast back to it.
+        let flat32 = flat.clone().cast(DType::F32);
+        let routes = self.route(self.routers.get(task), flat32.clone());
+        let (out, routing) = match self.dispatch {
+            Dispatch::Masked => {
+                let routing = self.routing_on_device(&routes, real);
+                (
+                    self.forward_masked(ffn, flat, flat32, routes, real),
+                    routing,
+                )
+            }
+            Dispatch::Grouped => self.forward_grouped(ffn, flat, flat32, routes, real),
+        };
+        (out.reshape([b, s, d]), routing)
+    }
+
+    /// [`Dispatch::Masked`]: per projection, all the router's experts in two products, the
+    /// routing weights applied on the rank side.
+    fn forward_masked(
+        &self,
+        ffn: &(impl GatedFfn<B> + ?Sized),
+        flat: Tensor<B, 2>,
+        flat32: Tensor<B, 2>,
+        routes: Routes<B>,
+        real: Option<&Tensor<B, 2>>,
+    ) -> Tensor<B, 2> {
+        let [n, n_experts] = routes.weights.dims();
+        let experts = &self.experts[..n_experts];
+        let weights = match real {
+            Some(real) => routes.weights * real.clone(),
+            None => routes.weights,
+        } * self.scale;
+        let Some(rank) = experts.first().and_then(FfnExpert::rank) else {
+            return ffn.down(ffn.activate(ffn.gate(flat.clone())) * ffn.up(flat));
+        };
+        // `[n, N_e]` to `[n, N_e * r]`: each expert's weight on each of its ranks.
+        let per_rank = weights
+            .unsqueeze_dim::<3>(2)
+            .expand([n, n_experts, rank])
+            .reshape([n, n_experts * rank]);
+        let delta = |input: &Tensor<B, 2>, part: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>| {
+            let parts: Option<Vec<&LoraExpert<B>>> = experts.iter().map(part).collect();
+            parts.map(|parts| masked_delta(input.clone(), &parts, per_rank.clone()))
+        };
+        let add = |base: Tensor<B, 2>, delta: Option<Tensor<B, 2>>| match delta {
+            Some(delta) => {
+                let dtype = base.dtype();
+                base + delta.cast(dtype)
+            }
+            None => base,
+        };
+        let input = noise::dropout(&self.dropout, flat32);
+        let gate = add(ffn.gate(flat.clone()), delta(&input, |e| e.gate.as_ref()));
+        let up = add(ffn.up(flat), delta(&input, |e| e.up.as_ref()));
+        let hidden = ffn.activate(gate) * up;
+        let input = noise::dropout(&self.dropout, hidden.clone().cast(DType::F32));
+        add(ffn.down(hidden), delta(&input, |e| e.down.as_ref()))
+    }
+
+    /// [`Dispatch::Grouped`]: the routing read back, each expert run on its own rows.
+    fn forward_grouped(
+        &self,
+        ffn: &(impl GatedFfn<B> + ?Sized),
+        flat: Tensor<B, 2>,
+        flat32: Tensor<B, 2>,
+        routes: Routes<B>,
+        real: Option<&Tensor<B, 2>>,
+    ) -> (Tensor<B, 2>, LayerRouting<B>) {
+        let (groups, routing) = self.groups(&routes, real);
+        let input = noise::dropout(&self.dropout, flat32);
+        let gate = ffn.gate(flat.clone());
+        let gate = self.add_grouped(gate, &input, &groups, |e| e.gate.as_ref());
+        let up = ffn.up(flat);
+        let up = self.add_grouped(up, &input, &groups, |e| e.up.as_ref());
+        let hidden = ffn.activate(gate) * up;
+        let input = noise::dropout(&self.dropout, hidden.clone().cast(DType::F32));
+        let down = ffn.down(hidden);
+        let down = self.add_grouped(down, &input, &groups, |e| e.down.as_ref());
+        (down, routing)
+    }
+
+    /// Reads the routing back: per expert, the real rows routed to it and their weights times
+    /// the LoRA scale (`None` for an expert no token chose), and the routing statistics.
+    fn groups(
+        &self,
+        routes: &Routes<B>,
+        real: Option<&Tensor<B, 2>>,
+    ) -> (Vec<Option<Group<B>>>, LayerRouting<B>) {
+        let [n, n_experts] = routes.weights.dims();
+        let device = routes.weights.device();
+        let read_bools =
+            |t: Tensor<B, 2, Bool>| -> Vec<bool> { t.into_data().iter::<bool>().collect() };
+        let selected = read_bools(routes.selected.clone());
+        let first = read_bools(routes.first.clone());
+        let real: Option<Vec<bool>> = real
+            .map(|r| r.to_data().iter::<f32>().map(|v| v != 0.0).collect())
+            .filter(|r: &Vec<bool>| r.iter().any(|&keep| !keep));
+        let is_real = |row: usize| real.as_ref().is_none_or(|r| r[row]);
+        let mut rows = vec![Vec::new(); n_experts];
+        let mut top1 = vec![0u64; n_experts];
+        for row in (0..n).filter(|&row| is_real(row)) {
+            for e in 0..n_experts {
+                if selected[row * n_experts + e] {
+                    rows[e].push(row as i64);
+                }
+                if first[row * n_experts + e] {
+                    top1[e] += 1;
+                }
             }
         }
+        let index = |v: &[i64]| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
+        };
+        let groups = rows
+            .iter()
+            .enumerate()
+            .map(|(e, rows)| {
+                (!rows.is_empty()).then(|| {
+                    let rows = index(rows);
+                    let weights = routes
+                        .weights
+                        .clone()
+                        .slice([0..n, e..e + 1])
+                        .select(0, rows.clone())
+                        * self.scale;
+                    Group { rows, weights }
+                })
+            })
+            .collect();
         // aux = N_e * sum_i f_i * P_i over the real tokens: f from top-1 counts (constant), P
         // the mean router probability.
-        let device = logits.device();
-        let (logits, tokens) = match real.filter(|r| r.iter().any(|&keep| !keep)) {
+        let (logits, tokens) = match &real {
             Some(real) => {
-                let rows: Vec<i64> = (0..n).filter(|&r| real[r]).map(|r| r as i64).collect();
-                let count = rows.len();
-                let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [count]), &device);
-                (logits.select(0, rows), count)
+                let kept: Vec<i64> = (0..n).filter(|&r| real[r]).map(|r| r as i64).collect();
+                let count = kept.len();
+                (routes.logits.clone().select(0, index(&kept)), count)
             }
-            None => (logits, n),
+            None => (routes.logits.clone(), n),
         };
         let aux_loss = if tokens == 0 {
             Tensor::zeros([1], &device)
@@ -231,54 +476,28 @@ impl<B: Backend> MoeLoraFfn<B> {
             let f = Tensor::<B, 1>::from_data(TensorData::new(f, [n_experts]), &device);
             (f * mean_prob).sum() * n_experts as f64
         };
-        (
-            Routes { weights, groups },
-            LayerRouting {
-                aux_loss,
-                selections,
-                tokens: tokens as u64,
-            },
-        )
-    }
-
-    /// Per expert, the rows routed to it (an index tensor) and their routing weights times
-    /// the LoRA scale `[rows, 1]`; `None` for an expert no token chose.
-    fn dispatch(&self, routes: &Routes<B>, device: &B::Device) -> Vec<Option<Dispatch<B>>> {
-        routes
-            .groups
-            .iter()
-            .map(|(tokens, slots)| {
-                if tokens.is_empty() {
-                    return None;
-                }
-                let index = |v: &Vec<i64>| {
-                    Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
-                };
-                let weights = routes
-                    .weights
-                    .clone()
-                    .select(0, index(slots))
-                    .unsqueeze_dim::<2>(1)
-                    * self.scale;
-                Some(Dispatch {
-                    rows: index(tokens),
-                    weights,
-                })
-            })
-            .collect()
+        let selections: Vec<f32> = rows.iter().map(|r| r.len() as f32).collect();
+        let routing = LayerRouting {
+            aux_loss,
+            selections: Tensor::from_data(TensorData::new(selections, [n_experts]), &device),
+            tokens: Tensor::from_data(TensorData::new(vec![tokens as f32], [1]), &device),
+        };
+        (groups, routing)
     }
 
     /// `out` `[n, width]` plus, for each expert with routed rows, its LoRA pair `part` on those
-    /// rows of `input` (already dropped out), weighted, scatter-added.
-    fn add_expert_deltas(
+    /// rows of `input` (already dropped out), weighted on the output side, scatter-added. The
+    /// rows are gathered per projection: the gradients then sum in the order the CPU runs have
+    /// always used, so their results stay bit-identical.
+    fn add_grouped(
         &self,
         mut out: Tensor<B, 2>,
         input: &Tensor<B, 2>,
-        dispatch: &[Option<Dispatch<B>>],
+        groups: &[Option<Group<B>>],
         part: fn(&FfnExpert<B>) -> Option<&LoraExpert<B>>,
     ) -> Tensor<B, 2> {
-        for (expert, routed) in self.experts.iter().zip(dispatch) {
-            let (Some(lora), Some(Dispatch { rows, weights })) = (part(expert), routed) else {
+        for (expert, group) in self.experts.iter().zip(groups) {
+            let (Some(lora), Some(Group { rows, weights })) = (part(expert), group) else {
                 continue;
             };
             let x = input.clone().select(0, rows.clone());
@@ -288,43 +507,8 @@ impl<B: Backend> MoeLoraFfn<B> {
         out
     }
 
-    /// The FFN output for `x` `[batch, seq, hidden]` with task `task`'s router, and what the
-    /// routing did. `real` (row-major `[batch * seq]`, `None`: every token) marks the tokens
-    /// that are not padding: only those reach the experts and count in the routing statistics
-    /// and the aux loss; a padding token gets the frozen FFN's output. LoRA dropout draws one
-    /// mask per layer input (the one gate and up read, the one down reads), which every expert
-    /// on that input shares.
-    pub fn forward(
-        &self,
-        ffn: &(impl GatedFfn<B> + ?Sized),
-        x: Tensor<B, 3>,
-        task: usize,
-        real: Option<&[bool]>,
-    ) -> (Tensor<B, 3>, LayerRouting<B>) {
-        let [b, s, d] = x.dims();
-        if let Some(real) = real {
-            assert_eq!(real.len(), b * s, "one padding flag per token");
-        }
-        let flat = x.reshape([b * s, d]);
-        // Routers and experts compute in f32 whatever the frozen base's dtype (bf16 / f16 for
-        // a large model); their contributions are cast back to it.
-        let flat32 = flat.clone().cast(DType::F32);
-        let (routes, routing) = self.route(self.routers.get(task), flat32.clone(), real);
-        let dispatch = self.dispatch(&routes, &flat.device());
-        let input = noise::dropout(&self.dropout, flat32);
-        let gate = ffn.gate(flat.clone());
-        let gate = self.add_expert_deltas(gate, &input, &dispatch, |e| e.gate.as_ref());
-        let up = ffn.up(flat);
-        let up = self.add_expert_deltas(up, &input, &dispatch, |e| e.up.as_ref());
-        let hidden = ffn.activate(gate) * up;
-        let input = noise::dropout(&self.dropout, hidden.clone().cast(DType::F32));
-        let down = ffn.down(hidden);
-        let down = self.add_expert_deltas(down, &input, &dispatch, |e| e.down.as_ref());
-        (down.reshape([b, s, d]), routing)
-    }
-
-    /// The same function computed densely (every expert on every token, weighted by the full
-    /// top-k softmax): the reference the sparse dispatch is tested against.
+    /// The same function computed densely (every expert on every token, one product each,
+    /// weighted by the full top-k softmax): the reference both dispatches are tested against.
     pub fn forward_dense(
         &self,
         ffn: &(impl GatedFfn<B> + ?Sized),
@@ -337,7 +521,8 @@ impl<B: Backend> MoeLoraFfn<B> {
         let n_experts = router.num_experts();
         let k = self.top_k.min(n_experts);
         let logits = router.logits(flat.clone());
-        let kth = top_k(logits.clone(), k).0.slice([0..b * s, k - 1..k]); // k-th largest logit
+        let (values, _) = logits.clone().sort_descending_with_indices(1);
+        let kth = values.slice([0..b * s, k - 1..k]); // the k-th largest logit
         let outside = logits.clone().lower(kth.expand([b * s, n_experts]));
         let weights = activation::softmax(logits.mask_fill(outside, f32::NEG_INFINITY), 1);
         let dense = |base: Tensor<B, 2>,
@@ -360,10 +545,59 @@ impl<B: Backend> MoeLoraFfn<B> {
     }
 }
 
-/// The `k` largest entries of each row and their columns, largest first (`k` may equal the row
-/// length, which Burn's `topk` does not allow).
-fn top_k<B: Backend>(x: Tensor<B, 2>, k: usize) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
-    let [n, _] = x.dims();
-    let (values, index) = x.sort_descending_with_indices(1);
-    (values.slice([0..n, 0..k]), index.slice([0..n, 0..k]))
+/// The rows one expert receives under [`Dispatch::Grouped`] and their weights.
+struct Group<B: Backend> {
+    /// Row indices into the flattened tokens.
+    rows: Tensor<B, 1, Int>,
+    /// Routing weight times the LoRA scale, `[rows, 1]`.
+    weights: Tensor<B, 2>,
+}
+
+impl<B: Backend> FfnExpert<B> {
+    /// The LoRA rank of this expert's pairs (`None` when it targets no projection).
+    fn rank(&self) -> Option<usize> {
+        [&self.gate, &self.up, &self.down]
+            .into_iter()
+            .flatten()
+            .next()
+            .map(|lora| lora.lora_a.dims()[1])
+    }
+}
+
+/// `sum_e w_e (x A_e) B_e` for every expert `e` of `parts` as two products: `x [A_1 .. A_E]`
+/// `[n, E r]`, times `per_rank` (each expert's routing weight and the LoRA scale, repeated over
+/// its ranks), times `[B_1; ..; B_E]`.
+fn masked_delta<B: Backend>(
+    x: Tensor<B, 2>,
+    parts: &[&LoraExpert<B>],
+    per_rank: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let a = Tensor::cat(parts.iter().map(|p| p.lora_a.val()).collect(), 1);
+    let b = Tensor::cat(parts.iter().map(|p| p.lora_b.val()).collect(), 0);
+    (x.matmul(a) * per_rank).matmul(b)
+}
+
+/// Per row of `logits` `[n, N_e]` (not tracked), the `k` largest entries as a mask, and the
+/// largest one as a mask, by `k` arg-max passes on the device (Burn 0.21's `argtopk` is not
+/// implemented on every backend, and its sort reads the tensor back to the host).
+fn top_k_mask<B: Backend>(
+    logits: Tensor<B, 2>,
+    k: usize,
+) -> (Tensor<B, 2, Bool>, Tensor<B, 2, Bool>) {
+    let [n, n_experts] = logits.dims();
+    let columns = Tensor::<B, 1, Int>::arange(0..n_experts as i64, &logits.device())
+        .reshape([1, n_experts])
+        .expand([n, n_experts]);
+    let choose = |remaining: &Tensor<B, 2>| {
+        let best = remaining.clone().argmax(1).expand([n, n_experts]);
+        columns.clone().equal(best)
+    };
+    let first = choose(&logits);
+    let mut selected = first.clone();
+    let mut remaining = logits;
+    for _ in 1..k {
+        remaining = remaining.mask_fill(selected.clone(), f32::NEG_INFINITY);
+        selected = selected.bool_or(choose(&remaining));
+    }
+    (selected, first)
 }

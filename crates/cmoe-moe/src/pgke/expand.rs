@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ActivationStats, ExpansionPlan};
 use crate::host::AutodiffHost;
-use crate::layer::FfnExpert;
+use crate::layer::{FfnExpert, RoutingCounts};
 use crate::model::CmoeModel;
 use crate::train::{BatchSource, StageError};
 
@@ -56,8 +56,8 @@ pub fn activation_stats<B: AutodiffBackend, H: AutodiffHost<B>>(
     for _ in 0..source.len() {
         let (_, batch) = source.next_batch()?;
         let out = model.forward(batch.inner().input, task)?;
-        for (layer, routing) in out.routing.iter().enumerate() {
-            stats.record(layer, &routing.selections, routing.tokens);
+        for (layer, counts) in RoutingCounts::read(&out.routing).into_iter().enumerate() {
+            stats.record(layer, &counts.selections, counts.tokens);
         }
     }
     Ok(stats)

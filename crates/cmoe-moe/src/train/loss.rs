@@ -2,9 +2,8 @@
 //! a baseline's regulariser (EWC's penalty, LwF's distillation) when one is trained, with each
 //! term kept for logging.
 
-use burn::tensor::{
-    DType, ElementConversion, Int, Tensor, TensorData, activation, backend::Backend,
-};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData, activation};
 use serde::{Deserialize, Serialize};
 
 /// Label value of positions without loss.
@@ -111,16 +110,60 @@ impl<B: Backend> LossTerms<B> {
         }
     }
 
-    /// Reads the terms back (one device sync each); `trained_share` is left at 0.
+    /// The terms `[ce, kl, rec, aux, penalty, total]` as one tensor `[6]`, to be read back
+    /// with others in one transfer ([`LossValues::from_terms`]).
+    pub fn stacked(&self) -> Tensor<B, 1> {
+        Tensor::cat(
+            vec![
+                self.ce.clone(),
+                self.kl.clone(),
+                self.rec.clone(),
+                self.aux.clone(),
+                self.penalty.clone(),
+                self.total.clone(),
+            ],
+            0,
+        )
+    }
+
+    /// Reads the terms back (one device read); `trained_share` is left at 0.
     pub fn values(&self) -> LossValues {
-        let v = |t: &Tensor<B, 1>| t.clone().into_scalar().elem::<f64>();
-        LossValues {
-            ce: v(&self.ce),
-            kl: v(&self.kl),
-            rec: v(&self.rec),
-            aux: v(&self.aux),
-            penalty: v(&self.penalty),
-            total: v(&self.total),
+        let read: Vec<f64> = self
+            .stacked()
+            .into_data()
+            .convert::<f64>()
+            .into_vec()
+            .expect("float terms");
+        LossValues::from_terms(&read)
+    }
+}
+
+impl<B: AutodiffBackend> LossTerms<B> {
+    /// The terms without autodiff (for reading them back).
+    pub fn inner(&self) -> LossTerms<B::InnerBackend> {
+        LossTerms {
+            ce: self.ce.clone().inner(),
+            kl: self.kl.clone().inner(),
+            rec: self.rec.clone().inner(),
+            aux: self.aux.clone().inner(),
+            penalty: self.penalty.clone().inner(),
+            total: self.total.clone().inner(),
+        }
+    }
+}
+
+impl LossValues {
+    /// The values of [`LossTerms::stacked`] read back; `trained_share` is left at 0.
+    pub fn from_terms(terms: &[f64]) -> Self {
+        let [ce, kl, rec, aux, penalty, total]: [f64; 6] =
+            terms[..6].try_into().expect("six loss terms");
+        Self {
+            ce,
+            kl,
+            rec,
+            aux,
+            penalty,
+            total,
             trained_share: 0.0,
         }
     }
@@ -147,10 +190,15 @@ impl AnswerTargets {
             .convert::<i64>()
             .into_vec::<i64>()
             .expect("integer labels");
+        Self::from_host(&values, s)
+    }
+
+    /// The answer positions of row-major labels with `seq` positions per row.
+    pub fn from_host(labels: &[i64], seq: usize) -> Self {
         let mut rows = Vec::new();
         let mut tokens = Vec::new();
-        for (flat, &label) in values.iter().enumerate() {
-            if flat % s != 0 && label != IGNORE_INDEX {
+        for (flat, &label) in labels.iter().enumerate() {
+            if flat % seq != 0 && label != IGNORE_INDEX {
                 rows.push(flat as i64 - 1);
                 tokens.push(label);
             }

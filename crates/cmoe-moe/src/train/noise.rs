@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use burn::nn::Dropout;
-use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Bool, Distribution, Tensor, TensorData, backend::Backend};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -51,30 +51,28 @@ fn from_stream<T>(draw: impl FnOnce(&mut SmallRng) -> T) -> Option<T> {
 }
 
 /// `dropout` on `x`: with probability `prob` an element is zeroed, the others are scaled by
-/// `1 / (1 - prob)`, in training (autodiff) mode only, as [`Dropout::forward`] does.
+/// `1 / (1 - prob)`, in training (autodiff) mode only, with the draws of [`Dropout::forward`].
+/// The mask is a boolean tensor (`mask_fill`, then a scalar product), so the backward pass
+/// keeps one byte per element on backends whose booleans are bytes (CUDA, flex), where
+/// [`Dropout::forward`]'s product with a float mask keeps four.
 pub fn dropout<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> Tensor<B, D> {
     let device = x.device();
     if !B::ad_enabled(&device) || dropout.prob == 0.0 {
         return x;
     }
     let keep = 1.0 - dropout.prob;
-    let scale = (1.0 / keep) as f32;
     let shape = x.shape();
-    let mask = from_stream(|rng| {
+    let drawn = from_stream(|rng| {
         (0..shape.num_elements())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect::<Vec<f32>>()
+            .map(|_| rng.random::<f64>() >= keep)
+            .collect::<Vec<bool>>()
     });
-    match mask {
-        Some(mask) => x * Tensor::from_data(TensorData::new(mask, shape), &device),
-        None => dropout.forward(x),
-    }
+    let dropped = match drawn {
+        Some(dropped) => Tensor::<B, D, Bool>::from_data(TensorData::new(dropped, shape), &device),
+        // The draws `Dropout::forward` makes: 1 (kept) with probability `keep`.
+        None => x.random_like(Distribution::Bernoulli(keep)).equal_elem(0.0),
+    };
+    x.mask_fill(dropped, 0.0) * (1.0 / keep)
 }
 
 /// Standard normal draws of `shape`.

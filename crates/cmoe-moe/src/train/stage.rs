@@ -22,11 +22,10 @@ use super::data_parallel::Replicas;
 use super::freeze::trainable_experts;
 use super::noise::NoiseStream;
 use super::{
-    AnswerTargets, BatchSource, LossTerms, LossValues, Penalty, StageConfig, StageControl,
-    StageError, StageSnapshot, StageState, TrainBatch, adamw, by_id, by_order, learning_rate,
+    BatchSource, LossTerms, LossValues, Penalty, StageConfig, StageControl, StageError,
+    StageSnapshot, StageState, TrainBatch, adamw, by_id, by_order, learning_rate,
 };
 use crate::host::{AutodiffHost, MoeHost};
-use crate::layer::LayerRouting;
 use crate::model::CmoeModel;
 use crate::ptl::{PtlFeature, TaskVae, VaeFit, batch_features};
 
@@ -399,7 +398,7 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
     ) -> Result<ShardOutput<B>, StageError> {
         let mut model_grads = GradientsAccumulator::<CmoeModel<B, H>>::new();
         let mut vae_grads = GradientsAccumulator::<TaskVae<B>>::new();
-        let mut values = Vec::with_capacity(shard.len());
+        let mut pending: Vec<PendingValues<B::InnerBackend>> = Vec::with_capacity(shard.len());
         let mut computed = Vec::new();
         // PTL's features come from the frozen base alone: an inference copy computes them on
         // another thread while this one runs the training pass (no random draws there, so
@@ -412,7 +411,7 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                 batch,
                 features,
             } = item;
-            let answers = AnswerTargets::from_labels(&batch.labels);
+            let answers = batch.answers();
             if answers.is_empty() {
                 return Err(StageError::NoLabels(position));
             }
@@ -458,8 +457,12 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             let ce = answers
                 .cross_entropy(out.logits)
                 .ok_or(StageError::NoLabels(position))?;
-            let trained_share = trained_share(&out.routing, self.trained);
             let layers = out.routing.len().max(1) as f64;
+            let selections: Vec<Tensor<B::InnerBackend, 1>> = out
+                .routing
+                .iter()
+                .map(|r| r.selections.clone().inner())
+                .collect();
             let aux = out
                 .routing
                 .into_iter()
@@ -470,18 +473,7 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
             let rec = rec.unwrap_or_else(|| ce.zeros_like());
             let penalty = penalty.unwrap_or_else(|| ce.zeros_like());
             let terms = LossTerms::new(ce, kl, rec, aux, penalty, self.config.loss);
-            let v = LossValues {
-                trained_share,
-                ..terms.values()
-            };
-            if !v.total.is_finite() {
-                return Err(StageError::NonFinite {
-                    step: self.step,
-                    value: v.total,
-                    lr: self.lr,
-                });
-            }
-            values.push((index, v));
+            pending.push((index, terms.inner().stacked(), selections));
             // The step's loss is the mean over its micro-batches.
             let total = if self.micro > 1 {
                 terms.total / self.micro as f64
@@ -494,6 +486,16 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
                 vae_grads.accumulate(vae, GradientsParams::from_module(&mut grads, vae));
             }
         }
+        // The loss terms and routing counts of every micro-batch, read back in one transfer
+        // (a non-finite loss is caught here, before the optimiser steps).
+        let values = read_values(pending, self.trained);
+        if let Some((_, v)) = values.iter().find(|(_, v)| !v.total.is_finite()) {
+            return Err(StageError::NonFinite {
+                step: self.step,
+                value: v.total,
+                lr: self.lr,
+            });
+        }
         Ok(ShardOutput {
             values,
             features: computed,
@@ -503,15 +505,62 @@ impl<B: AutodiffBackend> ShardContext<'_, B> {
     }
 }
 
-/// The share of a batch's routed top-k slots, over every MoE layer, that went to the experts
-/// `trained` marks (0 when nothing was routed).
-fn trained_share<B: burn::tensor::backend::Backend>(
-    routing: &[LayerRouting<B>],
+/// A micro-batch's loss terms ([`LossTerms::stacked`]) and each layer's routing selections,
+/// still on the device, by index in the step.
+type PendingValues<B> = (usize, Tensor<B, 1>, Vec<Tensor<B, 1>>);
+
+/// Reads `pending` back in one transfer: each micro-batch's loss values, with the share of its
+/// routed slots that went to the experts `trained` marks.
+fn read_values<B: burn::tensor::backend::Backend>(
+    pending: Vec<PendingValues<B>>,
     trained: &[Vec<bool>],
-) -> f64 {
+) -> Vec<(usize, LossValues)> {
+    let mut parts = Vec::new();
+    for (_, terms, selections) in &pending {
+        parts.push(terms.clone());
+        parts.extend(selections.iter().cloned());
+    }
+    if parts.is_empty() {
+        return Vec::new();
+    }
+    let read: Vec<f64> = Tensor::cat(parts, 0)
+        .into_data()
+        .convert::<f64>()
+        .into_vec()
+        .expect("float values");
+    let mut at = 0;
+    pending
+        .into_iter()
+        .map(|(index, _, selections)| {
+            let terms = LossValues::from_terms(&read[at..at + 6]);
+            at += 6;
+            let counts: Vec<Vec<u64>> = selections
+                .iter()
+                .map(|s| {
+                    let [experts] = s.dims();
+                    let row = read[at..at + experts]
+                        .iter()
+                        .map(|&v| v.round() as u64)
+                        .collect();
+                    at += experts;
+                    row
+                })
+                .collect();
+            let v = LossValues {
+                trained_share: trained_share(&counts, trained),
+                ..terms
+            };
+            (index, v)
+        })
+        .collect()
+}
+
+/// The share of a batch's routed top-k slots, over every MoE layer, that went to the experts
+/// `trained` marks (0 when nothing was routed); `selections[layer][expert]` counts the slots.
+fn trained_share(selections: &[Vec<u64>], trained: &[Vec<bool>]) -> f64 {
     let (mut on_trained, mut routed) = (0u64, 0u64);
-    for (layer, routing) in routing.iter().enumerate() {
-        for (expert, &count) in routing.selections.iter().enumerate() {
+    for (layer, counts) in selections.iter().enumerate() {
+        for (expert, &count) in counts.iter().enumerate() {
             routed += count;
             if trained.get(layer).and_then(|t| t.get(expert)) == Some(&true) {
                 on_trained += count;
@@ -528,7 +577,6 @@ fn trained_share<B: burn::tensor::backend::Backend>(
 #[cfg(test)]
 mod tests {
     use super::{batches_read_after, trained_share};
-    use crate::layer::LayerRouting;
 
     #[test]
     fn batches_read_count_the_batches_a_source_passed_over() {
@@ -547,18 +595,11 @@ mod tests {
 
     #[test]
     fn trained_share_counts_the_slots_routed_to_trained_experts_over_all_layers() {
-        type B = burn_ndarray::NdArray;
-        let device = Default::default();
-        let layer = |selections: Vec<u64>| LayerRouting::<B> {
-            aux_loss: burn::tensor::Tensor::zeros([1], &device),
-            tokens: selections.iter().sum::<u64>() / 2,
-            selections,
-        };
         // Layer 0: 10 slots, 3 on its new expert; layer 1 has no new expert: 10 more slots.
-        let routing = [layer(vec![4, 3, 3]), layer(vec![6, 4])];
+        let selections = [vec![4, 3, 3], vec![6, 4]];
         let trained = [vec![false, false, true], vec![false, false]];
-        assert_eq!(trained_share(&routing, &trained), 3.0 / 20.0);
-        assert_eq!(trained_share(&routing[..1], &[vec![true; 3]]), 1.0);
-        assert_eq!(trained_share::<B>(&[], &[]), 0.0);
+        assert_eq!(trained_share(&selections, &trained), 3.0 / 20.0);
+        assert_eq!(trained_share(&selections[..1], &[vec![true; 3]]), 1.0);
+        assert_eq!(trained_share(&[], &[]), 0.0);
     }
 }
