@@ -2,13 +2,15 @@
 //!
 //! - [`config`]: HF `config.json` with transformers' defaults.
 //! - [`vision`], [`projector`], [`llama`], [`rope`], [`cache`]: the model, module by module,
-//!   named after HF's keys so that checkpoints load without a remapping table.
+//!   named after HF's keys so that checkpoints load without a remapping table; [`attention`]:
+//!   the attention both towers run (softmax in f32 in half precision, as transformers).
 //! - [`llava`]: the whole model, image-token splicing and the forward pass.
 //! - [`import`]: safetensors weight import (single or sharded; fp16 / bf16 / f32).
 //! - [`generation`]: greedy and top-p sampling with the KV cache.
 //! - [`export`]: a model written back in the HF layout.
 
 pub mod activation;
+pub mod attention;
 pub mod cache;
 pub mod config;
 pub mod error;

@@ -5,10 +5,9 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 
+use crate::attention::scaled_dot_product;
 use crate::cache::{KvCache, LayerCache};
 use crate::config::{Activation, TextConfig};
 use crate::rope::RopeTables;
@@ -59,7 +58,7 @@ impl<B: Backend> LlamaAttention<B> {
         };
         let k = self.repeat_kv(k);
         let v = self.repeat_kv(v);
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        let out = scaled_dot_product(q, k, v, Some(mask));
         self.o_proj.forward(
             out.swap_dims(1, 2)
                 .reshape([b, s, self.num_heads * self.head_dim]),
@@ -124,11 +123,14 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         cache: Option<&mut LayerCache<B>>,
         mlp: Option<(usize, &dyn MlpOverride<B>)>,
     ) -> Tensor<B, 3> {
-        let h = self
-            .self_attn
-            .forward(self.input_layernorm.forward(x.clone()), rope, mask, cache);
+        let h = self.self_attn.forward(
+            rms_norm(&self.input_layernorm, x.clone()),
+            rope,
+            mask,
+            cache,
+        );
         let x = x + h;
-        let normed = self.post_attention_layernorm.forward(x.clone());
+        let normed = rms_norm(&self.post_attention_layernorm, x.clone());
         let out = match mlp {
             Some((index, mlp)) => mlp.forward(index, &self.mlp, normed),
             None => self.mlp.forward(normed),
@@ -265,7 +267,7 @@ impl<B: Backend> LlamaForCausalLm<B> {
             let entry = cache.as_deref_mut().map(|c| c.layer_mut(i));
             x = layer.forward(x, &rope, mask.clone(), entry, mlp.map(|m| (i, m)));
         }
-        self.model.norm.forward(x)
+        rms_norm(&self.model.norm, x)
     }
 
     /// Hidden states `[batch, seq, hidden]` to logits `[batch, seq, vocab]`.
@@ -278,6 +280,22 @@ impl<B: Backend> LlamaForCausalLm<B> {
             }
         }
     }
+}
+
+/// RMSNorm as HF's `LlamaRMSNorm` computes it in half precision: the normalisation in f32, the
+/// result cast back to the input's dtype, then the weight. In f32 it is Burn's [`RmsNorm`]
+/// (which divides by the root mean square where HF multiplies by its inverse: equal to a few
+/// f32 ulps, and kept so that f32 results stay what they were).
+pub fn rms_norm<B: Backend, const D: usize>(norm: &RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    let x = x.cast(DType::F32);
+    let inverse_rms = (x.clone().square().mean_dim(D - 1) + norm.epsilon)
+        .sqrt()
+        .recip();
+    (x * inverse_rms).cast(dtype) * norm.gamma.val().unsqueeze()
 }
 
 /// Positions of the last `seq` keys: the number of real tokens before each one (HF's

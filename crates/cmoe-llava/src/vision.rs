@@ -5,10 +5,9 @@
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Tensor, backend::Backend};
 
+use crate::attention::scaled_dot_product;
 use crate::config::{Activation, VisionConfig};
 
 /// Patch embedding (a strided convolution without bias), the CLS token and learned positions.
@@ -67,7 +66,7 @@ impl<B: Backend> ClipAttention<B> {
         let q = heads(self.q_proj.forward(x.clone()));
         let k = heads(self.k_proj.forward(x.clone()));
         let v = heads(self.v_proj.forward(x));
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let out = scaled_dot_product(q, k, v, None);
         self.out_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, d]))
     }
