@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use cmoe_data::{ImageProcessorConfig, LlavaTokenizer, PixelValues};
 use cmoe_llava::config::ParameterCounts;
@@ -55,7 +56,28 @@ pub enum Precision {
     F16,
 }
 
+/// `module` with every float parameter cast to `dtype` (a randomly initialised base in bf16,
+/// as benchmarks and the memory proxy build it).
+pub fn cast_floats<B: Backend, M: Module<B>>(module: M, dtype: DType) -> M {
+    struct Cast(DType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
 impl Precision {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 | Self::F16 => 2,
+        }
+    }
+
     /// Burn's dtype.
     pub fn dtype(self) -> DType {
         match self {

@@ -244,3 +244,131 @@ fn score_prints_the_accuracy_and_json_and_names_bad_files() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `cmoe [--json] train --dry-run ...`: its exit status and what it printed.
+fn dry_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmoe"))
+        .args(["--json", "train", "--dry-run"])
+        .args(args)
+        .output()
+        .expect("cmoe runs");
+    (out.status.success(), String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn the_7b_dry_run_plans_under_70_gib_and_names_what_is_missing() {
+    let runs = scratch("dry-run-7b");
+    let no_data = runs.join("no-such-data");
+    let (ok, printed) = dry_run(&[
+        "--backend",
+        "cuda",
+        "--config",
+        "configs/llava-1.5-7b-coin.toml",
+        "--model",
+        fixture("llava-1.5-7b-hf").to_str().unwrap(),
+        "--data-root",
+        no_data.to_str().unwrap(),
+        "--runs",
+        runs.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a dry run without weights or data must fail");
+    let found: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    let failed: Vec<String> = found["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| format!("{}: {}", c["what"], c["detail"]))
+        .collect();
+    let names = |needle: &str| failed.iter().any(|f| f.contains(needle));
+    assert!(names("weights") && names("model.safetensors"), "{failed:?}");
+    assert!(names("tokenizer.json"), "{failed:?}");
+    assert!(names("no-such-data"), "{failed:?}");
+    let memory = &found["memory"];
+    let peak = memory["peak_bytes"].as_u64().unwrap() as f64 / (1u64 << 30) as f64;
+    assert!(peak < 70.0, "7B plan peak {peak:.1} GiB");
+    assert_eq!(memory["rows"], 4);
+    // LLaVA-1.5's 576 image tokens and the assumed text.
+    assert_eq!(memory["seq"], 576 + 104);
+    let per_token = memory["activation_bytes_per_token_per_layer"]
+        .as_u64()
+        .unwrap();
+    assert!((300_000..500_000).contains(&per_token), "{per_token}");
+    let names: Vec<&str> = memory["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for part in ["frozen base", "trainable experts", "activations", "runtime"] {
+        assert!(
+            names.iter().any(|n| n.contains(part)),
+            "{part} in {names:?}"
+        );
+    }
+}
+
+#[test]
+fn the_default_dry_run_passes_and_a_missing_model_or_initial_data_fails_it() {
+    let runs = scratch("dry-run-mini");
+    let runs = runs.to_str().unwrap();
+    let (ok, printed) = dry_run(&["--runs", runs]);
+    assert!(ok, "{printed}");
+    let found: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert!(found["memory"]["peak_bytes"].as_u64().unwrap() > 0);
+
+    let (ok, printed) = dry_run(&["--runs", runs, "--model", "no/such/model"]);
+    assert!(!ok);
+    assert!(printed.contains("no/such/model/config.json"), "{printed}");
+
+    let (ok, printed) = dry_run(&["--runs", runs, "--init-data", "no/such/init.json"]);
+    assert!(!ok);
+    assert!(printed.contains("no/such/init.json"), "{printed}");
+}
+
+#[test]
+fn the_gpu_check_rehearses_every_step_on_the_cpu() {
+    let out = scratch("gpu-check-rehearsal");
+    let status = Command::new("scripts/gpu-check.sh")
+        .arg(&out)
+        .env("GPU_CHECK_REHEARSAL", "1")
+        .env("CMOE", env!("CARGO_BIN_EXE_cmoe"))
+        .status()
+        .expect("the script runs");
+    let summary = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    assert!(status.success(), "{summary}");
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["gpu-check.tar.gz", "summary.json"]);
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let steps: Vec<(&str, &str)> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap(), s["status"].as_str().unwrap()))
+        .collect();
+    let names: Vec<&str> = steps.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "preflight",
+            "parity-f32",
+            "parity-bf16",
+            "smoke",
+            "plan",
+            "memory",
+            "bench"
+        ]
+    );
+    assert!(steps.iter().all(|(_, s)| *s == "ok"), "{steps:?}");
+    assert!(summary["memory"]["bytes_per_layer"].as_f64().is_some());
+    assert!(
+        summary["bench"]["steps"]["cmoe_step"]["burn_tok_s"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}

@@ -376,7 +376,6 @@ impl RunConfig {
             ("ptl.latent", self.ptl.latent),
             ("ptl.n_rep", self.ptl.n_rep),
             ("ptl.bank_instances", self.ptl.bank_instances),
-            ("ptl.fit_epochs", self.ptl.fit_epochs),
             ("data.train_per_task", self.data.train_per_task),
             ("data.test_per_task", self.data.test_per_task),
         ];

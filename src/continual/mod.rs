@@ -3,8 +3,9 @@
 //! (greedy generation, the CoIN scorers), checkpoints after every task and its evaluation, and
 //! the report (`report.json`, `report.md`) at the end.
 //!
-//! - [`config`]: the settings and presets; [`devices`]: the devices a run trains on; [`folder`]: a run's folder, progress and
-//!   checkpoints; [`train`]: the training loop; [`eval`]: evaluation and zero-shot;
+//! - [`config`]: the settings and presets; [`devices`]: the devices a run trains on;
+//!   [`dry_run`]: a run's needs checked and its memory planned; [`folder`]: a run's folder,
+//!   progress and checkpoints; [`train`]: the training loop; [`eval`]: evaluation and zero-shot;
 //!   [`report`]: the report and figures; [`ask`]: answering a new question;
 //!   [`runtime`]: the model directory loaded; [`stage_log`]: a task's stages reported to the
 //!   run's observer.
@@ -12,6 +13,7 @@
 mod ask;
 mod config;
 mod devices;
+mod dry_run;
 mod eval;
 mod folder;
 mod report;
@@ -28,6 +30,7 @@ pub use config::{
     TaskOrder, TaskSpec,
 };
 pub use devices::default_replicas;
+pub use dry_run::{Check, DryRun, Target, TaskSteps, dry_run};
 pub use eval::{EvalReport, EvalTask, generate_grouped, in_parallel};
 pub use folder::{ExpandedTask, Progress};
 pub use report::{Report, backward_transfer, make_report, rebuild_report, report_markdown};

@@ -9,7 +9,7 @@
 //! v5 (`vision_tower.*`) and v5's in-memory tree (`model.language_model.*`, `lm_head.*`) are
 //! folded onto one. Missing, unexpected and mis-shaped tensors are reported together, by key.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, backend::Backend};
@@ -148,9 +148,143 @@ pub fn load_weights<B: Backend>(
     )?)
 }
 
+/// Every parameter a checkpoint of `config`'s model holds, by its key in this crate's tree
+/// ([`normalize_key`]'s output), with its shape as HF stores it (linear weights `[out, in]`):
+/// what a model directory is checked against without loading it.
+pub fn expected_shapes(config: &LlavaConfig) -> BTreeMap<String, Vec<usize>> {
+    let mut shapes = BTreeMap::new();
+    let mut put = |key: String, shape: Vec<usize>| {
+        shapes.insert(key, shape);
+    };
+    let v = &config.vision_config;
+    let (d, i) = (v.hidden_size, v.intermediate_size);
+    let vision = "vision_tower.vision_model";
+    put(format!("{vision}.embeddings.class_embedding"), vec![d]);
+    put(
+        format!("{vision}.embeddings.patch_embedding.weight"),
+        vec![d, v.num_channels, v.patch_size, v.patch_size],
+    );
+    put(
+        format!("{vision}.embeddings.position_embedding.weight"),
+        vec![v.num_patches() + 1, d],
+    );
+    for norm in ["pre_layrnorm", "post_layernorm"] {
+        put(format!("{vision}.{norm}.gamma"), vec![d]);
+        put(format!("{vision}.{norm}.beta"), vec![d]);
+    }
+    for layer in 0..v.num_hidden_layers {
+        let at = format!("{vision}.encoder.layers.{layer}");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            put(format!("{at}.self_attn.{proj}.weight"), vec![d, d]);
+            put(format!("{at}.self_attn.{proj}.bias"), vec![d]);
+        }
+        for norm in ["layer_norm1", "layer_norm2"] {
+            put(format!("{at}.{norm}.gamma"), vec![d]);
+            put(format!("{at}.{norm}.beta"), vec![d]);
+        }
+        put(format!("{at}.mlp.fc1.weight"), vec![i, d]);
+        put(format!("{at}.mlp.fc1.bias"), vec![i]);
+        put(format!("{at}.mlp.fc2.weight"), vec![d, i]);
+        put(format!("{at}.mlp.fc2.bias"), vec![d]);
+    }
+    let t = &config.text_config;
+    let h = t.hidden_size;
+    let projector_input = d * config.vision_feature_layer.len();
+    for (name, input) in [("linear_1", projector_input), ("linear_2", h)] {
+        put(
+            format!("multi_modal_projector.{name}.weight"),
+            vec![h, input],
+        );
+        if config.multimodal_projector_bias {
+            put(format!("multi_modal_projector.{name}.bias"), vec![h]);
+        }
+    }
+    let text = "language_model.model";
+    let (q, kv, m) = (
+        t.num_attention_heads * t.head_dim(),
+        t.num_kv_heads() * t.head_dim(),
+        t.intermediate_size,
+    );
+    put(format!("{text}.embed_tokens.weight"), vec![t.vocab_size, h]);
+    for layer in 0..t.num_hidden_layers {
+        let at = format!("{text}.layers.{layer}");
+        for (proj, out, input) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
+            put(format!("{at}.self_attn.{proj}.weight"), vec![out, input]);
+            if t.attention_bias {
+                put(format!("{at}.self_attn.{proj}.bias"), vec![out]);
+            }
+        }
+        for (proj, out, input) in [("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)] {
+            put(format!("{at}.mlp.{proj}.weight"), vec![out, input]);
+            if t.mlp_bias {
+                put(format!("{at}.mlp.{proj}.bias"), vec![out]);
+            }
+        }
+        put(format!("{at}.input_layernorm.gamma"), vec![h]);
+        put(format!("{at}.post_attention_layernorm.gamma"), vec![h]);
+    }
+    put(format!("{text}.norm.gamma"), vec![h]);
+    if !config.tied_embeddings() {
+        put(
+            "language_model.lm_head.weight".to_string(),
+            vec![t.vocab_size, h],
+        );
+    }
+    shapes
+}
+
+/// Checks a model directory's weights against `config` from the files' headers alone (no
+/// tensor is read): every expected tensor present with its shape, nothing unexpected. Returns
+/// the problems, each naming the key (at most 10 of each kind, then a count).
+pub fn check_shapes(dir: &Path, config: &LlavaConfig) -> Result<Vec<String>, LlavaError> {
+    let checkpoint = open_checkpoint(dir)?;
+    let mut expected = expected_shapes(config);
+    let mut problems = Vec::new();
+    let mut unexpected = Vec::new();
+    for (key, stored) in &checkpoint.tensors {
+        let Some(name) = normalize_key(key) else {
+            continue;
+        };
+        if config.tied_embeddings() && name == "language_model.lm_head.weight" {
+            continue;
+        }
+        match expected.remove(&name) {
+            Some(shape) if shape == stored.shape => {}
+            Some(shape) => problems.push(format!(
+                "{key} has shape {:?}, the config gives {shape:?} ({})",
+                stored.shape,
+                stored.file.display()
+            )),
+            None => unexpected.push(key.clone()),
+        }
+    }
+    let missing: Vec<String> = expected.into_keys().collect();
+    let mut listed = |what: &str, keys: Vec<String>| {
+        if !keys.is_empty() {
+            let shown: Vec<&str> = keys.iter().take(10).map(String::as_str).collect();
+            let more = keys.len().saturating_sub(10);
+            let tail = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            problems.push(format!("{what}: {}{tail}", shown.join(", ")));
+        }
+    };
+    listed("missing tensors", missing);
+    listed("unexpected tensors", unexpected);
+    Ok(problems)
+}
+
 #[cfg(test)]
 mod tests {
     use super::normalize_key;
+    use std::path::Path;
 
     #[test]
     fn key_layouts_fold_onto_one_tree() {
@@ -199,6 +333,25 @@ mod tests {
         assert_eq!(
             normalize_key("vision_tower.vision_model.embeddings.position_ids"),
             None
+        );
+    }
+
+    #[test]
+    fn the_tiny_fixture_has_exactly_the_expected_shapes() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llava");
+        let config = crate::config::LlavaConfig::from_file(&dir.join("config.json")).unwrap();
+        assert_eq!(
+            super::check_shapes(&dir, &config).unwrap(),
+            Vec::<String>::new()
+        );
+        let mut other = config.clone();
+        other.text_config.intermediate_size += 1;
+        let problems = super::check_shapes(&dir, &other).unwrap();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("mlp.gate_proj.weight has shape")),
+            "{problems:?}"
         );
     }
 }

@@ -20,14 +20,20 @@ use llava_cmoe::continual::{
 use llava_cmoe::instruction_accuracy::EvalBaseTask;
 use llava_cmoe::llava::Sampling;
 use llava_cmoe::loader::BadSamples;
+use llava_cmoe::memory_proxy::MemoryProxyTask;
 use llava_cmoe::moe::layer::FfnTargets;
 use llava_cmoe::moe::ptl::PtlFeature;
+use llava_cmoe::parity::ParityTask;
 use llava_cmoe::pipeline::{self, ImportTask, LlavaPipeline, Precision};
 use llava_cmoe::pretrain::{PretrainConfig, PretrainTask};
 use llava_cmoe::tensor_io::{self, HostTensor};
 
 mod terminal;
 use terminal::Terminal;
+
+/// Counts the heap, for `cmoe memory-proxy` (two relaxed atomic operations per allocation).
+#[global_allocator]
+static ALLOCATOR: llava_cmoe::alloc_meter::AllocMeter = llava_cmoe::alloc_meter::AllocMeter;
 
 #[derive(Parser)]
 #[command(
@@ -111,8 +117,12 @@ enum Command {
         /// Expert and VAE sizes of the continual cases: the Mini-CoIN preset's or the paper's.
         #[arg(long, value_enum, default_value = "mini")]
         settings: ContinualSettings,
+        /// The frozen base's dtype in the continual cases (bf16 for a 7B base on a GPU).
+        #[arg(long, value_enum, default_value = "f32")]
+        base_dtype: Precision,
     },
-    /// Time one MoE-LoRA FFN layer (mini shapes) at several expert counts, sparse vs dense.
+    /// Time one MoE-LoRA FFN layer (mini shapes) at several expert counts, in both dispatches
+    /// (grouped: the CPU default; masked: the GPU default), forward and forward + backward.
     BenchMoe {
         /// Expert counts.
         #[arg(long, value_delimiter = ',', default_value = "8,16,32")]
@@ -123,6 +133,53 @@ enum Command {
         /// Timed repetitions after one warm-up.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+    },
+    /// Check a fixture model's logits (and greedy tokens in f32) against the transformers
+    /// references beside it (tests/fixtures/tiny-llava, tiny-llava-b); prints JSON with
+    /// --json; exits non-zero when it does not pass.
+    Parity {
+        /// The fixture model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The weights' dtype: f32 (reference.safetensors) or bf16
+        /// (reference-bf16.safetensors).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Precision,
+    },
+    /// Measure on the CPU what the memory plan predicts: the bytes one MoE-LoRA FFN and one
+    /// decoder layer keep for the backward pass per token, at a model's true widths (few
+    /// layers), beside the plan's figures (docs/scale.md).
+    MemoryProxy {
+        /// The model's config.json (its decoder widths are used).
+        #[arg(long, default_value = "tests/fixtures/llava-1.5-7b-hf/config.json")]
+        config: PathBuf,
+        /// Tokens per row (LLaVA-1.5: 576 image tokens and the text).
+        #[arg(long, default_value_t = 680)]
+        seq: usize,
+        /// Experts per layer, all trainable.
+        #[arg(long, default_value_t = 8)]
+        experts: usize,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        /// Experts per token.
+        #[arg(long, default_value_t = 2)]
+        top_k: usize,
+        /// LoRA dropout.
+        #[arg(long, default_value_t = 0.05)]
+        dropout: f64,
+        /// The frozen base's dtype.
+        #[arg(long, value_enum, default_value = "bf16")]
+        base_dtype: Precision,
+        /// Decoder layers of the decoder passes (the per-layer figure needs 2 and 3).
+        #[arg(long, value_delimiter = ',', default_value = "2,3")]
+        layers: Vec<usize>,
+        /// Rows of the passes (the per-token figures need 1 and 2).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        rows: Vec<usize>,
+        /// Which passes: `ffn` (one MoE-LoRA FFN) and / or `decoder`.
+        #[arg(long, value_delimiter = ',', default_value = "ffn,decoder")]
+        cases: Vec<String>,
     },
     /// Score results in CoIN's formats: prints the accuracy in percent.
     Score {
@@ -254,6 +311,12 @@ enum Command {
         /// flags given on the command line win over it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Check everything the run needs (settings, the model's config, shards and tokenizer,
+        /// every task's files and images, the initial data) without training, print the steps
+        /// of every stage and the memory plan of the largest; exits non-zero when something is
+        /// missing. Needs no weights for the plan (a model folder with only config.json).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Answer a question about an image with a trained run; PTL picks the task's router.
     Ask {
@@ -528,6 +591,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             image_root,
             bad_samples,
             config: file,
+            dry_run,
         } => {
             let mut config = RunConfig::preset(preset, method);
             if let Some(file) = file {
@@ -566,6 +630,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.data_root = config.data_root.as_deref().map(absolute).transpose()?;
             config.image_root = config.image_root.as_deref().map(absolute).transpose()?;
             let dir = runs.join(name);
+            if dry_run {
+                let found = llava_cmoe::continual::dry_run(&config, &dir, backend.target());
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&found)?);
+                } else {
+                    print!("{}", found.describe());
+                }
+                if !found.ok {
+                    anyhow::bail!("the dry run found problems (listed above)");
+                }
+                return Ok(());
+            }
             let report = run_on(
                 backend,
                 TrainTask {
@@ -729,6 +805,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Parity { model, dtype } => {
+            let result = run_on(
+                backend,
+                ParityTask {
+                    model,
+                    precision: dtype,
+                },
+            )??;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "{} ({:?}) on {}: max |logit diff| {:.2e}{}{}",
+                    result.model.display(),
+                    result.dtype,
+                    result.backend,
+                    result.max_logit_diff,
+                    result
+                        .greedy_equal
+                        .map_or(String::new(), |e| format!(", greedy tokens equal: {e}")),
+                    result.ours_to_f32.zip(result.transformers_to_f32).map_or(
+                        String::new(),
+                        |(o, t)| format!(
+                            "; to the f32 run: ours {o:.4}, transformers' bf16 {t:.4}"
+                        )
+                    )
+                );
+            }
+            if !result.passed {
+                anyhow::bail!("parity not reached");
+            }
+            Ok(())
+        }
+        Command::MemoryProxy {
+            config,
+            seq,
+            experts,
+            rank,
+            top_k,
+            dropout,
+            base_dtype,
+            layers,
+            rows,
+            cases,
+        } => {
+            let report = run_on(
+                backend,
+                MemoryProxyTask {
+                    config,
+                    seq,
+                    experts,
+                    rank,
+                    top_k,
+                    dropout,
+                    base_dtype,
+                    layers,
+                    rows,
+                    cases,
+                },
+            )??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.describe());
+            }
+            Ok(())
+        }
         Command::BenchMoe {
             experts,
             top_k,
@@ -747,12 +890,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 for r in results {
                     println!(
-                        "{} experts, top-{} on {}: sparse {:.2} ms, dense {:.2} ms",
+                        "{} experts, top-{} on {}: forward grouped {:.2} ms, masked {:.2} ms; \
+                         forward + backward grouped {:.2} ms, masked {:.2} ms",
                         r.experts,
                         r.top_k,
                         r.backend,
-                        r.sparse_s * 1e3,
-                        r.dense_s * 1e3
+                        r.grouped_s * 1e3,
+                        r.masked_s * 1e3,
+                        r.grouped_train_s * 1e3,
+                        r.masked_train_s * 1e3
                     );
                 }
             }
@@ -769,6 +915,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eval_questions,
             eval_batch,
             settings,
+            base_dtype,
         } => {
             let name = name.unwrap_or_else(|| {
                 config
@@ -804,6 +951,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             backend.name(),
                             RunConfig::preset(Preset::Default, Method::Cmoe).accumulation,
                         ),
+                        base_dtype,
                     },
                 )??;
                 r = r.with_continual(c);
