@@ -20,6 +20,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::{CoinEncoder, Encoded, collate_train};
+use cmoe_data::image::ImageProcessorConfig;
 
 /// What to do with a sample that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -471,32 +472,32 @@ impl<B: Backend> BatchSource<B> for Stream<'_, B> {
     }
 }
 
-/// A task's test questions and their prompts; questions whose image is missing or unreadable
-/// are left out and returned as problems (or stop the run under [`BadSamples::Error`]).
+/// A task's test questions whose image exists and reads as an image (its header: the pixels
+/// are decoded batch by batch when the questions are answered, so that a test set of any size
+/// holds only its records in memory); the others are left out and returned as problems (or
+/// stop the run under [`BadSamples::Error`]).
 pub fn load_test_set(
     encoder: &CoinEncoder,
     path: &Path,
     policy: BadSamples,
-) -> anyhow::Result<(Vec<TestRecord>, Vec<Encoded>, Vec<SampleProblem>)> {
+) -> anyhow::Result<(Vec<TestRecord>, Vec<SampleProblem>)> {
     let mut records = Vec::new();
-    let mut prompts = Vec::new();
     let mut report = LoadReport::default();
     for record in read_test(path)? {
         let at = format!("{} question {}", path.display(), record.question_id);
-        let encoded = match image_problem(encoder, &record.image, &at) {
-            Some(problem) => Err(problem),
-            None => encoder.encode_prompt(&record).map_err(|e| SampleProblem {
-                kind: ProblemKind::UnreadableImage,
-                at,
-                message: format!("{e:#}"),
-            }),
-        };
-        match encoded {
-            Ok(prompt) => {
-                records.push(record);
-                prompts.push(prompt);
-            }
-            Err(problem) => {
+        let problem = image_problem(encoder, &record.image, &at).or_else(|| {
+            let image = encoder.image_root.join(&record.image);
+            ImageProcessorConfig::probe_file(&image)
+                .err()
+                .map(|e| SampleProblem {
+                    kind: ProblemKind::UnreadableImage,
+                    at: at.clone(),
+                    message: e.to_string(),
+                })
+        });
+        match problem {
+            None => records.push(record),
+            Some(problem) => {
                 report.problems.push(problem);
                 report.check(policy)?;
             }
@@ -505,7 +506,7 @@ pub fn load_test_set(
     if records.is_empty() {
         anyhow::bail!("{}: no usable test question", path.display());
     }
-    Ok((records, prompts, report.problems))
+    Ok((records, report.problems))
 }
 
 /// Worker threads for loading: the machine's cores, at most 8.

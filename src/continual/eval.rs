@@ -20,7 +20,7 @@ use super::config::{Method, RouterChoice, RunConfig};
 use super::folder::{data_dir, image_root, read_run_file};
 use super::report::location_accuracy;
 use super::runtime::Runtime;
-use crate::backend::BackendTask;
+use crate::backend::{BackendTask, dispatch_for};
 use crate::dataset::{CoinEncoder, Encoded, collate_prompts};
 use crate::loader::{SampleProblem, load_test_set};
 use crate::observer::{RunEvent, RunObserver};
@@ -64,7 +64,8 @@ impl BackendTask for EvalTask {
             generation,
             encoder,
         } = Runtime::<B>::load(&config, image_root(&config, &data), &device)?;
-        let learner = LlavaLearner::load(base, &dir.join("state"), &device)?;
+        let mut learner = LlavaLearner::load(base, &dir.join("state"), &device)?;
+        learner.model.set_dispatch(dispatch_for::<B>());
         let all = config.task_list()?;
         // Multitask training learns every task in one stage.
         let learned = match learner.tasks_learned() {
@@ -95,10 +96,9 @@ impl BackendTask for EvalTask {
         };
         for (i, (name, task_type)) in tasks.into_iter().enumerate() {
             let path = data.join("Instructions").join(&name).join("test.json");
-            let (records, prompts, problems) = load_test_set(&encoder, &path, config.bad_samples)?;
-            let test = (records, prompts);
+            let (records, problems) = load_test_set(&encoder, &path, config.bad_samples)?;
             let (accuracy, chosen, predictions) =
-                evaluator.evaluate(learned - 1, i, &test, task_type, config.router, &mut rng)?;
+                evaluator.evaluate(learned - 1, i, &records, task_type, config.router, &mut rng)?;
             for c in chosen {
                 report.ptl_confusion[i][c] += 1;
             }
@@ -140,7 +140,7 @@ impl<B: Backend> Evaluator<'_, B> {
         &self,
         t: usize,
         i: usize,
-        (records, prompts): &(Vec<TestRecord>, Vec<Encoded>),
+        records: &[TestRecord],
         task_type: TaskType,
         router: RouterChoice,
         rng: &mut StdRng,
@@ -182,7 +182,6 @@ impl<B: Backend> Evaluator<'_, B> {
         answer_and_score(
             encoder,
             records,
-            prompts,
             task_type,
             config.eval_batch,
             answer,
@@ -191,13 +190,13 @@ impl<B: Backend> Evaluator<'_, B> {
     }
 }
 
-/// Answers `prompts` (the questions of `records`) in batches of `batch` with `answer` (given
-/// the batch's first position and its prompts, it returns the router chosen for each row and
-/// the generated ids), and scores the answers as `task_type`; `observer` sees the progress.
+/// Answers the questions of `records` in batches of `batch` with `answer` (given the batch's
+/// first position and its prompts, it returns the router chosen for each row and the generated
+/// ids), and scores the answers as `task_type`; `observer` sees the progress. A batch's images
+/// are decoded when it is answered and dropped after: memory does not grow with the test set.
 pub(super) fn answer_and_score(
     encoder: &CoinEncoder,
     records: &[TestRecord],
-    prompts: &[Encoded],
     task_type: TaskType,
     batch: usize,
     answer: impl Fn(usize, &[Encoded]) -> anyhow::Result<(Vec<usize>, Vec<Vec<u32>>)> + Sync,
@@ -214,7 +213,19 @@ pub(super) fn answer_and_score(
     let chunks = records.len().div_ceil(batch);
     let answered = in_parallel(chunks, |chunk| {
         let first = chunk * batch;
-        let answers = answer(first, &prompts[first..(first + batch).min(prompts.len())])?;
+        let prompts = records[first..(first + batch).min(records.len())]
+            .iter()
+            .map(|record| {
+                encoder.encode_prompt(record).map_err(|e| {
+                    e.context(format!(
+                        "test question {}: its image passed the check when the test set was \
+                         opened but cannot be decoded now",
+                        record.question_id
+                    ))
+                })
+            })
+            .collect::<anyhow::Result<Vec<Encoded>>>()?;
+        let answers = answer(first, &prompts)?;
         observer.event(RunEvent::Advanced {
             steps: answers.1.len() as u64,
             status: None,
@@ -242,7 +253,7 @@ pub(super) fn answer_and_score(
 /// `answers_dir/<task>.jsonl`.
 pub(super) fn zero_shot<B: Backend>(
     base: &cmoe_llava::Llava<B>,
-    tests: &[(Vec<TestRecord>, Vec<Encoded>)],
+    tests: &[Vec<TestRecord>],
     names: &[String],
     types: &[TaskType],
     runtime: (&CoinEncoder, u32, &GenerationConfig, &RunConfig),
@@ -252,7 +263,7 @@ pub(super) fn zero_shot<B: Backend>(
 ) -> anyhow::Result<Vec<f64>> {
     let (encoder, pad, generation, config) = runtime;
     let mut accuracy = Vec::with_capacity(tests.len());
-    for (((records, prompts), name), &task_type) in tests.iter().zip(names).zip(types) {
+    for ((records, name), &task_type) in tests.iter().zip(names).zip(types) {
         let answer = |_: usize, prompts: &[Encoded]| {
             let input = collate_prompts::<B>(prompts, pad, device);
             let outputs = cmoe_llava::generation::generate(base, input.into(), generation)?;
@@ -261,7 +272,6 @@ pub(super) fn zero_shot<B: Backend>(
         let (a, _, predictions) = answer_and_score(
             encoder,
             records,
-            prompts,
             task_type,
             config.eval_batch,
             answer,

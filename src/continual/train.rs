@@ -33,8 +33,8 @@ use super::folder::{
 use super::report::{Report, make_report, write_report};
 use super::runtime::{AD, Runtime};
 use super::stage_log::StageLog;
-use crate::backend::BackendTask;
-use crate::dataset::{CoinEncoder, Encoded};
+use crate::backend::{BackendTask, dispatch_for};
+use crate::dataset::CoinEncoder;
 use crate::loader::{SampleProblem, StreamSettings, StreamedTask, default_workers, load_test_set};
 use crate::observer::RunObserver;
 
@@ -192,12 +192,10 @@ fn run<B: Backend>(task: TrainTask, device: &B::Device) -> anyhow::Result<Report
 }
 
 /// Every task's test set, and the questions each left out.
-type TestSets = (
-    Vec<(Vec<TestRecord>, Vec<Encoded>)>,
-    Vec<Vec<SampleProblem>>,
-);
+type TestSets = (Vec<Vec<TestRecord>>, Vec<Vec<SampleProblem>>);
 
-/// The test sets of `names` under `data_dir`, encoded.
+/// The test sets of `names` under `data_dir` (their records: images are decoded when a batch
+/// of questions is answered).
 fn load_tests(
     encoder: &CoinEncoder,
     data_dir: &Path,
@@ -209,7 +207,7 @@ fn load_tests(
     let mut problems_per_task = Vec::with_capacity(names.len());
     for name in names {
         let path = data_dir.join("Instructions").join(name).join("test.json");
-        let (records, prompts, problems) = load_test_set(encoder, &path, config.bad_samples)?;
+        let (records, problems) = load_test_set(encoder, &path, config.bad_samples)?;
         if !problems.is_empty() {
             observer.note(&format!(
                 "{}: {} questions left out",
@@ -217,7 +215,7 @@ fn load_tests(
                 problems.len()
             ));
         }
-        tests.push((records, prompts));
+        tests.push(records);
         problems_per_task.push(problems);
     }
     Ok((tests, problems_per_task))
@@ -243,7 +241,7 @@ pub(super) struct Run<'a, B: Backend> {
     pub(super) data_dir: PathBuf,
     pub(super) names: Vec<String>,
     pub(super) types: Vec<TaskType>,
-    pub(super) tests: Vec<(Vec<TestRecord>, Vec<Encoded>)>,
+    pub(super) tests: Vec<Vec<TestRecord>>,
     pub(super) settings: Settings<'a, B>,
     pub(super) generation: GenerationConfig,
     pub(super) progress: Progress,
@@ -329,6 +327,7 @@ impl<B: Backend> Run<'_, B> {
         } else {
             LlavaLearner::new(base, config.effective_moe(), config.ptl, device)
         };
+        learner.model.set_dispatch(dispatch_for::<B>());
         if devices.len() > 1 {
             let replicas = devices.iter().filter(|&d| d == &devices[0]).count();
             if replicas == devices.len() {

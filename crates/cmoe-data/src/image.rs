@@ -162,6 +162,17 @@ impl ImageProcessorConfig {
         }
     }
 
+    /// Checks that `path` is an image this crate can decode, from its header alone (format and
+    /// size; the pixels are not decoded): what a test set checks before its questions stream.
+    pub fn probe_file(path: &Path) -> Result<(u32, u32), DataError> {
+        image::ImageReader::open(path)
+            .map_err(|e| DataError::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| DataError::io(path, e))?
+            .into_dimensions()
+            .map_err(|e| DataError::parse(path, format!("not a readable image: {e}")))
+    }
+
     /// Decodes and preprocesses an image file.
     pub fn preprocess_file(&self, path: &Path) -> Result<PixelValues, DataError> {
         Ok(self.preprocess(&decode_rgb(path)?))
