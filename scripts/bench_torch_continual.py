@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch twin of `cmoe bench --continual`: the same continual work on the same shapes, in
-float32 on the CPU, with standard PyTorch practice.
+"""PyTorch twin of `cmoe bench --continual`: the same continual work on the same shapes, with
+standard PyTorch practice; float32 on the CPU, or on a GPU with `--device cuda` (the frozen base
+in `--base-dtype bf16` as the 7B runs it; experts, routers and the VAE in f32; TF32 allowed for
+f32 products, as Burn's CUDA matmul uses TF32 tensor cores for f32 inputs).
 
     python scripts/bench_torch_continual.py --config configs/bench/llava-mini.json --batch 8 \
         --text-tokens 57 --new-tokens 24 --repeats 3 --json
@@ -43,6 +45,7 @@ SETTINGS = {
 }
 S = SETTINGS["mini"]
 DEVICE = torch.device("cpu")
+BASE_DTYPE = torch.float32
 
 
 class Lora(nn.Module):
@@ -90,9 +93,11 @@ class MoeLoraMlp(nn.Module):
             return self.mlp(x)
         b, s, d = x.shape
         flat = x.reshape(-1, d)
+        # Routers and experts in f32 whatever the base's dtype; deltas cast back to it.
+        flat32 = flat.float()
         router = self.routers[self.task]
         n_experts = router.shape[1]
-        logits = flat @ router
+        logits = flat32 @ router
         top_logits, top = logits.topk(min(self.top_k, n_experts), dim=1)
         weights = F.softmax(top_logits, dim=1)
         probs = F.softmax(logits, dim=1).mean(0)
@@ -103,17 +108,18 @@ class MoeLoraMlp(nn.Module):
             rows, slot = (top == e).nonzero(as_tuple=True)
             if rows.numel():
                 groups.append((e, rows, weights[rows, slot].unsqueeze(1) * self.scale))
-        x_in = self.dropout(flat)
+        x_in = self.dropout(flat32)
         gate, up = self.mlp.gate_proj(flat), self.mlp.up_proj(flat)
         for e, rows, w in groups:
             xe = x_in.index_select(0, rows)
-            gate = gate.index_add(0, rows, self.experts[e].gate(xe) * w)
-            up = up.index_add(0, rows, self.experts[e].up(xe) * w)
+            gate = gate.index_add(0, rows, (self.experts[e].gate(xe) * w).to(gate.dtype))
+            up = up.index_add(0, rows, (self.experts[e].up(xe) * w).to(up.dtype))
         h = self.mlp.act_fn(gate) * up
-        h_in = self.dropout(h)
+        h_in = self.dropout(h.float())
         out = self.mlp.down_proj(h)
         for e, rows, w in groups:
-            out = out.index_add(0, rows, self.experts[e].down(h_in.index_select(0, rows)) * w)
+            delta = self.experts[e].down(h_in.index_select(0, rows)) * w
+            out = out.index_add(0, rows, delta.to(out.dtype))
         return out.reshape(b, s, d)
 
 
@@ -175,7 +181,7 @@ def train_batches(config, args):
 
 def build(config, experts, routers):
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).float()
+    model = LlavaForConditionalGeneration(config).to(BASE_DTYPE)
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(DEVICE)
@@ -192,7 +198,7 @@ def answer_loss(model, ids, pixels, labels):
     """Cross-entropy of the answers, with logits computed only where they are read (the last
     ANSWER + 1 positions: `logits_to_keep`), as the Burn step computes them at the answer
     positions only."""
-    logits = model(input_ids=ids, pixel_values=pixels, logits_to_keep=ANSWER + 1).logits
+    logits = model(input_ids=ids, pixel_values=pixels.to(BASE_DTYPE), logits_to_keep=ANSWER + 1).logits.float()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, -ANSWER:].reshape(-1))
 
 
@@ -222,7 +228,7 @@ def cmoe_stage(config, batches):
                 with torch.no_grad():
                     for moe in moes:
                         moe.bypass = True
-                    hidden = model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+                    hidden = model.model(input_ids=ids, pixel_values=pixels.to(BASE_DTYPE)).last_hidden_state.float()
                     for moe in moes:
                         moe.bypass = False
                     memory[i] = hidden[:, -ANSWER - 1].clone()
@@ -246,7 +252,7 @@ def lora_stage(config, batches):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    base = LlavaForConditionalGeneration(config).float().to(DEVICE)
+    base = LlavaForConditionalGeneration(config).to(BASE_DTYPE).to(DEVICE)
     model = get_peft_model(
         base,
         LoraConfig(
@@ -287,7 +293,7 @@ def evaluation(config, args):
         length = args.text_tokens - q % 5
         ids = [1] + [image] * per_image + [3 + (q * 7919 + t * 104729) % text_range for t in range(length)]
         prompts.append(ids)
-    pixels = torch.randn(args.eval_questions, 3, vc.image_size, vc.image_size, device=DEVICE)
+    pixels = torch.randn(args.eval_questions, 3, vc.image_size, vc.image_size, device=DEVICE).to(BASE_DTYPE)
 
     def router_of(q):
         return q % (TASKS - 1) if q % 5 == 0 else TASKS - 1
@@ -304,7 +310,7 @@ def evaluation(config, args):
             # PTL: the base's feature, every task's VAE.
             for moe in moes:
                 moe.bypass = True
-            feature = model.model(input_ids=ids, pixel_values=px, attention_mask=mask).last_hidden_state[:, -1]
+            feature = model.model(input_ids=ids, pixel_values=px, attention_mask=mask).last_hidden_state[:, -1].float()
             for moe in moes:
                 moe.bypass = False
             for vae in vaes:
@@ -352,11 +358,16 @@ def main():
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--settings", choices=sorted(SETTINGS), default="mini")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--base-dtype", choices=["f32", "bf16"], default="f32")
     ap.add_argument("--json", action="store_true")
     args, _ = ap.parse_known_args()
-    global S, DEVICE
+    global S, DEVICE, BASE_DTYPE
     S = SETTINGS[args.settings]
     DEVICE = torch.device(args.device)
+    BASE_DTYPE = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     raw = json.load(open(args.config))
     raw = {k: v for k, v in raw.items() if not k.startswith("_")}
@@ -372,6 +383,7 @@ def main():
     result = {
         "backend": f"pytorch {torch.__version__} {where}",
         "settings": args.settings,
+        "base_dtype": args.base_dtype,
         "cmoe_step_s": cmoe,
         "lora_step_s": lora,
         "eval_s": eval_s,

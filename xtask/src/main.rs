@@ -98,6 +98,10 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "0")]
         seeds: Vec<u64>,
     },
+    /// Prepares what a GPU machine needs beyond the tracked tree for scripts/gpu-check.sh:
+    /// `cmoe` built with CUDA alone (`--no-default-features --features cuda`), stripped and
+    /// xz-compressed, in target/gpu-pack/; prints its size beside the tracked tree's.
+    GpuPack,
     /// Forward, forward+backward and generation throughput of Burn vs PyTorch on the same shapes.
     Bench {
         /// Burn backend: flex, ndarray, wgpu or cuda (the binary is built with that feature).
@@ -173,6 +177,7 @@ fn main() -> anyhow::Result<()> {
             };
             bench(&cmoe, &backend, &cases, repeats, &python, &out)
         }
+        Task::GpuPack => gpu_pack(),
         Task::Train { backend, args } => run_cmoe(&backend, "train", &args),
         Task::Pretrain { backend, args } => run_cmoe(&backend, "pretrain", &args),
         Task::Import { backend, args } => run_cmoe(&backend, "import", &args),
@@ -251,6 +256,68 @@ fn run_cmoe(backend: &str, command: &str, args: &[String]) -> anyhow::Result<()>
     if !status.success() {
         bail!("cmoe {command} failed");
     }
+    Ok(())
+}
+
+/// Builds the CUDA-only `cmoe` (its own target folder, so that the CPU build is left alone),
+/// strips and compresses it into target/gpu-pack/cmoe.xz, and prints the sizes.
+fn gpu_pack() -> anyhow::Result<()> {
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| "target".into(), PathBuf::from);
+    let build = target.join("gpu-build");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "llava-cmoe",
+            "--bin",
+            "cmoe",
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            "cuda",
+            "--target-dir",
+        ])
+        .arg(&build)
+        .status()?;
+    if !status.success() {
+        bail!("building cmoe with --no-default-features --features cuda failed");
+    }
+    let pack = target.join("gpu-pack");
+    std::fs::create_dir_all(&pack)?;
+    let binary = pack.join("cmoe");
+    std::fs::copy(build.join("release").join("cmoe"), &binary)?;
+    let run = |command: &mut Command| -> anyhow::Result<()> {
+        let printed = format!("{command:?}");
+        let status = command
+            .status()
+            .with_context(|| format!("cannot run {printed}"))?;
+        if !status.success() {
+            bail!("{printed} failed");
+        }
+        Ok(())
+    };
+    run(Command::new("strip").arg(&binary))?;
+    run(Command::new("xz").args(["-9", "-f", "-T0"]).arg(&binary))?;
+    let packed = std::fs::metadata(pack.join("cmoe.xz"))?.len();
+    let listed = Command::new("git").args(["ls-files", "-z"]).output()?;
+    let tree: u64 = listed
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| std::fs::metadata(String::from_utf8_lossy(p).as_ref()).ok())
+        .map(|m| m.len())
+        .sum();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "{}: {:.1} MiB; the tracked tree {:.1} MiB; together {:.1} MiB (the device tool carries 64)",
+        pack.join("cmoe.xz").display(),
+        mib(packed),
+        mib(tree),
+        mib(packed + tree)
+    );
     Ok(())
 }
 
