@@ -85,11 +85,12 @@ impl FromStr for BackendKind {
 /// (the routing is read back for free, and only `k` experts run per token), masked on the GPU
 /// ones (nothing read back); docs/benchmarks.md has both measured.
 pub fn dispatch_for<B: Backend>() -> Dispatch {
-    let mut cpu = Vec::new();
-    #[cfg(feature = "flex")]
-    cpu.push(TypeId::of::<burn_flex::Flex>());
-    #[cfg(feature = "ndarray")]
-    cpu.push(TypeId::of::<burn_ndarray::NdArray>());
+    let cpu = [
+        #[cfg(feature = "flex")]
+        TypeId::of::<burn_flex::Flex>(),
+        #[cfg(feature = "ndarray")]
+        TypeId::of::<burn_ndarray::NdArray>(),
+    ];
     if cpu.contains(&TypeId::of::<B>()) {
         Dispatch::Grouped
     } else {
